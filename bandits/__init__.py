@@ -1,0 +1,1 @@
+"""bandits: an exact-optimum simulation bench for the surrogate-loss theory of reclight."""

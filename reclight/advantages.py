@@ -1,0 +1,120 @@
+"""Group-relative advantages, with RED-Drop (ALGORITHMS.md section 1).
+
+Departures from the textbook, listed up front:
+
+- Ties count as positives in RED-Drop, and "tie" is decided up to a few ulps of the group's
+  reward scale: the float mean of three equal rewards 0.1 is 0.10000000000000002, and without
+  the tolerance every sample of such a group would count as negative.
+- A group whose (kept, valid) rewards are all equal gets A = 0 *exactly*, also under
+  ``std_normalize`` (where the textbook formula gives (tiny)/(0 + 1e-6), a spurious non-zero).
+- Samples marked invalid (``valid=False``, e.g. a reward function that raised) take no part in
+  the baseline and get ``keep=False``; callers drop them from the loss like RED-Drop's drops.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reclight.algorithms import MIN_GROUP_SIZE, AlgorithmConfig
+
+STD_EPS = 1e-6
+
+
+def _masked_mean(x: Tensor, w: Tensor) -> Tensor:
+    """Mean of ``x`` over the last axis where ``w`` is true; 0 where nothing is. [B, K] -> [B, 1]"""
+    n = w.sum(-1, keepdim=True)
+    return torch.where(w, x, 0.0).sum(-1, keepdim=True) / n.clamp(min=1)
+
+
+def balance_drop(
+    rewards: Tensor,  # [B, K]
+    valid: Tensor,  # [B, K] bool
+    generator: torch.Generator | None = None,
+) -> Tensor:  # [B, K] bool: kept
+    """RED-Drop's kept set S per group.
+
+    Positives are r_i >= rbar (rbar the mean over the group's valid samples; ties positive),
+    negatives the rest. When #neg > #pos, (#neg - #pos) negatives chosen uniformly at random
+    (with ``generator``) are dropped, so every group keeps #neg == #pos. Invalid samples are
+    never kept.
+    """
+    rbar = _masked_mean(rewards, valid)
+    scale = torch.where(valid, rewards.abs(), 0.0).amax(-1, keepdim=True).clamp(min=1.0)
+    tol = 8 * torch.finfo(rewards.dtype).eps * scale
+    pos = valid & (rewards - rbar >= -tol)
+    neg = valid & ~pos
+    n_drop = (neg.sum(-1) - pos.sum(-1)).clamp(min=0)  # [B]
+    # A uniformly random subset of n_drop negatives: the n_drop smallest of iid uniform keys.
+    keys = torch.rand(rewards.shape, generator=generator, device=rewards.device)
+    keys = torch.where(neg, keys, 2.0)  # non-negatives sort last, never dropped
+    rank = keys.argsort(-1).argsort(-1)  # rank of each sample's key within its group
+    dropped = neg & (rank < n_drop[:, None])
+    return valid & ~dropped
+
+
+def group_advantages(
+    rewards: Tensor,  # [B, K]
+    cfg: AlgorithmConfig,
+    generator: torch.Generator | None = None,
+    *,
+    valid: Tensor | None = None,  # [B, K] bool
+) -> tuple[Tensor, Tensor]:  # adv [B, K], keep [B, K] bool
+    """Group-relative advantages.
+
+    With S the kept set of a group (all valid samples, or RED-Drop's balanced subset when
+    ``cfg.drop == "balance"``)::
+
+        rbar  = mean_{i in S} r_i
+        A_i   = r_i - rbar                                   (std_normalize=False)
+        A_i   = (r_i - rbar) / (sigma_S + 1e-6)              (std_normalize=True, GRPO)
+        sigma_S = sqrt(mean_{i in S} (r_i - rbar)^2)         (population std)
+
+    and A_i = 0, keep_i = False for i not in S. Groups whose kept rewards are all equal get
+    A = 0 exactly.
+
+    Args:
+        rewards: float rewards, one row per prompt group. Must be finite where ``valid``.
+        cfg: the algorithm; reads ``std_normalize`` and ``drop``.
+        generator: seeds RED-Drop's random choice (must live on ``rewards.device``).
+        valid: samples allowed in the baseline (default: all). Non-finite rewards must be
+            marked invalid here; they are an error otherwise.
+
+    Returns:
+        ``(adv, keep)``. Callers exclude ``~keep`` samples from the loss entirely
+        (``mask & keep[..., None]``).
+    """
+    if rewards.dim() != 2 or rewards.shape[-1] < MIN_GROUP_SIZE:
+        raise ValueError(
+            f"rewards must have shape [B, K] with K >= {MIN_GROUP_SIZE} (group-relative "
+            f"baseline); got shape {tuple(rewards.shape)}"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    if valid.shape != rewards.shape:
+        raise ValueError(
+            f"valid must have the shape of rewards {tuple(rewards.shape)}; got {tuple(valid.shape)}"
+        )
+    bad = valid & ~torch.isfinite(rewards)
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"rewards{list(idx)}={rewards[idx].item()} is not finite; accepted: finite rewards "
+            "(mark failed samples with valid=False to exclude them)"
+        )
+    rewards = torch.where(valid, rewards, 0.0)
+
+    keep = balance_drop(rewards, valid, generator) if cfg.drop == "balance" else valid
+    rbar = _masked_mean(rewards, keep)
+    centered = torch.where(keep, rewards - rbar, 0.0)
+    if cfg.std_normalize:
+        sigma = _masked_mean(centered.square(), keep).sqrt()
+        centered = centered / (sigma + STD_EPS)
+    r_max = torch.where(keep, rewards, -torch.inf).amax(-1, keepdim=True)
+    r_min = torch.where(keep, rewards, torch.inf).amin(-1, keepdim=True)
+    all_equal = r_max <= r_min  # also true for groups with 0 or 1 kept samples
+    adv = torch.where(all_equal, 0.0, centered)
+    return adv, keep

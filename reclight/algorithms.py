@@ -1,0 +1,199 @@
+"""Algorithm configuration and the paper's presets.
+
+One frozen dataclass, :class:`AlgorithmConfig`, describes every algorithm reclight runs: REC
+(clipping masks), REP (a regularizer term) and RED (data shaping), plus GRPO and plain
+group-relative REINFORCE. The maths that consumes it lives in :mod:`reclight.advantages` and
+:mod:`reclight.losses`; the presets below are the table of ALGORITHMS.md section 3.
+
+Adding an algorithm: if it is a new combination of existing knobs, add one entry to
+``PRESETS`` (and ``configs/algo/<name>.yaml``). If it needs a new knob, add the field here with
+its validation in ``_VALIDATORS``/``__post_init__``, consume it in ``losses.py`` or
+``advantages.py``, and add a hand-derived test beside the others in ``tests/test_losses.py``.
+
+Every preset is group-relative: the baseline is the group mean, so K >= 2 samples per prompt
+are required (callers validate K; see ``MIN_GROUP_SIZE``).
+
+Imports: torch-free on purpose (only the standard library), so configs can be validated
+before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+CLIP_MODES = ("none", "one_side", "two_side", "ring")
+REGULARIZERS = ("none", "k2", "forward_kl")
+ADVANTAGE_WEIGHTINGS = ("none", "exp")
+DROP_MODES = ("none", "balance")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+MIN_GROUP_SIZE = 2
+
+
+def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(
+            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: {', '.join(accepted)}"
+        )
+
+
+def _check_number(field: str, value: Any) -> float:
+    # bool is an int subclass; `eps_low=True` is a typo, not a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: a real number"
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: a finite number"
+        )
+    return float(value)
+
+
+def _check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: true or false"
+        )
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Every knob of the REC / REP / RED family (ALGORITHMS.md sections 1-3).
+
+    The defaults are the paper's recommended default, ``rec_oneside_nois``.
+    """
+
+    clip_mode: str = "one_side"
+    """Keep mask M: ``none``, ``one_side``, ``two_side`` or ``ring`` (it zeroes gradient,
+    never clamps values)."""
+    eps_low: float = 0.2
+    """Lower band edge: tokens with rho < 1 - eps_low may be masked. Must lie in (0, 1)."""
+    eps_high: float = 0.2
+    """Upper band edge: tokens with rho > 1 + eps_high may be masked. Must be > 0."""
+    eps_low_outer: float = 0.6
+    """``ring`` only: a good token (A >= 0) with rho <= 1 - eps_low_outer keeps its gradient.
+    Must lie in [eps_low, 1) when clip_mode is ``ring``."""
+    eps_high_outer: float = 2.0
+    """``ring`` only: a bad token (A <= 0) with rho >= 1 + eps_high_outer keeps its gradient.
+    Must be >= eps_high when clip_mode is ``ring``."""
+    importance_sampling: bool = False
+    """Multiply the advantage by the detached ratio rho (the "IS" variants; equals the PPO
+    clipped-surrogate gradient)."""
+    std_normalize: bool = False
+    """Divide group advantages by the group's population std + 1e-6 (GRPO)."""
+    regularizer: str = "none"
+    """Per-token loss term: ``none``, ``k2`` (OPMD, coef*(logp - logp_behav)^2) or
+    ``forward_kl`` (AsymRE, -coef*logp)."""
+    regularizer_coef: float = 0.0
+    """Coefficient of the regularizer; must be >= 0."""
+    advantage_weighting: str = "none"
+    """``none`` or ``exp`` (RED-Weight: A -> A*exp(A/weight_temperature))."""
+    weight_temperature: float = 1.0
+    """Temperature of RED-Weight; must be > 0."""
+    drop: str = "none"
+    """``none`` or ``balance`` (RED-Drop: drop negatives until #neg == #pos per group)."""
+    loss_agg: str = "token_mean"
+    """``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("clip_mode", self.clip_mode, CLIP_MODES)
+        _check_choice("regularizer", self.regularizer, REGULARIZERS)
+        _check_choice("advantage_weighting", self.advantage_weighting, ADVANTAGE_WEIGHTINGS)
+        _check_choice("drop", self.drop, DROP_MODES)
+        _check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        _check_bool("importance_sampling", self.importance_sampling)
+        _check_bool("std_normalize", self.std_normalize)
+
+        eps_low = _check_number("eps_low", self.eps_low)
+        eps_high = _check_number("eps_high", self.eps_high)
+        eps_low_outer = _check_number("eps_low_outer", self.eps_low_outer)
+        eps_high_outer = _check_number("eps_high_outer", self.eps_high_outer)
+        coef = _check_number("regularizer_coef", self.regularizer_coef)
+        temp = _check_number("weight_temperature", self.weight_temperature)
+
+        if not 0.0 < eps_low < 1.0:
+            raise ValueError(
+                f"AlgorithmConfig.eps_low={self.eps_low!r} is not valid; accepted: 0 < eps_low < 1"
+            )
+        if not eps_high > 0.0:
+            raise ValueError(
+                f"AlgorithmConfig.eps_high={self.eps_high!r} is not valid; accepted: eps_high > 0"
+            )
+        if self.clip_mode == "ring" and not eps_low <= eps_low_outer < 1.0:
+            raise ValueError(
+                f"AlgorithmConfig.eps_low_outer={self.eps_low_outer!r} is not valid; accepted: "
+                f"eps_low ({eps_low}) <= eps_low_outer < 1"
+            )
+        if self.clip_mode == "ring" and not eps_high_outer >= eps_high:
+            raise ValueError(
+                f"AlgorithmConfig.eps_high_outer={self.eps_high_outer!r} is not valid; accepted: "
+                f"eps_high_outer >= eps_high ({eps_high})"
+            )
+        if coef < 0.0:
+            raise ValueError(
+                f"AlgorithmConfig.regularizer_coef={self.regularizer_coef!r} is not valid; "
+                "accepted: regularizer_coef >= 0"
+            )
+        if temp <= 0.0:
+            raise ValueError(
+                f"AlgorithmConfig.weight_temperature={self.weight_temperature!r} is not valid; "
+                "accepted: weight_temperature > 0"
+            )
+
+    def replace(self, **overrides: Any) -> "AlgorithmConfig":
+        """A copy with ``overrides`` applied (and validated); unknown fields are rejected."""
+        _check_fields(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_fields(overrides: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"AlgorithmConfig has no field {', '.join(map(repr, unknown))}; "
+            f"accepted: {', '.join(sorted(known))}"
+        )
+
+
+_NO_CLIP = dict(clip_mode="none")
+_WIDE = dict(eps_low=0.6, eps_high=2.0)
+
+PRESETS: dict[str, AlgorithmConfig] = {
+    "reinforce": AlgorithmConfig(**_NO_CLIP),
+    "grpo": AlgorithmConfig(clip_mode="one_side", importance_sampling=True, std_normalize=True),
+    "rec_oneside_is": AlgorithmConfig(clip_mode="one_side", importance_sampling=True),
+    "rec_oneside_nois": AlgorithmConfig(clip_mode="one_side"),
+    "rec_oneside_is_wide": AlgorithmConfig(
+        clip_mode="one_side", importance_sampling=True, **_WIDE
+    ),
+    "rec_oneside_nois_wide": AlgorithmConfig(clip_mode="one_side", **_WIDE),
+    "rec_twoside_is": AlgorithmConfig(clip_mode="two_side", importance_sampling=True),
+    "rec_twoside_nois": AlgorithmConfig(clip_mode="two_side"),
+    "rec_ring_is": AlgorithmConfig(clip_mode="ring", importance_sampling=True),
+    "rec_ring_nois": AlgorithmConfig(clip_mode="ring"),
+    "opmd": AlgorithmConfig(**_NO_CLIP, regularizer="k2", regularizer_coef=0.1),
+    "asymre": AlgorithmConfig(**_NO_CLIP, regularizer="forward_kl", regularizer_coef=0.1),
+    "red_drop": AlgorithmConfig(**_NO_CLIP, drop="balance"),
+    "red_weight": AlgorithmConfig(
+        **_NO_CLIP, advantage_weighting="exp", weight_temperature=1.0
+    ),
+}
+"""The 14 presets of ALGORITHMS.md section 3 (all ``token_mean``, no reference KL)."""
+
+
+def get_algorithm(name: str, **overrides: Any) -> AlgorithmConfig:
+    """The preset ``name`` with ``overrides`` applied, e.g.
+    ``get_algorithm("rec_oneside_nois", eps_high=0.28)``. Raises ``ValueError`` naming the
+    preset or field when either is unknown, and on any invalid value."""
+    if name not in PRESETS:
+        raise ValueError(
+            f"algorithm preset {name!r} is unknown; accepted: {', '.join(PRESETS)}"
+        )
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

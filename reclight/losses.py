@@ -1,0 +1,180 @@
+"""The REC / REP / RED policy loss (ALGORITHMS.md section 2).
+
+Per token (b, k, t), with A = adv[b, k] broadcast over t::
+
+    rho = exp(logp - logp_behav)                    detached: never carries gradient
+    M   = clip_mask(rho, A)                         zeroes gradient, never clamps values
+    A~  = A * (rho if importance_sampling) * (exp(A / T) if RED-Weight)
+    l   = -A~ * M * logp + R                        R = regularizer, NOT masked by M
+
+then aggregated over valid tokens by ``cfg.loss_agg``.
+
+Departures from the textbook PPO/GRPO loss, listed up front:
+
+- "Clipping" is a keep mask on the REINFORCE term, not a clamp of the ratio. With
+  ``importance_sampling=True`` the gradient equals the PPO clipped surrogate's
+  -min(rho*A, clip(rho)*A) (tested), so the IS presets ARE GRPO/PPO.
+- The regularizer is added outside the mask: a clipped token still feels OPMD's pull.
+- Sequences with no valid token (RED-Drop drops, failed rewards) do not count in any
+  denominator, so they do not dilute the loss.
+- Padding positions may hold any value (even inf/NaN log-probs): they are zeroed before use.
+
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from reclight.algorithms import AlgorithmConfig
+
+
+def clip_mask(
+    ratio: Tensor,  # [...], rho = pi_theta / mu
+    adv: Tensor,  # [...], broadcastable to ratio
+    cfg: AlgorithmConfig,
+) -> Tensor:  # [...] bool, True = keep gradient
+    """The REC keep mask M::
+
+        none:     M = 1
+        one_side: M = (A >= 0 and rho <= 1 + eps_high) or (A <= 0 and rho >= 1 - eps_low)
+        two_side: M = 1 - eps_low <= rho <= 1 + eps_high
+        ring:     M = two_side or (A >= 0 and rho <= 1 - eps_low_outer)
+                              or (A <= 0 and rho >= 1 + eps_high_outer)
+
+    Boundaries are inclusive (rho == 1 + eps_high keeps its gradient).
+    """
+    shape = torch.broadcast_shapes(ratio.shape, adv.shape)
+    if cfg.clip_mode == "none":
+        return torch.ones(shape, dtype=torch.bool, device=ratio.device)
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    good, bad = adv >= 0, adv <= 0
+    if cfg.clip_mode == "one_side":
+        return (good & (ratio <= hi)) | (bad & (ratio >= lo))
+    band = (ratio >= lo) & (ratio <= hi)
+    if cfg.clip_mode == "two_side":
+        return band.expand(shape)
+    # ring
+    return (
+        band
+        | (good & (ratio <= 1.0 - cfg.eps_low_outer))
+        | (bad & (ratio >= 1.0 + cfg.eps_high_outer))
+    )
+
+
+def aggregate(
+    per_token: Tensor,  # [B, K, T], already zero where ~mask
+    mask: Tensor,  # [B, K, T] bool
+    loss_agg: str,
+    *,
+    num_tokens: Tensor | float | None = None,
+    num_seqs: Tensor | float | None = None,
+) -> Tensor:  # scalar
+    """Reduce a per-token loss over valid tokens::
+
+        token_mean:          sum_{b,k,t} l / N_tok
+        seq_mean_token_mean: sum_{b,k} (sum_t l / |y_bk|) / N_seq
+        seq_mean_token_sum:  sum_{b,k} (sum_t l) / N_seq
+
+    N_tok defaults to the number of valid tokens, N_seq to the number of sequences with at
+    least one valid token. Passing the full batch's counts makes micro-batch losses sum
+    exactly to the full-batch loss. Length bias: ``token_mean`` weights every token equally
+    (long responses weigh more); ``seq_mean_token_mean`` weights every sequence equally;
+    ``seq_mean_token_sum`` scales with length (the REINFORCE sum over a trajectory).
+    """
+    if loss_agg == "token_mean":
+        n = mask.sum() if num_tokens is None else num_tokens
+        return per_token.sum() / torch.as_tensor(n, dtype=per_token.dtype).clamp(min=1)
+    seq_len = mask.sum(-1)  # [B, K]
+    n = (seq_len > 0).sum() if num_seqs is None else num_seqs
+    n = torch.as_tensor(n, dtype=per_token.dtype).clamp(min=1)
+    seq_sum = per_token.sum(-1)
+    if loss_agg == "seq_mean_token_mean":
+        return (seq_sum / seq_len.clamp(min=1)).sum() / n
+    if loss_agg == "seq_mean_token_sum":
+        return seq_sum.sum() / n
+    raise ValueError(f"loss_agg={loss_agg!r} is not valid")
+
+
+def policy_loss(
+    logp: Tensor,  # [B, K, T], log pi_theta of the response tokens, with grad
+    logp_behav: Tensor,  # [B, K, T], log mu recorded at sampling time
+    adv: Tensor,  # [B, K]
+    mask: Tensor,  # [B, K, T] bool, valid response tokens (and kept samples)
+    cfg: AlgorithmConfig,
+    *,
+    num_tokens: Tensor | float | None = None,
+    num_seqs: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The REC/REP/RED loss of ALGORITHMS.md section 2 (see the module docstring).
+
+    Args:
+        logp, logp_behav, adv, mask: see shapes above. ``logp_behav`` and ``adv`` are
+            detached here. Pass ``mask & keep[..., None]`` to drop RED-Drop's samples.
+        cfg: the algorithm.
+        num_tokens, num_seqs: the full batch's counts when this call sees one micro-batch or
+            one data-parallel rank (so the pieces sum to the full-batch loss).
+
+    Returns:
+        ``(loss, metrics)``; ``loss`` is the scalar to backpropagate, and ``metrics`` holds
+        detached scalars: ``loss/policy`` and ``loss/reg`` (the two terms, which sum to
+        ``loss``), ``clip/frac`` (valid tokens with M = 0), ``ratio/mean``, ``ratio/max``,
+        ``ratio/min`` (over valid tokens) and ``adv/abs_mean`` (over sequences with a valid
+        token).
+    """
+    if not (logp.shape == logp_behav.shape == mask.shape) or logp.dim() != 3:
+        raise ValueError(
+            "logp, logp_behav and mask must share one [B, K, T] shape; got "
+            f"{tuple(logp.shape)}, {tuple(logp_behav.shape)}, {tuple(mask.shape)}"
+        )
+    if adv.shape != logp.shape[:2]:
+        raise ValueError(f"adv must have shape [B, K] = {tuple(logp.shape[:2])}; got {tuple(adv.shape)}")
+    mask = mask.bool()
+    logp_behav = logp_behav.detach()
+    adv_tok = adv.detach()[..., None].to(logp.dtype)  # [B, K, 1]
+
+    # Padding may hold garbage (inf - inf = NaN); zero it before exp().
+    log_ratio = torch.where(mask, logp.detach() - logp_behav, 0.0)
+    ratio = log_ratio.exp()
+    keep = clip_mask(ratio, adv_tok, cfg)
+
+    weight = torch.ones_like(ratio)
+    if cfg.importance_sampling:
+        weight = weight * ratio
+    if cfg.advantage_weighting == "exp":
+        weight = weight * torch.exp(adv_tok / cfg.weight_temperature)
+    coef = torch.where(mask & keep, adv_tok * weight, 0.0)
+    logp_valid = torch.where(mask, logp, 0.0)
+    pg_tok = -coef * logp_valid
+
+    if cfg.regularizer == "k2":
+        diff = torch.where(mask, logp - logp_behav, 0.0)
+        reg_tok = cfg.regularizer_coef * diff.square()
+    elif cfg.regularizer == "forward_kl":
+        reg_tok = -cfg.regularizer_coef * logp_valid
+    else:
+        reg_tok = None
+
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs)
+    pg_loss = aggregate(pg_tok, mask, cfg.loss_agg, **counts)
+    reg_loss = (
+        aggregate(reg_tok, mask, cfg.loss_agg, **counts)
+        if reg_tok is not None
+        else pg_loss.new_zeros(())
+    )
+    loss = pg_loss + reg_loss
+
+    with torch.no_grad():
+        n_valid = mask.sum().clamp(min=1)
+        has_tok = mask.any(-1)
+        metrics = {
+            "loss/policy": pg_loss.detach(),
+            "loss/reg": reg_loss.detach(),
+            "clip/frac": (mask & ~keep).sum() / n_valid,
+            "ratio/mean": torch.where(mask, ratio, 0.0).sum() / n_valid,
+            "ratio/max": torch.where(mask, ratio, -torch.inf).amax().clamp(min=0.0),
+            "ratio/min": torch.where(mask, ratio, torch.inf).amin().clamp(max=1e30),
+            "adv/abs_mean": (adv.detach().abs() * has_tok).sum() / has_tok.sum().clamp(min=1),
+        }
+    return loss, metrics

@@ -1,0 +1,60 @@
+"""The task interface: where prompts come from and how a response is scored.
+
+A task turns a data source into :class:`Example` records and scores a decoded response
+against one. The trainer never looks inside a task: it asks for ``examples(split)``, renders
+``example.prompt`` (through the tokenizer's chat template when it has one) and calls
+``reward``. A reward function may raise or return a non-finite value; the trainer treats such
+samples as failed (no gradient, counted in a metric) rather than crashing the run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its gold answer."""
+
+    prompt: str
+    """The question text shown to the model (before any chat template)."""
+    answer: str
+    """The gold final answer, in the form ``Task.reward`` compares against."""
+    uid: str
+    """A stable id (e.g. ``"gsm8k/test.jsonl:17"``), for logs and for resuming data position."""
+
+
+class Task(ABC):
+    """A verifiable task: a source of examples and a reward function."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def examples(self, split: str) -> Sequence[Example]:
+        """The examples of ``split`` (one of ``SPLITS``). Raises ``ValueError`` naming the
+        split and the accepted ones if the task has no such split, and a clear error if the
+        data is empty or malformed."""
+
+    @abstractmethod
+    def reward(self, response: str, example: Example) -> float:
+        """The scalar reward of a decoded ``response`` (without the prompt)."""
+
+    def correct(self, response: str, example: Example) -> bool:
+        """Whether ``response`` counts as correct for accuracy metrics (default: reward >= 1)."""
+        return self.reward(response, example) >= 1.0
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Strings after which generation may stop (besides the tokenizer's EOS)."""
+        return ()
+
+
+def check_split(task_name: str, split: str, available: Sequence[str]) -> None:
+    if split not in available:
+        raise ValueError(
+            f"{task_name}: split={split!r} is not available; accepted: {', '.join(available)}"
+        )
