@@ -1,5 +1,8 @@
 """Verifiable tasks: the embedded arithmetic task, GSM8K and MATH-500."""
 
 from reclight.tasks.base import SPLITS, Example, Task
+from reclight.tasks.gsm8k import GSM8K
+from reclight.tasks.jsonl import DataError, read_jsonl
+from reclight.tasks.math500 import Math500
 
-__all__ = ["SPLITS", "Example", "Task"]
+__all__ = ["SPLITS", "Example", "Task", "GSM8K", "Math500", "DataError", "read_jsonl"]

@@ -1,0 +1,179 @@
+"""GSM8K: grade-school word problems scored by their final number.
+
+Departures from the usual GSM8K harnesses, all on purpose:
+
+- The final answer is the first number on the line of the LAST ``####`` marker that has a
+  number on its line; if no marker has one, the last number anywhere in the response. Chat
+  models like markdown headings (``#### Step 1``), which is why a marker alone is not trusted
+  and why the last one wins. Without any marker we still grade the last number, so a response
+  that ignores the format is not zeroed for that alone.
+- Numbers compare exactly as decimals: ``18.0 == 18``, ``1,000 == 1000``; ``$``, ``%``, units
+  and a trailing period around the number are ignored. Fractions (``3/4``) and scientific
+  notation are not read as one number (GSM8K gold answers are all integers).
+- ``val`` is a seeded random slice of the train file, disjoint from ``train``; ``test`` is
+  the published test file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+from reclight.tasks.base import SPLITS, Example, Task, check_split
+from reclight.tasks.jsonl import (
+    DataError,
+    Row,
+    held_out_indices,
+    hf_rows,
+    read_jsonl,
+    require_nonempty,
+)
+
+DEFAULT_PROMPT = (
+    "{question}\n\nSolve the problem step by step. Then write the final answer, a single number, "
+    "on the last line after '####', for example '#### 42'."
+)
+
+# A minus sign counts only when it does not follow a word character ("5-3" is 5 and 3, not -3).
+# Thousands groups must be exactly three digits ("1,000" is one number; "1,2" is two).
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_MARKER = "####"
+_FIELDS = {"question": str, "answer": str}
+
+
+def parse_number(text: str) -> Decimal | None:
+    """The first number in ``text`` as an exact ``Decimal`` (commas dropped), or None."""
+    match = _NUMBER.search(_normalise(text))
+    return None if match is None else Decimal(match.group().replace(",", ""))
+
+
+def extract_answer(response: str) -> Decimal | None:
+    """The final numeric answer of a response (rules in the module docstring), or None."""
+    text = _normalise(response)
+    for chunk in reversed(text.split(_MARKER)[1:]):
+        value = parse_number(chunk.split("\n", 1)[0])
+        if value is not None:
+            return value
+    numbers = _NUMBER.findall(text)
+    return Decimal(numbers[-1].replace(",", "")) if numbers else None
+
+
+def _normalise(text: str) -> str:
+    # LaTeX spellings of the same number: "1{,}000", "\$18", unicode minus.
+    return text.replace("{,}", ",").replace("\u2212", "-").replace("\\!", "")
+
+
+class GSM8K(Task):
+    """GSM8K word problems scored by their final number.
+
+    Rows come from JSONL files (fields ``question`` and ``answer``, the latter ending in
+    ``#### <number>``) or from a Hugging Face data set.
+
+    Args:
+        data_dir: folder holding ``train_file`` and ``test_file``. None loads ``hf_dataset``
+            instead, which needs the optional ``datasets`` package and network access.
+        hf_dataset: Hugging Face data set id, used only when ``data_dir`` is None.
+        hf_config: its configuration name.
+        train_file: JSONL file (inside ``data_dir``) for the ``train`` and ``val`` splits.
+        test_file: JSONL file (inside ``data_dir``) for the ``test`` split.
+        val_size: number of train-file rows held out as ``val`` (never in ``train``).
+        max_examples: keep only the first this-many examples of each split (after the
+            train/val split, so ``val`` does not change with it); None keeps all.
+        prompt_template: ``str.format`` template with a ``{question}`` field. It should ask for
+            the answer after ``####``; the trainer applies the chat template around it.
+        seed: seed of the train/val split.
+    """
+
+    name = "gsm8k"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        hf_dataset: str = "openai/gsm8k",
+        hf_config: str = "main",
+        train_file: str = "train.jsonl",
+        test_file: str = "test.jsonl",
+        val_size: int = 200,
+        max_examples: int | None = None,
+        prompt_template: str = DEFAULT_PROMPT,
+        seed: int = 0,
+    ) -> None:
+        if val_size < 0:
+            raise ValueError(f"GSM8K: val_size must be >= 0, got {val_size}")
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"GSM8K: max_examples must be >= 1 or None, got {max_examples}")
+        if "{question}" not in prompt_template:
+            raise ValueError(
+                f"GSM8K: prompt_template must contain '{{question}}', got {prompt_template!r}"
+            )
+        self.data_dir = data_dir
+        self.hf_dataset = hf_dataset
+        self.hf_config = hf_config
+        self.train_file = train_file
+        self.test_file = test_file
+        self.val_size = val_size
+        self.max_examples = max_examples
+        self.prompt_template = prompt_template
+        self.seed = seed
+        self._cache: dict[str, list[Example]] = {}
+
+    def examples(self, split: str) -> Sequence[Example]:
+        check_split(self.name, split, SPLITS)
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        return self._cache[split]
+
+    def _load(self, split: str) -> list[Example]:
+        source_split = "test" if split == "test" else "train"
+        rows, source, uid_prefix = self._rows(source_split)
+        examples = [self._example(row, source, uid_prefix) for row in rows]
+        if split != "test":
+            if self.val_size >= len(examples):
+                raise DataError(
+                    f"GSM8K: val_size={self.val_size} holds out all {len(examples)} examples of "
+                    f"{source}; it must be smaller than the file to leave a train split"
+                )
+            val = set(held_out_indices(len(examples), self.val_size, self.seed))
+            examples = [e for i, e in enumerate(examples) if (i in val) == (split == "val")]
+            require_nonempty(examples, source, f"taking the {split} split (val_size=0)")
+        return examples[: self.max_examples]
+
+    def _rows(self, source_split: str) -> tuple[list[Row], str, str]:
+        if self.data_dir is None:
+            rows = hf_rows(self.hf_dataset, self.hf_config, source_split, _FIELDS)
+            return rows, f"{self.hf_dataset}[{source_split}]", f"gsm8k/{source_split}"
+        file_arg = f"{source_split}_file"
+        path = Path(self.data_dir) / getattr(self, file_arg)
+        rows = read_jsonl(path, _FIELDS, config_field=f"data_dir / {file_arg}")
+        return rows, str(path), f"gsm8k/{path.name}"
+
+    def _example(self, row: Row, source: str, uid_prefix: str) -> Example:
+        gold = row.record["answer"]
+        final = gold.rsplit(_MARKER, 1)[1] if _MARKER in gold else ""
+        value = parse_number(final)
+        if value is None:
+            raise DataError(
+                f"{source}:{row.line}: field 'answer' must end with '#### <number>', "
+                f"got ...{gold[-60:]!r}"
+            )
+        return Example(
+            prompt=self.prompt_template.format(question=row.record["question"]),
+            answer=str(value),
+            uid=f"{uid_prefix}:{row.line}",
+        )
+
+    def reward(self, response: str, example: Example) -> float:
+        """1.0 if the response's final number equals the gold number, else 0.0.
+
+        An empty response, or one with no number, scores 0.0. Raises ``ValueError`` only if
+        ``example.answer`` itself is not a number (a broken example, not a wrong response).
+        """
+        gold = parse_number(example.answer)
+        if gold is None:
+            raise ValueError(
+                f"GSM8K: example {example.uid} has a non-numeric answer {example.answer!r}"
+            )
+        predicted = extract_answer(response)
+        return float(predicted is not None and predicted == gold)

@@ -1,0 +1,163 @@
+"""Loading task data from JSONL files (and Hugging Face rows) with errors that say what to fix.
+
+Every problem with a data file is raised when the task loads it (the trainer does that at
+setup), before any model is built or any step is run. Each error names the file, the 1-based
+line, the field and what would have been accepted, so that a typo in a data set costs seconds,
+not a failed job.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+
+class DataError(ValueError):
+    """A data file (or data set) exists but its content cannot be used."""
+
+
+class Row(NamedTuple):
+    """One record of a data source with where it came from."""
+
+    line: int
+    """1-based line number in the file (row index for an in-memory data set)."""
+    record: dict[str, Any]
+    """The decoded JSON object."""
+
+
+_SNIPPET = 80
+
+
+def _snippet(text: str) -> str:
+    text = text.strip()
+    return repr(text if len(text) <= _SNIPPET else text[:_SNIPPET] + "...")
+
+
+def _json_preview(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= _SNIPPET else text[:_SNIPPET] + "..."
+
+
+def check_record(record: Any, required_fields: Mapping[str, type], where: str) -> dict[str, Any]:
+    """Check that ``record`` is a JSON object holding each required field with the right type.
+
+    ``where`` locates the record in messages (e.g. ``"data/test.jsonl:12"``). Returns the
+    record; raises :class:`DataError` naming the field, the location and the fields present.
+    """
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where}: expected a JSON object with fields {sorted(required_fields)}, "
+            f"got {type(record).__name__} {_json_preview(record)}"
+        )
+    for field, kind in required_fields.items():
+        if field not in record:
+            raise DataError(
+                f"{where}: missing required field {field!r}; fields present: {sorted(record)}"
+            )
+        value = record[field]
+        # bool is an int in Python; a JSON true is never a valid number of anything here.
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise DataError(
+                f"{where}: field {field!r} must be {kind.__name__}, "
+                f"got {type(value).__name__} {_json_preview(value)}"
+            )
+    return record
+
+
+def read_jsonl(
+    path: str | Path, required_fields: Mapping[str, type], config_field: str = "data_dir"
+) -> list[Row]:
+    """Read a JSON Lines file whose every non-blank line is an object with ``required_fields``.
+
+    Args:
+        path: the file to read.
+        required_fields: field name -> expected Python type (e.g. ``{"question": str}``).
+        config_field: the config argument the path came from, named when the file is missing.
+
+    Returns:
+        One :class:`Row` per non-blank line, in file order (blank lines are skipped, so
+        ``row.line`` can run ahead of the row's index).
+
+    Raises:
+        FileNotFoundError: the file does not exist (names the path and ``config_field``).
+        DataError: a line is not valid JSON (file, line, snippet), is not an object, lacks a
+            required field or holds it with the wrong type, or the file has no records
+            ("empty data set").
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"data file {str(path)!r} {what}; check the {config_field!r} setting "
+            f"(it must point to the folder/file holding the JSONL data)"
+        )
+    rows: list[Row] = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON ({e.msg}): {_snippet(text)}") from None
+            rows.append(Row(line_no, check_record(record, required_fields, where)))
+    require_nonempty(rows, str(path))
+    return rows
+
+
+def rows_from_records(
+    records: Iterable[Mapping[str, Any]], required_fields: Mapping[str, type], source: str
+) -> list[Row]:
+    """Validate in-memory records (e.g. a Hugging Face split) exactly like :func:`read_jsonl`.
+
+    Rows are numbered from 1, like lines, so uids look the same for both sources.
+    """
+    rows = [
+        Row(i, check_record(dict(r), required_fields, f"{source}:{i}"))
+        for i, r in enumerate(records, start=1)
+    ]
+    require_nonempty(rows, source)
+    return rows
+
+
+def require_nonempty(items: list, source: str, reason: str = "") -> None:
+    """Raise ``DataError("empty data set ...")`` if ``items`` is empty.
+
+    ``reason`` says what emptied it (e.g. a filter), so the message points at the real cause.
+    """
+    if not items:
+        why = f" after {reason}" if reason else " (no non-blank lines)"
+        raise DataError(f"empty data set: {source} has no examples{why}")
+
+
+def held_out_indices(n: int, size: int, seed: int) -> list[int]:
+    """``size`` distinct indices of ``range(n)``, drawn with ``random.Random(seed)``, sorted.
+
+    The same (n, size, seed) always gives the same indices, on any machine and Python >= 3.2
+    (``Random.sample`` over a ``range`` is specified by the seed alone).
+    """
+    if not 0 <= size <= n:
+        raise ValueError(f"held-out size must be in [0, {n}], got {size}")
+    return sorted(random.Random(seed).sample(range(n), size))
+
+
+def hf_rows(
+    dataset: str, config: str | None, split: str, required_fields: Mapping[str, type]
+) -> list[Row]:
+    """Load ``split`` of a Hugging Face data set (needs the optional ``datasets`` package).
+
+    Only used when a task has no ``data_dir``; the tests never call it.
+    """
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(
+            f"loading {dataset!r} by name needs the `datasets` package (not a reclight "
+            f"dependency): `pip install datasets`, or set data_dir to a folder of JSONL files"
+        ) from e
+    records = load_dataset(dataset, config, split=split)
+    return rows_from_records(records, required_fields, f"{dataset}[{split}]")

@@ -1,0 +1,214 @@
+"""MATH-500: competition problems with LaTeX answers, scored by math-verify.
+
+Choices worth knowing:
+
+- Splits. MATH-500 is a test set only. ``test`` is the whole file; ``val`` is a seeded random
+  subset OF ``test`` (``val_size`` problems) for cheap periodic evaluation during training, so
+  ``val`` and ``test`` overlap on purpose. ``train`` exists only if ``train_file`` names a
+  JSONL file with the same fields (e.g. the MATH train split); otherwise asking for it raises.
+- Reward. The gold ``answer`` is parsed as ``\\boxed{answer}``; the response is parsed by
+  math-verify's default LaTeX + plain-expression extraction, which prefers the last
+  ``\\boxed{}``. ``verify(gold, response)`` decides; the reward is 1.0 or 0.0.
+  Measured on the shipped file: math-verify accepts all 500 gold ``solution`` texts against
+  their ``answer`` field (500/500), in about 2 s on one CPU core.
+- Threads. math-verify bounds parsing and comparison time with ``signal.alarm``, which only
+  works in the main thread (elsewhere it raises ``ValueError``). The reward uses the timeout
+  in the main thread and runs without one in any other thread (e.g. a rollout worker); there,
+  an adversarial response could make sympy slow, which the caller has to bound.
+- math-verify is imported the first time a reward is computed, so importing this module (or
+  building the task from a config) does not need the ``math`` extra.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from reclight.tasks.base import SPLITS, Example, Task, check_split
+from reclight.tasks.jsonl import (
+    DataError,
+    Row,
+    held_out_indices,
+    hf_rows,
+    read_jsonl,
+    require_nonempty,
+)
+
+DEFAULT_PROMPT = (
+    "{problem}\n\nSolve the problem step by step. Put your final answer in \\boxed{{}}."
+)
+
+_FIELDS = {"problem": str, "answer": str}
+
+
+def _math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError as e:
+        raise ImportError(
+            "the MATH-500 reward needs math-verify: install the `math` extra "
+            "(`pip install 'reclight[math]'`) or `pip install math-verify`"
+        ) from e
+    return math_verify
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(answer: str, timeout: int | None) -> list:
+    mv = _math_verify()
+    return mv.parse("\\boxed{" + answer + "}", parsing_timeout=timeout)
+
+
+def math_equal(response: str, gold_answer: str, timeout_seconds: int | None = 5) -> bool:
+    """Whether math-verify finds ``response``'s final answer equal to the LaTeX ``gold_answer``.
+
+    ``timeout_seconds`` bounds each parse and comparison, but only in the main thread; in any
+    other thread it is ignored (see the module docstring). An empty response is False without
+    calling math-verify.
+    """
+    if not response.strip():
+        return False
+    mv = _math_verify()
+    in_main = threading.current_thread() is threading.main_thread()
+    timeout = timeout_seconds if in_main else None
+    gold = _parse_gold(gold_answer, timeout)
+    if not gold:
+        raise ValueError(f"math-verify cannot parse the gold answer {gold_answer!r}")
+    predicted = mv.parse(response, parsing_timeout=timeout)
+    return bool(predicted) and mv.verify(gold, predicted, timeout_seconds=timeout)
+
+
+class Math500(Task):
+    """MATH-500 problems scored by math-verify against their LaTeX ``answer``.
+
+    Rows come from a JSONL file (fields ``problem`` and ``answer`` required; ``subject`` and
+    ``level`` used by the filters; other fields ignored) or from a Hugging Face data set.
+
+    Args:
+        data_dir: folder holding ``test_file`` (and ``train_file`` if given). None loads
+            ``hf_dataset`` instead (needs the optional ``datasets`` package and network).
+        hf_dataset: Hugging Face data set id, used only when ``data_dir`` is None.
+        test_file: JSONL file (inside ``data_dir``) for ``test`` and ``val``.
+        train_file: optional JSONL file (inside ``data_dir``, same fields) for ``train``; None
+            means the task has no train split.
+        val_size: number of ``test`` problems drawn (seeded) as the ``val`` subset.
+        subject: keep only problems of this ``subject`` (case-insensitive, e.g. "Algebra");
+            None keeps all. Rows without a ``subject`` field are dropped when it is set.
+        max_level: keep only problems with ``level`` <= this (1..5); None keeps all.
+        max_examples: keep only the first this-many examples of each split; None keeps all.
+        prompt_template: ``str.format`` template with a ``{problem}`` field; it should ask for
+            the answer in ``\\boxed{}`` (literal braces are written ``{{}}``).
+        timeout_seconds: math-verify's per-parse / per-comparison limit in the main thread;
+            None or 0 disables it. Ignored outside the main thread.
+        seed: seed of the ``val`` subset.
+    """
+
+    name = "math500"
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        hf_dataset: str = "HuggingFaceH4/MATH-500",
+        test_file: str = "test.jsonl",
+        train_file: str | None = None,
+        val_size: int = 100,
+        subject: str | None = None,
+        max_level: int | None = None,
+        max_examples: int | None = None,
+        prompt_template: str = DEFAULT_PROMPT,
+        timeout_seconds: int | None = 5,
+        seed: int = 0,
+    ) -> None:
+        if val_size < 1:
+            raise ValueError(f"Math500: val_size must be >= 1, got {val_size}")
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"Math500: max_examples must be >= 1 or None, got {max_examples}")
+        if "{problem}" not in prompt_template:
+            raise ValueError(
+                f"Math500: prompt_template must contain '{{problem}}', got {prompt_template!r}"
+            )
+        self.data_dir = data_dir
+        self.hf_dataset = hf_dataset
+        self.test_file = test_file
+        self.train_file = train_file
+        self.val_size = val_size
+        self.subject = subject
+        self.max_level = max_level
+        self.max_examples = max_examples
+        self.prompt_template = prompt_template
+        self.timeout_seconds = timeout_seconds
+        self.seed = seed
+        self._cache: dict[str, list[Example]] = {}
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this configuration can serve."""
+        return SPLITS if self.train_file is not None else ("val", "test")
+
+    def examples(self, split: str) -> Sequence[Example]:
+        check_split(self.name, split, SPLITS)
+        if split not in self.splits:
+            raise ValueError(
+                f"Math500: split={split!r} is not available: MATH-500 is a test set; "
+                f"accepted: {', '.join(self.splits)}. Set train_file to a JSONL file with "
+                f"fields {sorted(_FIELDS)} (e.g. the MATH train split) to train on this task"
+            )
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        return self._cache[split]
+
+    def _load(self, split: str) -> list[Example]:
+        rows, source, uid_prefix = self._rows("train" if split == "train" else "test")
+        rows = self._filter(rows, source)
+        examples = [
+            Example(
+                prompt=self.prompt_template.format(problem=row.record["problem"]),
+                answer=row.record["answer"],
+                uid=f"{uid_prefix}:{row.line}",
+            )
+            for row in rows
+        ]
+        if split == "val":
+            keep = held_out_indices(len(examples), min(self.val_size, len(examples)), self.seed)
+            examples = [examples[i] for i in keep]
+        return examples[: self.max_examples]
+
+    def _rows(self, source_split: str) -> tuple[list[Row], str, str]:
+        if self.data_dir is None:
+            if source_split == "train":
+                raise ValueError("Math500: train_file needs data_dir (no Hugging Face train split)")
+            rows = hf_rows(self.hf_dataset, None, "test", _FIELDS)
+            return rows, f"{self.hf_dataset}[test]", "math500/test"
+        file_arg = f"{source_split}_file"
+        path = Path(self.data_dir) / getattr(self, file_arg)
+        rows = read_jsonl(path, _FIELDS, config_field=f"data_dir / {file_arg}")
+        return rows, str(path), f"math500/{path.name}"
+
+    def _filter(self, rows: list[Row], source: str) -> list[Row]:
+        if self.subject is not None:
+            want = self.subject.lower()
+            rows = [r for r in rows if str(r.record.get("subject", "")).lower() == want]
+        if self.max_level is not None:
+            for r in rows:
+                level = r.record.get("level")
+                if not isinstance(level, int) or isinstance(level, bool):
+                    raise DataError(
+                        f"{source}:{r.line}: max_level={self.max_level} needs an integer field "
+                        f"'level', got {level!r}"
+                    )
+            rows = [r for r in rows if r.record["level"] <= self.max_level]
+        require_nonempty(
+            rows, source, f"filtering subject={self.subject!r}, max_level={self.max_level!r}"
+        )
+        return rows
+
+    def reward(self, response: str, example: Example) -> float:
+        """1.0 if math-verify finds the response's final answer equal to the gold, else 0.0.
+
+        An empty (or blank) response scores 0.0 without calling math-verify. Raises
+        ``ImportError`` naming the ``math`` extra if math-verify is missing, and ``ValueError``
+        if the gold answer itself cannot be parsed (a broken example, not a wrong response).
+        """
+        return float(math_equal(response, example.answer, self.timeout_seconds))

@@ -1,0 +1,164 @@
+"""JSONL loading: every kind of bad data file fails at load time with a message naming the
+file, the 1-based line and the field. Also the GSM8K / MATH-500 split and config errors."""
+
+import json
+import re
+
+import pytest
+
+from reclight.tasks import GSM8K, DataError, Math500, read_jsonl
+from reclight.tasks.jsonl import held_out_indices
+
+FIELDS = {"question": str, "answer": str}
+
+
+def write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def good(q="What is 2+2?", a="2+2=4\n#### 4"):
+    return json.dumps({"question": q, "answer": a})
+
+
+def test_reads_rows_skipping_blank_lines_with_true_line_numbers(tmp_path):
+    """Lines 1, 3 and 5 hold records, 2 and 4 are blank / whitespace: three rows whose
+    ``line`` is the file's 1-based line number, not the row index."""
+    f = write(tmp_path / "d.jsonl", [good(q="a"), "", good(q="b"), "   \t", good(q="c")])
+    rows = read_jsonl(f, FIELDS)
+    assert [r.line for r in rows] == [1, 3, 5]
+    assert [r.record["question"] for r in rows] == ["a", "b", "c"]
+
+
+def test_missing_file_names_path_and_config_field(tmp_path):
+    missing = tmp_path / "nope" / "train.jsonl"
+    with pytest.raises(FileNotFoundError) as e:
+        read_jsonl(missing, FIELDS, config_field="data_dir / train_file")
+    assert str(missing) in str(e.value) and "'data_dir / train_file'" in str(e.value)
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        read_jsonl(tmp_path, FIELDS)
+
+
+def test_malformed_json_reports_file_line_and_snippet(tmp_path):
+    """The bad record is on line 3 (line 2 is blank and still counted)."""
+    f = write(tmp_path / "d.jsonl", [good(), "", '{"question": "x", "answer": '])
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    msg = str(e.value)
+    assert f"{f}:3: malformed JSON" in msg and '\'{"question": "x", "answer":\'' in msg
+
+
+def test_long_bad_line_snippet_is_truncated(tmp_path):
+    f = write(tmp_path / "d.jsonl", ["x" * 500])
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    assert "'" + "x" * 80 + "...'" in str(e.value) and "x" * 81 not in str(e.value)
+
+
+def test_line_that_is_not_an_object(tmp_path):
+    f = write(tmp_path / "d.jsonl", [good(), '["question", "answer"]'])
+    with pytest.raises(DataError, match=re.escape(f"{f}:2: expected a JSON object")) as e:
+        read_jsonl(f, FIELDS)
+    assert "got list" in str(e.value)
+
+
+def test_missing_field_names_field_line_and_present_fields(tmp_path):
+    f = write(tmp_path / "d.jsonl", [good(), json.dumps({"question": "q", "solution": "s"})])
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    assert str(e.value) == (
+        f"{f}:2: missing required field 'answer'; fields present: ['question', 'solution']"
+    )
+
+
+def test_wrong_field_type(tmp_path):
+    f = write(tmp_path / "d.jsonl", [json.dumps({"question": "q", "answer": 4})])
+    with pytest.raises(DataError, match=re.escape(f"{f}:1: field 'answer' must be str, got int 4")):
+        read_jsonl(f, FIELDS)
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_or_blank_file_is_an_empty_data_set(tmp_path, content):
+    f = tmp_path / "d.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError, match=re.escape(f"empty data set: {f} has no examples")):
+        read_jsonl(f, FIELDS)
+
+
+def test_gsm8k_answer_without_final_number_is_rejected_at_load(tmp_path):
+    write(tmp_path / "test.jsonl", [good(), good(a="it is four")])
+    task = GSM8K(data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=re.escape(f"test.jsonl:2: field 'answer' must end with")):
+        task.examples("test")
+
+
+def test_gsm8k_missing_data_dir_names_the_setting(tmp_path):
+    task = GSM8K(data_dir=str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=re.escape("'data_dir / train_file'")):
+        task.examples("train")
+
+
+def test_gsm8k_splits_are_deterministic_disjoint_and_cover_the_train_file(tmp_path):
+    """10 train rows, val_size=3: val has 3, train 7, no overlap, union = all 10 lines; the
+    held-out lines are those of ``held_out_indices(10, 3, seed)`` (0-based index + 1)."""
+    write(tmp_path / "train.jsonl", [good(q=f"q{i}", a=f"#### {i}") for i in range(10)])
+    task = GSM8K(data_dir=str(tmp_path), val_size=3, seed=7)
+    train, val = task.examples("train"), task.examples("val")
+    lines = lambda xs: {int(e.uid.rsplit(":", 1)[1]) for e in xs}  # noqa: E731
+    assert len(val) == 3 and len(train) == 7
+    assert lines(val) == {i + 1 for i in held_out_indices(10, 3, 7)}
+    assert lines(train) | lines(val) == set(range(1, 11)) and not lines(train) & lines(val)
+    again = GSM8K(data_dir=str(tmp_path), val_size=3, seed=7)
+    assert again.examples("val") == val
+    assert GSM8K(data_dir=str(tmp_path), val_size=3, seed=8).examples("val") != val
+    assert val[0].uid.startswith("gsm8k/train.jsonl:")
+    assert val[0].prompt.startswith(f"q{int(val[0].answer)}\n")
+
+
+def test_gsm8k_val_size_too_large_or_zero(tmp_path):
+    write(tmp_path / "train.jsonl", [good(), good()])
+    with pytest.raises(DataError, match="val_size=2 holds out all 2 examples"):
+        GSM8K(data_dir=str(tmp_path), val_size=2).examples("train")
+    with pytest.raises(DataError, match=r"empty data set: .* after taking the val split"):
+        GSM8K(data_dir=str(tmp_path), val_size=0).examples("val")
+
+
+def test_gsm8k_bad_arguments_and_split():
+    with pytest.raises(ValueError, match="must contain '{question}'"):
+        GSM8K(prompt_template="Q: {problem}")
+    with pytest.raises(ValueError, match="max_examples must be >= 1"):
+        GSM8K(max_examples=0)
+    accepted = "split='dev' is not available; accepted: train, val, test"
+    with pytest.raises(ValueError, match=accepted):
+        GSM8K().examples("dev")
+
+
+def test_math500_filter_leaving_nothing_is_an_empty_data_set(tmp_path):
+    rows = [{"problem": "p", "answer": "1", "subject": "Algebra", "level": 3}]
+    write(tmp_path / "test.jsonl", [json.dumps(r) for r in rows])
+    task = Math500(data_dir=str(tmp_path), subject="Geometry")
+    with pytest.raises(DataError, match="empty data set: .* after filtering subject='Geometry'"):
+        task.examples("test")
+    assert len(Math500(data_dir=str(tmp_path), subject="algebra").examples("test")) == 1
+    with pytest.raises(DataError, match="empty data set"):
+        Math500(data_dir=str(tmp_path), max_level=2).examples("test")
+
+
+def test_math500_train_split_needs_train_file(tmp_path):
+    with pytest.raises(ValueError, match="split='train' is not available: MATH-500 is a test set"):
+        Math500(data_dir=str(tmp_path)).examples("train")
+    write(tmp_path / "tr.jsonl", [json.dumps({"problem": "p", "answer": "2"})])
+    (ex,) = Math500(data_dir=str(tmp_path), train_file="tr.jsonl").examples("train")
+    assert ex.answer == "2" and ex.uid == "math500/tr.jsonl:1"
+
+
+def test_hf_loading_without_datasets_package_says_what_to_do(monkeypatch):
+    """``data_dir=None`` means "load by name"; without ``datasets`` the error names both fixes."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match=r"needs the `datasets` package.*or set data_dir"):
+        GSM8K().examples("test")
