@@ -1,0 +1,150 @@
+"""Stochastic training runs: one preset, all off-policy settings and all seeds in one tensor.
+
+The leading axis of every tensor is R = n_settings x n_seeds (setting-major). Row r trains its
+own tabular policy ``logits[r]`` [S, A]; seeds are paired across settings and presets (seed n
+has the same environment and the same initial policy everywhere), so differences between
+presets are paired differences.
+
+One training step t, for every row at once:
+
+1. v = ``reclight.sync.behavior_version(t, k, d)`` of the row's setting; the behaviour policy
+   is the stored snapshot theta_v (a ring keeps only the versions a later step will read).
+2. B groups of K outcomes are sampled from theta_v; ``logp_behav`` is recorded from it.
+3. ``group_advantages`` on the ``[R*B, K]`` rewards (rows are independent groups, so the
+   flattening is exact), then ``policy_loss`` vmapped over R: each row gets its own
+   ``token_mean`` denominator, exactly as if it were trained alone.
+4. The sum over rows of the per-row losses is backpropagated (row r's logits only receive
+   row r's gradient) and Adam or SGD steps every row (both act elementwise, so batching rows
+   changes nothing).
+
+Departures from an LLM run, on purpose: the policy is tabular (no generalisation between
+contexts), the reward is exact Bernoulli(p) of the outcome, and the metrics ``reward/expected``,
+``kl/opt`` and ``policy/entropy`` are exact expectations under the current policy, not
+estimates from the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from bandits.problems import TabularProblem
+from reclight.advantages import group_advantages
+from reclight.algorithms import AlgorithmConfig
+from reclight.losses import policy_loss
+from reclight.sync import behavior_version
+
+OPTIMIZERS = ("adam", "sgd")
+EXACT_KEYS = ("reward/expected", "kl/opt", "policy/entropy")
+STEP_KEYS = ("clip/frac", "rollout/staleness", "loss/policy", "loss/reg", "ratio/max", "adv/abs_mean")
+
+
+def version_needed(version: int, sync_interval: int, sync_offset: int, total_steps: int) -> bool:
+    """Whether some step t < total_steps trains on theta_version under (k, d)."""
+    if version == 0:
+        return True
+    return version % sync_interval == 0 and version + sync_offset < total_steps
+
+
+class SnapshotRing:
+    """Past policies, per setting, kept only while a later step will sample from them."""
+
+    def __init__(self, schedules: list[tuple[int, int]], seeds: int, total_steps: int) -> None:
+        self.schedules, self.seeds, self.total_steps = schedules, seeds, total_steps
+        self.store: list[dict[int, Tensor]] = [{} for _ in schedules]
+
+    def record(self, version: int, logits: Tensor) -> None:
+        """Store theta_version (logits [R, S, A]) for the settings that will read it."""
+        for i, (k, d) in enumerate(self.schedules):
+            if version_needed(version, k, d, self.total_steps):
+                rows = slice(i * self.seeds, (i + 1) * self.seeds)
+                self.store[i][version] = logits[rows].detach().clone()
+
+    def behaviour(self, step: int) -> tuple[Tensor, Tensor]:
+        """``(logits_behav [R, S, A], staleness [R])`` of training step ``step``; then forgets
+        versions no later step needs."""
+        parts, stale = [], []
+        for i, (k, d) in enumerate(self.schedules):
+            version = behavior_version(step, k, d)
+            parts.append(self.store[i][version])
+            stale.append(torch.full((self.seeds,), float(step - version)))
+            if step + 1 < self.total_steps:
+                keep_from = behavior_version(step + 1, k, d)
+                for old in [v for v in self.store[i] if v < keep_from]:
+                    del self.store[i][old]
+        return torch.cat(parts), torch.cat(stale)
+
+    def n_stored(self) -> int:
+        return sum(len(s) for s in self.store)
+
+
+@dataclass
+class RunResult:
+    """Histories of one preset on one problem. Exact metrics: ``[steps + 1, n_settings, seeds]``
+    (before each update, then after the last); step metrics: ``[steps, n_settings, seeds]``."""
+
+    preset: str
+    problem: str
+    settings: list[str]
+    history: dict[str, Tensor]
+
+
+def run_preset(
+    problem: TabularProblem,
+    cfg: AlgorithmConfig,
+    preset: str,
+    settings: dict[str, tuple[int, int]],
+    logits_init: Tensor,  # [seeds, S, A]
+    *,
+    steps: int,
+    group_size: int,
+    lr: float,
+    optimizer: str = "adam",
+    seed: int = 0,
+) -> RunResult:
+    """Train ``preset`` under every setting ``{name: (sync_interval, sync_offset)}`` for
+    ``steps`` steps, all seeds at once. See the module docstring for one step."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not valid; accepted: {', '.join(OPTIMIZERS)}")
+    n_set, seeds = len(settings), logits_init.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    problem = problem.repeat_rows(n_set)
+    logits = logits_init.repeat(n_set, 1, 1).clone().requires_grad_(True)  # [R, S, A]
+    opt_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+    opt = opt_cls([logits], lr=lr)
+    logp_opt = problem.optimal_logp(logits.detach())
+    ring = SnapshotRing(list(settings.values()), seeds, steps)
+    ring.record(0, logits)
+
+    def row_loss(lp: Tensor, lb: Tensor, adv: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
+        return policy_loss(lp, lb, adv, mask, cfg)
+
+    exact: dict[str, list[Tensor]] = {key: [] for key in EXACT_KEYS}
+    per_step: dict[str, list[Tensor]] = {key: [] for key in STEP_KEYS}
+    for step in range(steps):
+        for key, value in problem.exact_metrics(logits.detach(), logp_opt).items():
+            exact[key].append(value)
+        logits_behav, stale = ring.behaviour(step)
+        prompts, outcomes, rewards = problem.sample(logits_behav, group_size, generator)
+        rows, n_groups, _ = rewards.shape
+        adv, keep = group_advantages(rewards.flatten(0, 1), cfg, generator)
+        adv, keep = adv.view(rows, n_groups, -1), keep.view(rows, n_groups, -1)
+        logp_behav = problem.token_logp(logits_behav, outcomes, prompts)  # [R, B, K, T]
+        logp = problem.token_logp(logits, outcomes, prompts)
+        mask = keep[..., None].expand_as(logp)
+        loss, metrics = vmap(row_loss)(logp, logp_behav, adv, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        opt.step()
+        ring.record(step + 1, logits)
+        metrics["rollout/staleness"] = stale
+        for key in STEP_KEYS:
+            per_step[key].append(metrics[key].detach())
+    for key, value in problem.exact_metrics(logits.detach(), logp_opt).items():
+        exact[key].append(value)
+
+    history = {k: torch.stack(v).view(len(v), n_set, seeds) for k, v in {**exact, **per_step}.items()}
+    return RunResult(preset=preset, problem=problem.name, settings=list(settings), history=history)
