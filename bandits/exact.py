@@ -32,7 +32,10 @@ def log_kl_regularized_optimum(pi_t: Tensor, rewards: Tensor, tau: float) -> Ten
     """
     if not tau > 0:
         raise ValueError(f"tau={tau!r} is not valid; accepted: tau > 0")
-    logits = torch.log(pi_t) + rewards / tau
+    # pi* is invariant to shifting r; shifting by max r keeps |logits| small, which matters
+    # in float32 where r/tau ~ 1e5 would leave a spacing of ~1e-2 between representable logits.
+    shifted = (rewards - rewards.amax(-1, keepdim=True)) / tau
+    logits = torch.log(pi_t) + shifted
     return logits - torch.logsumexp(logits, -1, keepdim=True)
 
 

@@ -81,6 +81,22 @@ class SnapshotRing:
         return sum(len(s) for s in self.store)
 
 
+def per_row_policy_loss(
+    logp: Tensor,  # [R, B, K, T]
+    logp_behav: Tensor,  # [R, B, K, T]
+    adv: Tensor,  # [R, B, K]
+    mask: Tensor,  # [R, B, K, T] bool
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, dict[str, Tensor]]:  # loss [R], metrics {key: [R]}
+    """``reclight.losses.policy_loss`` applied to each row separately (vmapped), so each row's
+    ``token_mean`` divides by its own count of kept tokens, as a run of that seed alone would."""
+
+    def one_row(lp: Tensor, lb: Tensor, a: Tensor, m: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return policy_loss(lp, lb, a, m, cfg)
+
+    return vmap(one_row)(logp, logp_behav, adv, mask)
+
+
 @dataclass
 class RunResult:
     """Histories of one preset on one problem. Exact metrics: ``[steps + 1, n_settings, seeds]``
@@ -119,9 +135,6 @@ def run_preset(
     ring = SnapshotRing(list(settings.values()), seeds, steps)
     ring.record(0, logits)
 
-    def row_loss(lp: Tensor, lb: Tensor, adv: Tensor, mask: Tensor) -> tuple[Tensor, dict]:
-        return policy_loss(lp, lb, adv, mask, cfg)
-
     exact: dict[str, list[Tensor]] = {key: [] for key in EXACT_KEYS}
     per_step: dict[str, list[Tensor]] = {key: [] for key in STEP_KEYS}
     for step in range(steps):
@@ -135,7 +148,7 @@ def run_preset(
         logp_behav = problem.token_logp(logits_behav, outcomes, prompts)  # [R, B, K, T]
         logp = problem.token_logp(logits, outcomes, prompts)
         mask = keep[..., None].expand_as(logp)
-        loss, metrics = vmap(row_loss)(logp, logp_behav, adv, mask)
+        loss, metrics = per_row_policy_loss(logp, logp_behav, adv, mask, cfg)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
