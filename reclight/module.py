@@ -1,0 +1,307 @@
+"""The LightningModule: one optimizer step per rollout batch, with the loss from the library.
+
+Each training step takes the rollout batch that :class:`reclight.callbacks.WeightSync` prepared
+for it, computes ``logp`` of the response tokens under the policy (same temperature as
+sampling), calls :func:`reclight.losses.policy_loss`, and steps AdamW with gradient clipping done
+by hand (manual optimization). Metrics go to Lightning's loggers under namespaced keys.
+
+Departures from a textbook trainer, listed up front:
+
+- Micro-batching (``micro_batch_size`` prompts, whole groups) passes the FULL batch's token and
+  sequence counts to every ``policy_loss`` call, so the summed gradient equals the full-batch
+  gradient exactly (no 1/num_micro_batches approximation).
+- ``kl/init`` is an estimate on the batch's own samples (drawn from the behaviour policy mu):
+  KL(pi || pi_init) ~= token-mean of rho * (exp(d) - 1 - d), d = logp_init - logp,
+  rho = pi / mu (the k3 estimator, importance-weighted to pi). It needs a frozen copy of the
+  policy at the start of RL; set ``log_kl_init: false`` to save that memory.
+- Samples whose reward failed (``reward_valid`` false) and RED-Drop's dropped samples are
+  removed from the loss (``mask & keep``), and counted in ``reward/failed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics import MeanMetric
+
+from reclight.advantages import group_advantages
+from reclight.algorithms import get_algorithm
+from reclight.engine_hf import HFGenerateEngine
+from reclight.losses import policy_loss
+from reclight.policy import load_causal_lm, resolve_dtype, response_logprobs
+from reclight.rollout import RolloutBatch, SamplingConfig
+from reclight.tiny import TinyModelConfig, build_tiny
+from reclight.warmup import WarmupConfig, greedy_eval, supervised_warmup
+
+
+class _Frozen:
+    """Holds a module without registering it (not trained, not in the Lightning state dict)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+class RLModule(LightningModule):
+    """Off-policy RL fine-tuning of a causal LM with the REC / REP / RED losses.
+
+    Args:
+        model_name_or_path: Hugging Face model id or local folder; None builds the embedded tiny
+            Llama (``tiny``) under ``tiny_dir``.
+        tiny: shape of the embedded tiny model (used only when ``model_name_or_path`` is None).
+        tiny_dir: cache folder of the embedded tiny model (reused when it exists).
+        dtype: dtype of the trained weights (``float32``; use trainer precision ``bf16-mixed``
+            for bf16 compute).
+        engine_dtype: dtype of the rollout engine's copy (None: same as ``dtype``).
+        use_chat_template: None uses the tokenizer's chat template when it has one.
+        algorithm: preset name (``reclight.algorithms.PRESETS``).
+        algorithm_overrides: fields of ``AlgorithmConfig`` to change, e.g. ``{eps_high: 0.28}``.
+        sampling: K, temperature, top_p and max_new_tokens of the behaviour policy.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        grad_clip: clip the global gradient norm to this (0 disables).
+        micro_batch_size: prompts (whole groups) per forward/backward; None = the whole batch.
+        warmup: supervised warm-up before RL (skipped when resuming); None disables it.
+        log_kl_init: keep a frozen copy of the RL-start policy and log ``kl/init``.
+        eval_max_new_tokens: greedy-evaluation response cap (None: ``sampling.max_new_tokens``).
+        seed: seeds model init (tiny), warm-up and sampling (None: the run's seed_everything).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        tiny: TinyModelConfig = TinyModelConfig(),
+        tiny_dir: str = "outputs/tiny-model",
+        dtype: str = "float32",
+        engine_dtype: str | None = None,
+        use_chat_template: bool | None = None,
+        algorithm: str = "rec_oneside_nois",
+        algorithm_overrides: dict[str, Any] | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        grad_clip: float = 1.0,
+        micro_batch_size: int | None = None,
+        warmup: WarmupConfig | None = None,
+        log_kl_init: bool = True,
+        eval_max_new_tokens: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        # Validate everything cheap before any model is loaded.
+        self.algo = get_algorithm(algorithm, **(algorithm_overrides or {}))
+        resolve_dtype(dtype, "dtype")
+        if engine_dtype is not None:
+            resolve_dtype(engine_dtype, "engine_dtype")
+        if not lr > 0:
+            raise ValueError(f"lr={lr!r} is not valid; accepted: lr > 0")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip={grad_clip!r} is not valid; accepted: grad_clip >= 0 (0 disables)")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; accepted: None or an integer >= 1")
+        # hparams may hold the CLI's plain dicts; keep the typed objects themselves.
+        self.sampling = sampling
+        self.tiny_cfg = tiny
+        self.warmup_cfg = warmup
+        self.use_chat_template = use_chat_template
+        self.policy: torch.nn.Module | None = None
+        self.tokenizer: Any = None
+        self.engine: HFGenerateEngine | None = None
+        self._init_policy: _Frozen | None = None
+        self._rollout: RolloutBatch | None = None
+        self._rollout_wait = 0.0
+        self._engine_state: dict[str, Any] | None = None
+        self.val_acc, self.val_reward, self.val_len = MeanMetric(), MeanMetric(), MeanMetric()
+        self.test_acc = MeanMetric()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    @property
+    def run_seed(self) -> int:
+        seed = self.hparams.seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
+
+    def rollout_seed(self, step: int) -> int:
+        """Sampling seed of step ``step``'s rollouts: a function of (run seed, step) only."""
+        return (self.run_seed * 1_000_003 + step) % (2**63)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        path = self.hparams.model_name_or_path
+        if path is None:
+            path = str(build_tiny(self.hparams.tiny_dir, self.tiny_cfg, seed=self.run_seed))
+        self.policy, self.tokenizer = load_causal_lm(path, self.hparams.dtype)
+        self.policy.train()
+
+    def configure_callbacks(self) -> list:
+        from reclight.callbacks import WeightSync
+
+        has_sync = self._trainer is not None and any(isinstance(c, WeightSync) for c in self.trainer.callbacks)
+        return [] if has_sync else [WeightSync()]  # default: on-policy
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        h = self.hparams
+        return torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.hparams.eval_max_new_tokens or self.sampling.max_new_tokens
+
+    def on_fit_start(self) -> None:
+        task = self.trainer.datamodule.task
+        resuming = self.trainer.ckpt_path is not None
+        if self.warmup_cfg is not None and not resuming:
+            stats = supervised_warmup(
+                self.policy, self.tokenizer, task, self.warmup_cfg, seed=self.run_seed,
+                max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.use_chat_template,
+                log=lambda m, s: [lg.log_metrics(m, step=s) for lg in self.loggers],
+            )
+            self.print(f"warm-up: {stats}")
+        stop = tuple(getattr(task, "stop_strings", ()))
+        self.engine = HFGenerateEngine(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
+        if self._engine_state is not None:
+            self.engine.load_state_dict(self._engine_state)
+            self._engine_state = None
+        if self.hparams.log_kl_init and self._init_policy is None:
+            self._init_policy = _Frozen(copy.deepcopy(self.policy).eval().requires_grad_(False))
+
+    def on_train_start(self) -> None:
+        if self.global_step == 0:  # the "before" figure: greedy accuracy at the start of RL
+            metrics = self._evaluate("val")
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step=0)
+            self.print(f"start of RL: {metrics}")
+
+    def _evaluate(self, split: str) -> dict[str, float]:
+        dm = self.trainer.datamodule
+        correct, rewards, lengths = greedy_eval(
+            self.policy, self.tokenizer, dm.task, dm.eval_examples(split),
+            max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.use_chat_template,
+        )
+        return {f"{split}/acc": correct.float().mean().item(), f"{split}/reward": rewards.mean().item(),
+                f"{split}/len_mean": lengths.mean().item()}
+
+    # -- training -------------------------------------------------------------------------------
+    def set_rollout(self, rollout: RolloutBatch, wait_seconds: float = 0.0) -> None:
+        """Called by ``WeightSync`` at the start of each step with that step's batch."""
+        self._rollout = rollout.to(self.device)
+        self._rollout_wait = wait_seconds
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        r, self._rollout = self._rollout, None
+        if r is None or r.step != self.global_step:
+            raise RuntimeError(
+                f"training step {self.global_step} got rollout for step {None if r is None else r.step}; "
+                "add reclight.callbacks.WeightSync to the trainer callbacks"
+            )
+        start = time.perf_counter()
+        opt = self.optimizers()
+        gen = torch.Generator(device=r.rewards.device).manual_seed(self.rollout_seed(r.step))
+        adv, keep = group_advantages(r.rewards, self.algo, gen, valid=r.reward_valid)  # [B, K]
+        mask = r.response_mask & keep[..., None]  # [B, K, T]
+        counts = dict(num_tokens=mask.sum().clamp(min=1).float(), num_seqs=mask.any(-1).sum().clamp(min=1).float())
+        B = r.rewards.shape[0]
+        mb = self.hparams.micro_batch_size or B
+        logp_all = torch.zeros_like(r.logp_behav)
+        ent_all = torch.zeros_like(r.logp_behav)
+        opt.zero_grad(set_to_none=True)
+        for s in range(0, B, mb):
+            sl = slice(s, s + mb)
+            logp, ent = response_logprobs(
+                self.policy, r.prompt_ids[sl], r.prompt_mask[sl], r.response_ids[sl], r.response_mask[sl],
+                temperature=self.sampling.temperature, return_entropy=True,
+            )
+            loss, metrics = policy_loss(logp, r.logp_behav[sl], adv[sl], mask[sl], self.algo, **counts)
+            self.manual_backward(loss)
+            logp_all[sl], ent_all[sl] = logp.detach(), ent.detach()
+        if mb < B:  # metrics of the whole batch (the loss value is the same sum)
+            _, metrics = policy_loss(logp_all, r.logp_behav, adv, mask, self.algo, **counts)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        clip = self.hparams.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        opt.step()
+        train_seconds = time.perf_counter() - start
+        self._log_step(r, metrics, logp_all, ent_all, grad_norm, train_seconds)
+        return metrics["loss/policy"] + metrics["loss/reg"]
+
+    @torch.no_grad()
+    def _log_step(self, r: RolloutBatch, metrics: dict, logp: torch.Tensor, entropy: torch.Tensor,
+                  grad_norm: torch.Tensor, train_seconds: float) -> None:
+        m = r.response_mask
+        n_tok = m.sum().clamp(min=1)
+        staleness = (r.step - r.version).float()
+        valid = r.reward_valid
+        out = {
+            **metrics,
+            "reward/mean": (r.rewards * valid).sum() / valid.sum().clamp(min=1),
+            "reward/acc": r.correct.float().mean(),
+            "reward/failed": (~valid).sum().float(),
+            "response/len_mean": m.sum(-1).float().mean(),
+            "response/len_max": m.sum(-1).float().max(),
+            "policy/entropy": (entropy * m).sum() / n_tok,
+            "rollout/staleness_mean": staleness.mean(),
+            "rollout/staleness_max": staleness.max(),
+            "rollout/wait_s": torch.tensor(self._rollout_wait),
+            "grad/norm": grad_norm.float(),
+            "throughput/rollout_tok_s": n_tok / max(r.gen_seconds, 1e-9),
+            "throughput/train_tok_s": n_tok / max(train_seconds, 1e-9),
+        }
+        if self._init_policy is not None:
+            logp_init, _ = response_logprobs(self._init_policy.model, r.prompt_ids, r.prompt_mask, r.response_ids,
+                                             m, temperature=self.sampling.temperature)
+            d = torch.where(m, logp_init - logp, 0.0)
+            rho = torch.where(m, logp - r.logp_behav, 0.0).exp()
+            out["kl/init"] = (rho * (d.exp() - 1 - d) * m).sum() / n_tok
+        bar = {"reward/mean", "reward/acc"}
+        for k, v in out.items():
+            self.log(k, v.float(), on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=1)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _eval_batch(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dm = self.trainer.datamodule
+        examples = dm.eval_examples(split)
+        return greedy_eval(self.policy, self.tokenizer, dm.task, [examples[i] for i in index.tolist()],
+                           max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.use_chat_template)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        correct, rewards, lengths = self._eval_batch("val", batch)
+        self.val_acc.update(correct.float())
+        self.val_reward.update(rewards)
+        self.val_len.update(lengths)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True)
+        self.log("val/reward", self.val_reward, on_epoch=True)
+        self.log("val/len_mean", self.val_len, on_epoch=True)
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        correct, _, _ = self._eval_batch("test", batch)
+        self.test_acc.update(correct.float())
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    # -- checkpoint state (issue #5 builds exact resume on these) -------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state: dict[str, Any] = {}
+        if self.engine is not None:
+            state["engine"] = self.engine.state_dict()
+        if self._init_policy is not None:
+            state["init_policy"] = self._init_policy.model.state_dict()
+        checkpoint["reclight"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("reclight", {})
+        self._engine_state = state.get("engine")
+        if "init_policy" in state and self.policy is not None:
+            init = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            init.load_state_dict(state["init_policy"])
+            self._init_policy = _Frozen(init)

@@ -1,0 +1,75 @@
+"""The embedded verifiable task: multi-digit addition, generated in code.
+
+A prompt is ``"07+45="`` (operands zero-padded to ``digits`` characters, so every prompt of a
+task has the same length); the gold response is the sum in plain decimal (``"52"``) followed by
+the tokenizer's end token. The reward is 1.0 when the response, with special tokens removed
+and surrounding whitespace stripped, equals the sum exactly, else 0.0: a response that does not
+stop (runs past the answer) is wrong.
+
+Splits are a seeded partition of all ``10**digits x 10**digits`` operand pairs (or of a seeded
+sample of them when that is too many), so train, val and test are disjoint and identical on
+every machine for one ``split_seed``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from reclight.tasks.base import SPLITS, Example, Task, check_split
+
+_MAX_POOL = 200_000
+
+
+class Arithmetic(Task):
+    """Addition of two ``digits``-digit numbers.
+
+    Args:
+        digits: digits per operand (operands are zero-padded to this width).
+        val_size: number of held-out pairs in ``val`` (periodic greedy evaluation).
+        test_size: number of held-out pairs in ``test``.
+        split_seed: seeds the partition into splits; keep it fixed across training seeds so
+            every run is evaluated on the same held-out problems.
+    """
+
+    name = "arithmetic"
+
+    def __init__(self, digits: int = 2, val_size: int = 500, test_size: int = 1000, split_seed: int = 1234) -> None:
+        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
+            raise ValueError(f"Arithmetic.digits={digits!r} is not valid; accepted: an integer in [1, 9]")
+        n_pairs = 10 ** (2 * digits)
+        for field, value in (("val_size", val_size), ("test_size", test_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Arithmetic.{field}={value!r} is not valid; accepted: an integer >= 1")
+        pool = min(n_pairs, _MAX_POOL)
+        if val_size + test_size >= pool:
+            raise ValueError(
+                f"Arithmetic.val_size + test_size = {val_size + test_size} is not valid for digits={digits}; "
+                f"accepted: fewer than {pool} (the held-out splits must leave training pairs)"
+            )
+        self.digits = digits
+        self.val_size = val_size
+        self.test_size = test_size
+        self.split_seed = split_seed
+        rng = random.Random(split_seed)
+        ids = rng.sample(range(n_pairs), pool)  # a uniformly shuffled pool of pair ids
+        self._ids = {
+            "test": ids[:test_size],
+            "val": ids[test_size : test_size + val_size],
+            "train": ids[test_size + val_size :],
+        }
+        self._cache: dict[str, list[Example]] = {}
+
+    def _example(self, pair_id: int) -> Example:
+        a, b = divmod(pair_id, 10**self.digits)
+        prompt = f"{a:0{self.digits}d}+{b:0{self.digits}d}="
+        return Example(prompt=prompt, answer=str(a + b), uid=f"arithmetic{self.digits}/{a}+{b}")
+
+    def examples(self, split: str) -> Sequence[Example]:
+        check_split(self.name, split, SPLITS)
+        if split not in self._cache:
+            self._cache[split] = [self._example(i) for i in self._ids[split]]
+        return self._cache[split]
+
+    def reward(self, response: str, example: Example) -> float:
+        return 1.0 if response.strip() == example.answer else 0.0
