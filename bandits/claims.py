@@ -172,7 +172,7 @@ def theory_checks() -> list[dict]:
     closed = exact.kl_regularized_optimum(mu.expand(5, 3), torch.arange(5, dtype=dtype)[:, None] * r, tau)
     err = (iterates - closed).abs().max().item()
     row("Surrogate minimiser = pi_t exp(r/tau)/Z (off-policy data)",
-        "max |pi_n - pi_n*|, n = 1..4", err, err < 1e-5)
+        "max abs(pi_n - pi_n*), n = 1..4", err, err < 1e-5)
     logits = torch.tensor([0.2, -0.4, 0.1], dtype=dtype, requires_grad=True)
     grad_pl = torch.autograd.grad(
         exact.expected_policy_loss(logits, mu.log(), r, k, get_algorithm("reinforce")), logits)[0]
