@@ -166,7 +166,7 @@ class RLModule(LightningModule):
             stats = supervised_warmup(
                 self.policy, self.tokenizer, task, self.warmup_cfg, seed=self.run_seed,
                 max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.use_chat_template,
-                log=lambda m, s: [lg.log_metrics(m, step=s) for lg in self.loggers],
+                log=self._log_warmup,
             )
             self.print(f"warm-up: {stats}")
         stop = tuple(getattr(task, "stop_strings", ()))
@@ -176,6 +176,12 @@ class RLModule(LightningModule):
             self._engine_state = None
         if self.hparams.log_kl_init and self._init_policy is None:
             self._init_policy = _Frozen(copy.deepcopy(self.policy).eval().requires_grad_(False))
+
+    def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
+        # Warm-up runs before the RL steps: log to the loggers directly (self.log is not allowed).
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=step)
+        self.print(f"warm-up step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
     def on_train_start(self) -> None:
         if self.global_step == 0:  # the "before" figure: greedy accuracy at the start of RL
