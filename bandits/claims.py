@@ -10,13 +10,29 @@ the exact expected-reward curve R_t (t = 0..steps):
 
 The seeds are paired (same environment and initial policy in both cells), so the statistic
 is the per-seed difference Delta = figure(a) - figure(b), reported as mean and a 95% normal
-interval mean +- 1.96 * sem. With delta = ``margin`` (one number for every claim, fixed before
-running), the rules are:
+interval [lo, hi] = mean +- 1.96 * sem. With delta = ``margin`` (one number for every claim,
+fixed before running), each row gets one of three verdicts (``VERDICTS``):
 
-- ``less`` / ``greater``: mean Delta beyond -delta / +delta AND the interval excludes 0 on
-  that side (significant and practically relevant);
-- ``alike``: the whole interval lies inside [-delta, +delta] (equivalence);
-- ``not_worse``: the interval's lower end is above -delta (non-inferiority, "match or beat").
+============  ===================================  ======================================
+rule          ``yes`` (holds)                      ``no`` (contradicted)
+============  ===================================  ======================================
+``less``      mean < -delta and hi < 0             lo > -delta
+``greater``   mean > +delta and lo > 0             hi < +delta
+``alike``     -delta <= lo and hi <= +delta        hi < -delta or lo > +delta
+``not_worse`` lo > -delta                          hi < -delta
+============  ===================================  ======================================
+
+and ``inconclusive`` otherwise. Each rule states a region of the true Delta where the claim is
+true (``less``: Delta < -delta, a practically relevant drop; ``greater``: Delta > +delta;
+``alike``: -delta <= Delta <= +delta; ``not_worse``: Delta > -delta). ``yes`` is the rule as
+pre-registered; ``no`` means the WHOLE interval lies in the complement of that region, i.e. the
+data exclude every effect the claim allows (for ``less``/``greater``: even the smallest relevant
+effect, delta, lies outside the interval). The two verdicts are disjoint by construction.
+Boundaries: ``yes`` keeps its pre-registered (in)equalities (``alike`` inclusive, the others
+strict); ``no`` is always strict, so an interval that merely touches the margin (hi == +delta
+for ``greater``, lo == -delta for ``less``, hi == -delta for ``not_worse``, lo == +delta or
+hi == -delta for ``alike``) is ``inconclusive``, never evidence against. A NaN interval (one
+seed) is ``inconclusive``. Exact rows have no interval: a failed exact check is ``no``.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ FIGURES: dict[str, Callable[[Tensor], Tensor]] = {
 }
 """Per-seed figures of a reward curve ``[steps + 1, seeds] -> [seeds]``."""
 RULES = ("less", "greater", "alike", "not_worse")
+VERDICTS = ("yes", "no", "inconclusive")
+"""Holds by the rule / contradicted (interval wholly where the claim is false) / neither."""
 Z95 = 1.96
 
 
@@ -119,6 +137,41 @@ def decide(rule: str, mean: float, lo: float, hi: float, margin: float) -> bool:
     raise ValueError(f"rule={rule!r} is not valid; accepted: {', '.join(RULES)}")
 
 
+def contradicted(rule: str, mean: float, lo: float, hi: float, margin: float) -> bool:
+    """Whether the whole 95% interval [lo, hi] lies where ``rule``'s claim is false (strict:
+    touching the margin is not enough). ``mean`` is unused (lo <= mean <= hi) but kept so the
+    signature matches :func:`decide`."""
+    if rule == "less":
+        return lo > -margin
+    if rule == "greater":
+        return hi < margin
+    if rule == "alike":
+        return hi < -margin or lo > margin
+    if rule == "not_worse":
+        return hi < -margin
+    raise ValueError(f"rule={rule!r} is not valid; accepted: {', '.join(RULES)}")
+
+
+def verdict(rule: str, mean: float, lo: float, hi: float, margin: float) -> str:
+    """``"yes"`` if :func:`decide` holds, ``"no"`` if :func:`contradicted`, else ``"inconclusive"``."""
+    if decide(rule, mean, lo, hi, margin):
+        return "yes"
+    if contradicted(rule, mean, lo, hi, margin):
+        return "no"
+    return "inconclusive"
+
+
+def count_verdicts(rows: list[dict]) -> dict[str, int]:
+    """``{"yes": n, "no": n, "inconclusive": n}`` over report rows."""
+    return {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
+
+
+def count_line(rows: list[dict]) -> str:
+    """``holds 50 / contradicted 3 / inconclusive 22 of 75``."""
+    c = count_verdicts(rows)
+    return f"holds {c['yes']} / contradicted {c['no']} / inconclusive {c['inconclusive']} of {len(rows)}"
+
+
 def mean_ci(x: Tensor) -> tuple[float, float, float]:
     """Mean and 95% normal interval over seeds of ``x`` [seeds]."""
     mean = x.mean().item()
@@ -133,7 +186,8 @@ def reward_curve(results: dict[tuple[str, str], RunResult], env: str, preset: st
 
 
 def evaluate(claim: Claim, results: dict[tuple[str, str], RunResult], margin: float) -> dict:
-    """One report row: the measured mean difference, its interval, and whether the rule holds."""
+    """One report row: the measured mean difference, its interval, its verdict (yes / no /
+    inconclusive) and ``holds`` (= verdict is yes)."""
     fig = FIGURES[claim.figure]
     delta = fig(reward_curve(results, claim.env, claim.preset_a, claim.setting_a)) - fig(
         reward_curve(results, claim.env, claim.preset_b, claim.setting_b)
@@ -142,7 +196,7 @@ def evaluate(claim: Claim, results: dict[tuple[str, str], RunResult], margin: fl
     return {
         "claim": claim.text, "setting": claim.setting, "measured": claim.measured,
         "rule": claim.rule, "mean": mean, "lo": lo, "hi": hi, "seeds": delta.numel(),
-        "holds": decide(claim.rule, mean, lo, hi, margin),
+        "verdict": (v := verdict(claim.rule, mean, lo, hi, margin)), "holds": v == "yes",
     }
 
 
@@ -158,7 +212,7 @@ def theory_checks() -> list[dict]:
     def row(claim: str, measured: str, value: float, holds: bool) -> None:
         rows.append({"claim": claim, "setting": "exact, 3-arm counterexample", "measured": measured,
                      "rule": "exact", "mean": value, "lo": math.nan, "hi": math.nan,
-                     "seeds": "exact", "holds": holds})
+                     "seeds": "exact", "verdict": "yes" if holds else "no", "holds": bool(holds)})
 
     pi_off = exact.iterate_expected_reinforce(mu.log(), r, k, lr, iters, mu=mu)
     row("Expected REINFORCE on data from a fixed mu converges to arm 2",

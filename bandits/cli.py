@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = theory_checks()
         print("\n".join(claims_table(rows)))
+        from bandits.claims import count_line
+
+        print(count_line(rows))
         return 0 if all(r["holds"] for r in rows) else 1
     try:
         cfg = config_from_namespace(args.claims)

@@ -6,7 +6,7 @@ from bandits.config import ClaimsConfig
 from reclight.sync import resolve_setting
 
 
-def header(cfg: ClaimsConfig, wall: float, held: int, n_rows: int) -> list[str]:
+def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
     settings = ", ".join(
         f"{s} (k={k}, d={d})" for s in cfg.settings for k, d in [resolve_setting(s, cfg.steps)]
     )
@@ -14,7 +14,7 @@ def header(cfg: ClaimsConfig, wall: float, held: int, n_rows: int) -> list[str]:
     return [
         "# Bandit bench: the paper's claims where the answer is known exactly",
         "",
-        f"Produced by `python -m bandits claims` in {wall:.1f} s. **{held} of {n_rows} rows hold.**",
+        f"Produced by `python -m bandits claims` in {wall:.1f} s. **Verdicts: {counts}.**",
         "",
         "## What was measured",
         "",
@@ -34,10 +34,22 @@ def header(cfg: ClaimsConfig, wall: float, held: int, n_rows: int) -> list[str]:
         "steps/4, `drawdown` = max_t R_t - R_final.",
         "- Statistic: per-seed paired difference Delta of the figure between the two cells; "
         "mean and 95% interval mean ± 1.96 sem over seeds.",
-        f"- Rules, with one margin delta = {cfg.margin} reward units fixed before running "
-        "(never tuned per claim): `less`/`greater`: mean Delta beyond ∓delta/±delta and the "
-        "interval excludes 0 on that side; `alike`: interval inside [-delta, delta]; "
-        "`not_worse`: interval lower end > -delta. `exact` rows are closed-form checks, no seeds.",
+        f"- Verdicts, with one margin delta = {cfg.margin} reward units fixed before running "
+        "(never tuned per claim), interval [lo, hi]: **yes** = holds by the pre-registered rule; "
+        "**no** = contradicted, the whole interval lies where the claim is false; "
+        "**inconclusive** = neither (the interval is too wide, or straddles the margin). "
+        "`exact` rows are closed-form checks, no seeds: yes or no.",
+        "",
+        "| rule | claim true when (true Delta) | yes (holds) | no (contradicted) |",
+        "|---|---|---|---|",
+        "| less | Delta < -delta | mean < -delta and hi < 0 | lo > -delta |",
+        "| greater | Delta > +delta | mean > +delta and lo > 0 | hi < +delta |",
+        "| alike | -delta ≤ Delta ≤ +delta | -delta ≤ lo and hi ≤ +delta | hi < -delta or lo > +delta |",
+        "| not_worse | Delta > -delta | lo > -delta | hi < -delta |",
+        "",
+        "Boundaries: yes keeps the pre-registered (in)equalities (alike inclusive, the others "
+        "strict); no is always strict, so an interval that only touches the margin is "
+        "inconclusive, never evidence against.",
     ]
 
 
@@ -53,6 +65,6 @@ def notes(cfg: ClaimsConfig) -> list[str]:
         "Where a claim fails here, it fails for this mechanism-free setting only.",
         "- `kl/opt` (in summary.json and the plots' companion metrics) is KL(pi_opt || pi) with "
         "pi_opt = pi_0 exp(r/1e-3)/Z, the reward-maximising policy closest to pi_0.",
-        "- A row that does not hold is reported as **no**; nothing was re-run or re-tuned to "
-        "change it.",
+        "- Rows are reported as computed (yes / **no** / inconclusive); nothing was re-run or "
+        "re-tuned to change a verdict.",
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bandits.claims import evaluate, mean_ci, paper_claims, theory_checks
+from bandits.claims import count_line, count_verdicts, evaluate, mean_ci, paper_claims, theory_checks
 from bandits.config import ClaimsConfig
 from bandits.problems import TabularProblem, bandit_problem, chain_problem
 from bandits.simulate import RunResult, run_preset
@@ -62,13 +62,17 @@ def _ci(row: dict) -> str:
     return f"[{row['lo']:+.4f}, {row['hi']:+.4f}]"
 
 
+VERDICT_CELL = {"yes": "yes", "no": "**no**", "inconclusive": "inconclusive"}
+"""How each verdict is printed in the table: contradicted rows stand out in bold."""
+
+
 def claims_table(rows: list[dict]) -> list[str]:
-    lines = ["| claim | setting | measured | rule | mean | 95% CI | seeds | holds |",
+    lines = ["| claim | setting | measured | rule | mean | 95% CI | seeds | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['mean']:.3g}" if r["rule"] == "exact" else _fmt(r["mean"])
         lines.append(f"| {r['claim']} | {r['setting']} | {r['measured']} | {r['rule']} | {value} | "
-                     f"{_ci(r)} | {r['seeds']} | {'yes' if r['holds'] else '**no**'} |")
+                     f"{_ci(r)} | {r['seeds']} | {VERDICT_CELL[r['verdict']]} |")
     return lines
 
 
@@ -135,10 +139,13 @@ def run_claims(cfg: ClaimsConfig, log=print) -> Path:
     wall = time.perf_counter() - start
     report = out / "claims.md"
     report.write_text("\n".join(render(cfg, rows, results, plots, wall)) + "\n")
-    summary = {"config": _config_dict(cfg), "wall_s": wall, "rows": rows}
+    summary = {"config": _config_dict(cfg), "wall_s": wall, "counts": count_verdicts(rows),
+               "counts_line": count_line(rows), "rows": rows}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    held = sum(bool(r["holds"]) for r in rows)
-    log(f"{held}/{len(rows)} rows hold; wrote {report} and {len(plots)} plots in {wall:.1f}s")
+    for r in rows:
+        if r["verdict"] == "no":
+            log(f"contradicted: {r['claim']} | {r['setting']} | {r['rule']} {_fmt(r['mean'])} {_ci(r)}")
+    log(f"{count_line(rows)} rows; wrote {report} and {len(plots)} plots in {wall:.1f}s")
     return report
 
 
@@ -152,8 +159,7 @@ def render(cfg: ClaimsConfig, rows: list[dict], results: dict, plots: list[Path]
     """The markdown report (see docs/bandits.md for how to read it)."""
     from bandits.report_text import header, notes
 
-    held = sum(bool(r["holds"]) for r in rows)
-    lines = header(cfg, wall, held, len(rows))
+    lines = header(cfg, wall, count_line(rows))
     lines += ["", "## Claims", ""] + claims_table(rows)
     for env in cfg.envs:
         lines += ["", f"## Final expected reward, {env} (mean ± 95% half-width; final entropy H; "
