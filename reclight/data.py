@@ -59,10 +59,30 @@ class RLDataModule(LightningDataModule):
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self.train_examples = self.task.examples("train")
             self.sampler = PromptSampler(len(self.train_examples), self.prompts_per_step, seed)
+        world, _ = self._world()
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"RLDataModule.prompts_per_step={self.prompts_per_step} is not valid with {world} "
+                f"data-parallel ranks; accepted: a multiple of {world}, so every rank samples whole groups"
+            )
+
+    def _world(self) -> tuple[int, int]:
+        """(number of data-parallel ranks, this rank)."""
+        t = self.trainer
+        return (int(t.world_size), int(t.global_rank)) if t is not None else (1, 0)
 
     def prompts_for_step(self, step: int) -> tuple[list[int], list[Example]]:
-        """``(indices into the train split, examples)`` of training step ``step``."""
+        """``(indices into the train split, examples)`` of training step ``step`` on THIS rank.
+
+        Data parallel: the step's ``prompts_per_step`` prompts are split into equal contiguous
+        blocks, one per rank, and each rank samples all K responses of its prompts, so a group
+        never spans ranks and the union over ranks is the single-process batch.
+        """
         idx = self.sampler.indices(step)
+        world, rank = self._world()
+        if world > 1:
+            per_rank = len(idx) // world
+            idx = idx[rank * per_rank : (rank + 1) * per_rank]
         return idx, [self.train_examples[i] for i in idx]
 
     def eval_examples(self, split: str) -> Sequence[Example]:

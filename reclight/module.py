@@ -129,8 +129,9 @@ class RLModule(LightningModule):
         return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
 
     def rollout_seed(self, step: int) -> int:
-        """Sampling seed of step ``step``'s rollouts: a function of (run seed, step) only."""
-        return (self.run_seed * 1_000_003 + step) % (2**63)
+        """Sampling seed of step ``step``'s rollouts: a function of (run seed, step, rank) only
+        (rank 0 of a single-process run adds nothing)."""
+        return (self.run_seed * 1_000_003 + step + 7_919 * self.global_rank) % (2**63)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -217,7 +218,13 @@ class RLModule(LightningModule):
         gen = torch.Generator(device=r.rewards.device).manual_seed(self.rollout_seed(r.step))
         adv, keep = group_advantages(r.rewards, self.algo, gen, valid=r.reward_valid)  # [B, K]
         mask = r.response_mask & keep[..., None]  # [B, K, T]
-        counts = dict(num_tokens=mask.sum().clamp(min=1).float(), num_seqs=mask.any(-1).sum().clamp(min=1).float())
+        # Global counts: summed over data-parallel ranks, so every rank's loss is its share of the
+        # union batch's loss (and micro-batches are shares of the full batch).
+        n = torch.stack([mask.sum(), mask.any(-1).sum()]).float()
+        world = self.trainer.world_size
+        if world > 1:
+            n = self.trainer.strategy.reduce(n, reduce_op="sum")
+        counts = dict(num_tokens=n[0].clamp(min=1), num_seqs=n[1].clamp(min=1))
         B = r.rewards.shape[0]
         mb = self.hparams.micro_batch_size or B
         logp_all = torch.zeros_like(r.logp_behav)
@@ -230,7 +237,8 @@ class RLModule(LightningModule):
                 temperature=self.sampling.temperature, return_entropy=True,
             )
             loss, metrics = policy_loss(logp, r.logp_behav[sl], adv[sl], mask[sl], self.algo, **counts)
-            self.manual_backward(loss)
+            # DDP averages gradients over ranks; x world turns that mean into the union's sum.
+            self.manual_backward(loss * world if world > 1 else loss)
             logp_all[sl], ent_all[sl] = logp.detach(), ent.detach()
         if mb < B:  # metrics of the whole batch (the loss value is the same sum)
             _, metrics = policy_loss(logp_all, r.logp_behav, adv, mask, self.algo, **counts)

@@ -1,0 +1,86 @@
+"""One real RLModule training step on a fixed rollout, in one process or under DDP.
+
+Used by tests/test_ddp.py (run as a script, because Lightning's CPU ``ddp`` strategy re-launches
+the script for every extra rank). Every process builds the same global rollout batch from a
+fixed generator and trains on its rank's share, chosen by ``RLDataModule.prompts_for_step``;
+after the step each rank saves its gradients and parameters to ``OUT/rank{r}.pt``.
+
+    python tests/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG]]
+"""
+
+import sys
+
+import torch
+from lightning.pytorch import Trainer
+
+from reclight.callbacks import WeightSync
+from reclight.data import RLDataModule
+from reclight.module import RLModule
+from reclight.policy import encode_prompts
+from reclight.rollout import RolloutBatch, SamplingConfig
+from reclight.tasks.arithmetic import Arithmetic
+from reclight.tiny import TinyModelConfig
+
+B, K, T = 4, 3, 5
+
+
+def fixed_rollout(module: RLModule, datamodule: RLDataModule) -> RolloutBatch:
+    """The GLOBAL batch of step 0: every prompt of the step, K random responses each, with
+    random behaviour log-probs (ratios far from 1, so clipping acts), lengths and rewards."""
+    g = torch.Generator().manual_seed(123)
+    idx = datamodule.sampler.indices(0)  # all ranks' prompts, in order
+    prompts = [datamodule.train_examples[i].prompt for i in idx]
+    prompt_ids, prompt_mask = encode_prompts(module.tokenizer, prompts, use_chat_template=False)
+    vocab = module.policy.get_input_embeddings().num_embeddings
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    return RolloutBatch(
+        step=0,
+        example_index=torch.tensor(idx),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=torch.randint(3, vocab, (B, K, T), generator=g),
+        response_mask=torch.arange(T) < lengths[..., None],
+        logp_behav=-torch.rand(B, K, T, generator=g) * 4,
+        version=torch.zeros(B, K, dtype=torch.long),
+        rewards=(torch.rand(B, K, generator=g) < 0.5).float(),
+        reward_valid=torch.ones(B, K, dtype=torch.bool),
+        correct=torch.zeros(B, K, dtype=torch.bool),
+    )
+
+
+class FixedRollout(WeightSync):
+    """Serves this rank's rows of the fixed global batch instead of generating."""
+
+    def rollout_for_step(self, step, module, datamodule):
+        full = fixed_rollout(module, datamodule)
+        mine, _ = datamodule.prompts_for_step(step)
+        rows = [full.example_index.tolist().index(i) for i in mine]
+        state = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in full.state_dict().items()}
+        return RolloutBatch.from_state_dict(state)
+
+
+def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg: str = "token_mean") -> None:
+    module = RLModule(
+        tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        tiny_dir=tiny_dir, algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
+        sampling=SamplingConfig(num_samples=K, max_new_tokens=T), grad_clip=0.0, log_kl_init=False, seed=0,
+    )
+    data = RLDataModule(task=Arithmetic(val_size=8, test_size=8), prompts_per_step=B, eval_size=4, seed=0)
+    trainer = Trainer(
+        accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[FixedRollout()],
+    )
+    trainer.fit(module, datamodule=data)
+    policy = module.policy
+    torch.save(
+        {
+            "grads": {n: p.grad.detach().clone() for n, p in policy.named_parameters()},
+            "params": {n: p.detach().clone() for n, p in policy.named_parameters()},
+        },
+        f"{out}/rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], *sys.argv[4:])
