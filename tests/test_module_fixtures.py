@@ -48,7 +48,7 @@ def fit_micro(tmp_path, max_steps: int, sync: WeightSync | None = None, **module
     """A few-second fit of the micro model on DigitTask; returns (module, recorder, sync)."""
     sync = sync or WeightSync()
     rec = Recorder()
-    kwargs = dict(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), lr=3e-2, seed=0, log_kl_init=True,
+    kwargs = dict(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), lr=3e-2, seed=0, log_kl_init=True, warmup=None,
                   sampling=SamplingConfig(num_samples=3, max_new_tokens=3))
     kwargs.update(module_kwargs)
     module = RLModule(**kwargs)
