@@ -88,7 +88,7 @@ class RLModule(LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         grad_clip: float = 1.0,
         micro_batch_size: int | None = None,
-        warmup: WarmupConfig | None = None,
+        warmup: WarmupConfig | None = WarmupConfig(),
         log_kl_init: bool = True,
         eval_max_new_tokens: int | None = None,
         seed: int | None = None,
