@@ -56,7 +56,12 @@ class RLModule(LightningModule):
         tiny_dir: cache folder of the embedded tiny model (reused when it exists).
         dtype: dtype of the trained weights (``float32``; use trainer precision ``bf16-mixed``
             for bf16 compute).
-        engine_dtype: dtype of the rollout engine's copy (None: same as ``dtype``).
+        engine_dtype: dtype of the rollout engine's copy (None: same as ``dtype``). With trainer
+            precision ``bf16-mixed`` and ``engine_dtype: bfloat16`` (``configs/perf/bf16.yaml``) the
+            master weights and optimizer stay fp32.
+        engine: rollout engine: ``hf`` (Hugging Face ``generate``, any causal LM) or ``fast``
+            (:class:`reclight.engine_fast.FastLlamaEngine`: Llama models, ``top_p`` 1, no stop
+            strings; same sampling distribution, much less Python per generated token).
         use_chat_template: None uses the tokenizer's chat template when it has one.
         algorithm: preset name (``reclight.algorithms.PRESETS``).
         algorithm_overrides: fields of ``AlgorithmConfig`` to change, e.g. ``{eps_high: 0.28}``.
@@ -79,6 +84,7 @@ class RLModule(LightningModule):
         tiny_dir: str = "outputs/tiny-model",
         dtype: str = "float32",
         engine_dtype: str | None = None,
+        engine: str = "hf",
         use_chat_template: bool | None = None,
         algorithm: str = "rec_oneside_nois",
         algorithm_overrides: dict[str, Any] | None = None,
@@ -101,6 +107,8 @@ class RLModule(LightningModule):
         resolve_dtype(dtype, "dtype")
         if engine_dtype is not None:
             resolve_dtype(engine_dtype, "engine_dtype")
+        if engine not in ("hf", "fast"):
+            raise ValueError(f"engine={engine!r} is not valid; accepted: 'hf', 'fast'")
         if not lr > 0:
             raise ValueError(f"lr={lr!r} is not valid; accepted: lr > 0")
         if grad_clip < 0:
@@ -171,7 +179,10 @@ class RLModule(LightningModule):
             )
             self.print(f"warm-up: {stats}")
         stop = tuple(getattr(task, "stop_strings", ()))
-        self.engine = HFGenerateEngine(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
+        engine_cls = HFGenerateEngine
+        if self.hparams.engine == "fast":
+            from reclight.engine_fast import FastLlamaEngine as engine_cls
+        self.engine = engine_cls(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
         if self._engine_state is not None:
             self.engine.load_state_dict(self._engine_state)
             self._engine_state = None

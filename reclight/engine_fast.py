@@ -1,0 +1,252 @@
+"""A lean sampling engine for Llama-architecture models (implements ``RolloutEngine``).
+
+For the small models reclight trains on a CPU, Hugging Face ``generate`` spends most of each
+decoding step in Python (modules, mask builders, cache objects, logits processors), not in
+matrix products. This engine keeps the same weights in a few fused tensors and runs the decoder
+as a short sequence of tensor ops on a preallocated KV cache. It samples from exactly the same
+distribution as ``HFGenerateEngine`` (tested: its ``logp_behav`` equals the trainer's ``logp``
+of the same tokens).
+
+Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
+
+- Only the Llama block (RMSNorm, default RoPE, SwiGLU MLP, optional grouped-query attention,
+  optional attention/MLP biases) with ``top_p == 1`` and no stop strings; anything else raises
+  at construction, naming the field (use ``engine: hf`` then).
+- Each prompt is prefilled ONCE and its KV cache shared by its K samples (HF prefills all
+  B * K copies).
+- Sampling is Gumbel-max (``argmax(logp + Gumbel)``, an exact sample of ``softmax(logits / T)``)
+  from a ``torch.Generator`` seeded by ``seed``: reproducible, but not the same samples as HF.
+- q/k/v and gate/up projections are fused (one matmul each); the weights may be held in bf16
+  (``dtype``) while the trainer keeps fp32 master weights. The logits and the recorded
+  ``logp_behav`` are always computed in fp32.
+- Decoding stops when every sequence has emitted EOS (like HF); a finished sequence keeps being
+  computed (its tokens are padding, masked out) rather than compacted out of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reclight.policy import resolve_dtype
+from reclight.rollout import Generation, SamplingConfig
+
+
+def _check_supported(config: Any, sampling: SamplingConfig, stop_strings: tuple[str, ...]) -> None:
+    arch = getattr(config, "model_type", None)
+    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
+    problems = []
+    if arch != "llama":
+        problems.append(f"model_type={arch!r} (accepted: 'llama')")
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_parameters.rope_type={rope.get('rope_type')!r} (accepted: 'default')")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config.hidden_act!r} (accepted: 'silu')")
+    if sampling.top_p != 1.0:
+        problems.append(f"sampling.top_p={sampling.top_p!r} (accepted: 1.0)")
+    if stop_strings:
+        problems.append(f"stop_strings={stop_strings!r} (accepted: none)")
+    if problems:
+        raise ValueError("engine='fast' does not support " + "; ".join(problems) + "; use engine='hf'")
+
+
+class FastLlamaEngine:
+    """Sampling engine with its own fused copy of a Llama policy's weights.
+
+    Args:
+        policy: the trainer's ``LlamaForCausalLM`` (weights are copied, not shared).
+        tokenizer: its tokenizer (left padding; ``eos_token_id`` and ``pad_token_id`` used).
+        sampling: K, temperature, max_new_tokens (``top_p`` must be 1).
+        dtype: the engine copy's dtype (``None`` keeps the policy's).
+        stop_strings: must be empty (see the module docstring).
+    """
+
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, sampling: SamplingConfig,
+                 dtype: str | None = None, stop_strings: tuple[str, ...] = ()) -> None:
+        cfg = policy.config
+        _check_supported(cfg, sampling, tuple(stop_strings))
+        self.sampling = sampling
+        self.tokenizer = tokenizer
+        eos = tokenizer.eos_token_id
+        self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        first = next(policy.parameters())
+        self.dtype = resolve_dtype(dtype, "engine_dtype") if dtype is not None else first.dtype
+        self.device = first.device
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.device)
+                                         / self.head_dim))
+        # The KV cache and attention stay fp32 even with bf16 weights: CPU bf16 batched matmuls
+        # of attention's tiny shapes are several times slower than fp32 ones (measured).
+        self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        self.weights = self._allocate(policy)
+        self.version = 0
+        self.update_weights(policy, 0)
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _sources(self, policy: torch.nn.Module) -> dict[str, list[Tensor]]:
+        """Engine tensor name -> the policy tensors it is the concatenation of (along dim 0)."""
+        m = policy.model
+        out: dict[str, list[Tensor]] = {"embed": [m.embed_tokens.weight], "norm": [m.norm.weight],
+                                        "lm_head": [policy.get_output_embeddings().weight]}
+        for i, layer in enumerate(m.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            out[f"{i}.ln1"] = [layer.input_layernorm.weight]
+            out[f"{i}.ln2"] = [layer.post_attention_layernorm.weight]
+            out[f"{i}.wqkv"] = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+            out[f"{i}.wo"] = [a.o_proj.weight]
+            out[f"{i}.wgu"] = [mlp.gate_proj.weight, mlp.up_proj.weight]
+            out[f"{i}.wdown"] = [mlp.down_proj.weight]
+            for name, mods in ((f"{i}.bqkv", (a.q_proj, a.k_proj, a.v_proj)), (f"{i}.bo", (a.o_proj,)),
+                               (f"{i}.bgu", (mlp.gate_proj, mlp.up_proj)), (f"{i}.bdown", (mlp.down_proj,))):
+                if mods[0].bias is not None:
+                    out[name] = [mod.bias for mod in mods]
+        return out
+
+    def _allocate(self, policy: torch.nn.Module) -> dict[str, Tensor]:
+        return {name: torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=self.dtype, device=self.device)
+                for name, ts in self._sources(policy).items()}
+
+    @torch.no_grad()
+    def update_weights(self, policy: torch.nn.Module, version: int) -> None:
+        """Copy ``policy``'s weights into the fused tensors, in place (casts dtype, allocates nothing)."""
+        for name, srcs in self._sources(policy).items():
+            dst, row = self.weights[name], 0
+            for src in srcs:
+                dst[row : row + src.shape[0]].copy_(src)
+                row += src.shape[0]
+        self.version = int(version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "weights": dict(self.weights)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, t in state["weights"].items():
+            self.weights[name].copy_(t)
+        self.version = int(state["version"])
+
+    # -- the decoder -----------------------------------------------------------------------------
+    def _rms(self, x: Tensor, w: Tensor) -> Tensor:  # as LlamaRMSNorm: normalise in fp32, scale in dtype
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x [N, H, L, D], cos/sin [N, 1, L, D]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+        """Attention written out (q [N, H, L, D], k/v [N, Hkv, S, D], additive fp32 ``bias``
+        [N, 1, L, S], -inf where masked): for one query token, CPU ``scaled_dot_product_attention``
+        costs several times these ops. Softmax in fp32, as HF's eager attention."""
+        if k.shape[1] != q.shape[1]:  # grouped-query attention
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
+        return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+    def _forward(self, ids: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], start: int,
+                 bias: Tensor) -> Tensor:
+        """Run ``ids`` [N, L] at positions ``pos`` [N, L], writing their keys/values into the cache
+        [N, Hkv, S, D] at ``start``; every query attends over the WHOLE cache (contiguous, so no
+        copies) with the additive ``bias`` [N, 1, L, S] (-inf on padding, on not-yet-written slots
+        and, in the prefill, on the future). Returns the last position's hidden [N, h]."""
+        w = self.weights
+        N, L = ids.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        freqs = pos[..., None].float() * self.inv_freq  # [N, L, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, L, D]
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        x = F.embedding(ids, w["embed"])  # [N, L, h]
+        end = start + L
+        for i in range(self.num_layers):
+            h = self._rms(x, w[f"{i}.ln1"])
+            qkv = F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv"))
+            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
+            q = self._rope(q.view(N, L, H, D).transpose(1, 2), cos, sin)
+            k = self._rope(k.view(N, L, Hkv, D).transpose(1, 2), cos, sin)
+            keys[i][:, :, start:end] = k
+            values[i][:, :, start:end] = v.view(N, L, Hkv, D).transpose(1, 2)
+            att = self._attend(q, keys[i], values[i], bias)
+            x = x + F.linear(att.transpose(1, 2).reshape(N, L, H * D), w[f"{i}.wo"], w.get(f"{i}.bo"))
+            h = self._rms(x, w[f"{i}.ln2"])
+            gate, up = F.linear(h, w[f"{i}.wgu"], w.get(f"{i}.bgu")).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w[f"{i}.wdown"], w.get(f"{i}.bdown"))
+        return self._rms(x[:, -1], w["norm"])
+
+    @staticmethod
+    def _bias(visible: Tensor) -> Tensor:  # bool -> additive fp32 mask (0 visible, -inf hidden)
+        return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+    def _logprobs(self, hidden: Tensor) -> Tensor:  # [N, h] -> [N, V] fp32
+        logits = F.linear(hidden, self.weights["lm_head"]).float()
+        return torch.log_softmax(logits / self.sampling.temperature, dim=-1)
+
+    @torch.inference_mode()
+    def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        s = self.sampling
+        B, P = prompt_ids.shape
+        K, T = s.num_samples, s.max_new_tokens
+        N, S = B * K, P + T
+        dev = self.device
+        ids, pmask = prompt_ids.to(dev), prompt_mask.to(dev).bool()
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        shape = (N, self.num_kv_heads, S, self.head_dim)
+        cdt = self.cache_dtype
+        # Zeros, not empty: a masked slot gets probability 0, and 0 * garbage could be NaN.
+        keys = [torch.zeros(shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
+        # Prefill the B prompts once (a cache of P slots), then share it with the K samples of each.
+        pos = (pmask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        pre_shape = (B, self.num_kv_heads, P, self.head_dim)
+        pre_k = [torch.zeros(pre_shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
+        pre_v = [torch.zeros(pre_shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        # A padding query row would attend to nothing (NaN): let it see itself (its output is unused).
+        visible = (causal & pmask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)  # [B, P, P]
+        hidden = self._forward(ids, pos, pre_k, pre_v, 0, self._bias(visible[:, None]))
+        for i in range(self.num_layers):
+            keys[i][:, :, :P] = pre_k[i].repeat_interleave(K, 0)
+            values[i][:, :, :P] = pre_v[i].repeat_interleave(K, 0)
+        logp_next = self._logprobs(hidden).repeat_interleave(K, 0)  # [N, V]
+        valid = torch.zeros(N, 1, 1, S, dtype=torch.bool, device=dev)  # cache slots a new token may see
+        valid[:, 0, 0, :P] = pmask.repeat_interleave(K, 0)
+        next_pos = pos[:, -1:].repeat_interleave(K, 0) + 1  # [N, 1]
+        eos = torch.tensor(self.eos_ids, device=dev)
+        out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=dev)
+        out_logp = torch.zeros(N, T, dtype=torch.float32, device=dev)
+        done = torch.zeros(N, dtype=torch.bool, device=dev)
+        steps = 0
+        for t in range(T):
+            gumbel = -torch.empty_like(logp_next).exponential_(generator=gen).log()
+            tok = (logp_next + gumbel).argmax(-1)  # [N]
+            tok = torch.where(done, self.pad_id, tok)
+            out_ids[:, t] = tok
+            out_logp[:, t] = torch.where(done, 0.0, logp_next.gather(-1, tok[:, None]).squeeze(-1))
+            done = done | torch.isin(tok, eos)
+            steps = t + 1
+            if t == T - 1 or bool(done.all()):
+                break
+            valid[..., P + t] = True
+            hidden = self._forward(tok[:, None], next_pos, keys, values, P + t, self._bias(valid))
+            logp_next = self._logprobs(hidden)
+            next_pos = next_pos + 1
+        ids_out, logp_out = out_ids[:, :steps], out_logp[:, :steps]
+        is_eos = torch.isin(ids_out, eos).long()
+        mask = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first EOS (a sampled pad is real)
+        return ids_out.reshape(B, K, steps), mask.reshape(B, K, steps), logp_out.masked_fill(~mask, 0.0).reshape(B, K, steps)
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, seed: int) -> Generation:  # [B, P] each
+        ids, mask, logp = self._generate(prompt_ids, prompt_mask, seed)
+        ids, mask, logp = ids.clone(), mask.clone(), logp.clone()  # leave inference mode: usable in autograd
+        version = torch.full(ids.shape[:2], self.version, dtype=torch.long, device=ids.device)
+        return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version)

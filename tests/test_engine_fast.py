@@ -1,0 +1,157 @@
+"""The lean Llama sampling engine: same distribution as the trainer's policy, masks, weights, bf16."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from reclight.engine_fast import FastLlamaEngine
+from reclight.policy import encode_prompts, load_causal_lm, response_logprobs
+from reclight.rollout import SamplingConfig
+from reclight.tiny import build_tiny, build_tokenizer
+from test_module_fixtures import MICRO
+
+PROMPTS = ["1+2=", "123+45=", "9=", "77+8="]  # different lengths -> left padding
+
+
+def _setup(tmp_path, temperature=0.7, dtype=None, max_new_tokens=6):
+    model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=3)))
+    sampling = SamplingConfig(num_samples=3, max_new_tokens=max_new_tokens, temperature=temperature)
+    return model, tok, FastLlamaEngine(model, tok, sampling, dtype)
+
+
+def test_logp_behav_equals_policy_logp_with_left_padding(tmp_path):
+    """Same weights and temperature: the engine's sampling-time log-probs (fused weights, shared
+    prefill, preallocated cache) equal the trainer's full-sequence log-probs in fp32."""
+    model, tok, eng = _setup(tmp_path)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    gen = eng.generate(ids, mask, seed=11)
+    assert gen.response_ids.shape[:2] == (4, 3) and gen.response_mask.sum() > 12
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=0.7)
+    assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
+    assert (gen.logp_behav[~gen.response_mask] == 0).all() and gen.version.eq(0).all()
+
+
+def test_gqa_and_biases_match_hf(tmp_path):
+    """Grouped-query attention (2 query heads per KV head) and projection biases: still equal."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    eng = FastLlamaEngine(model, tok, SamplingConfig(num_samples=2, max_new_tokens=5, temperature=1.3))
+    ids, mask = encode_prompts(tok, PROMPTS)
+    gen = eng.generate(ids, mask, seed=2)
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=1.3)
+    assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
+
+
+def _force_eos_after_first_token(eng, eos_id, rows):
+    """From the second token on, ``rows`` (a bool [N] mask) emit EOS with probability 1 and the
+    other rows never do."""
+    orig, calls = eng._logprobs, [0]
+
+    def patched(hidden):
+        lp = orig(hidden)
+        calls[0] += 1
+        if calls[0] > 1:  # call 1 is the prefill (B rows); later calls are decoding steps (N rows)
+            forced = torch.full_like(lp, float("-inf"))
+            forced[:, eos_id] = 0.0
+            lp = torch.where(rows[:, None], forced, lp.index_fill(-1, torch.tensor([eos_id]), float("-inf")))
+        return lp
+
+    eng._logprobs = patched
+
+
+def test_masks_cover_up_to_eos_then_padding(tmp_path):
+    """Even rows end with EOS as their 2nd token, odd rows never: masks are exactly [1, 1, 0...]
+    and [1] * T, padding follows EOS, logp is 0 off-mask and decoding runs all T steps."""
+    model, tok, eng = _setup(tmp_path, temperature=1.0, max_new_tokens=6)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    rows = torch.arange(len(PROMPTS) * 3) % 2 == 0
+    _force_eos_after_first_token(eng, tok.eos_token_id, rows)
+    gen = eng.generate(ids, mask, seed=0)
+    T = gen.response_ids.shape[-1]
+    assert T == 6
+    ids_f, mask_f = gen.response_ids.reshape(-1, T), gen.response_mask.reshape(-1, T)
+    assert mask_f[rows].sum(-1).eq(2).all() and mask_f[~rows].sum(-1).eq(6).all()
+    assert ids_f[rows, 1].eq(tok.eos_token_id).all() and ids_f[rows, 2:].eq(tok.pad_token_id).all()
+    assert not ids_f[~rows].eq(tok.eos_token_id).any()
+    logp_f = gen.logp_behav.reshape(-1, T)
+    assert (logp_f[~mask_f] == 0).all() and logp_f[rows, 1].eq(0).all()  # forced EOS: probability 1
+    assert logp_f[~rows].lt(0).all() and logp_f[rows, 0].lt(0).all()
+
+
+def test_decoding_stops_when_every_sequence_ended(tmp_path):
+    model, tok, eng = _setup(tmp_path, temperature=1.0, max_new_tokens=6)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    _force_eos_after_first_token(eng, tok.eos_token_id, torch.ones(len(PROMPTS) * 3, dtype=torch.bool))
+    gen = eng.generate(ids, mask, seed=0)
+    assert gen.response_ids.shape == (4, 3, 2) and gen.response_mask.all()
+
+
+def test_seeded_and_update_weights_in_place(tmp_path):
+    model, tok, eng = _setup(tmp_path, temperature=1.0)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    a, b, c = eng.generate(ids, mask, seed=1), eng.generate(ids, mask, seed=1), eng.generate(ids, mask, seed=2)
+    assert torch.equal(a.response_ids, b.response_ids) and not torch.equal(a.response_ids, c.response_ids)
+    ptrs = {n: t.data_ptr() for n, t in eng.weights.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eng.update_weights(model, version=7)
+    assert eng.version == 7 and {n: t.data_ptr() for n, t in eng.weights.items()} == ptrs
+    gen = eng.generate(ids, mask, seed=1)
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=1.0)
+    assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
+    assert gen.version.eq(7).all()
+    state = eng.state_dict()
+    _, _, other = _setup(tmp_path, temperature=1.0)
+    other.load_state_dict(state)
+    assert other.version == 7 and torch.equal(other.generate(ids, mask, seed=1).response_ids, gen.response_ids)
+
+
+def test_bf16_weights_close_to_fp32_policy(tmp_path):
+    """bf16 engine weights (fp32 master weights in the trainer): logp_behav is the bf16 policy's,
+    within bf16 rounding of the fp32 policy's (mean |diff| < 0.02 nats, max < 0.1)."""
+    model, tok, eng = _setup(tmp_path, temperature=1.0, dtype="bfloat16")
+    assert eng.weights["0.wqkv"].dtype == torch.bfloat16
+    ids, mask = encode_prompts(tok, PROMPTS)
+    gen = eng.generate(ids, mask, seed=4)
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=1.0)
+    diff = (logp - gen.logp_behav)[gen.response_mask].abs()
+    assert diff.mean() < 0.02 and diff.max() < 0.1
+    assert gen.logp_behav.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("field", "kwargs"), [("top_p", {"top_p": 0.9})])
+def test_unsupported_settings_raise_naming_the_field(tmp_path, field, kwargs):
+    model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=3)))
+    with pytest.raises(ValueError, match=field):
+        FastLlamaEngine(model, tok, SamplingConfig(num_samples=2, **kwargs))
+    with pytest.raises(ValueError, match="stop_strings"):
+        FastLlamaEngine(model, tok, SamplingConfig(num_samples=2), stop_strings=("\n",))
+
+
+def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monkeypatch):
+    """configs/perf/{bf16,fast_engine}.yaml through the real CLI: 2 steps run, the engine holds
+    bf16 weights synced from the trainer, the trained weights stay fp32 and all of them moved."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from reclight.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(root / "configs/smoke_test.yaml"), "--config", str(root / "configs/perf/bf16.yaml"),
+                "--config", str(root / "configs/perf/fast_engine.yaml"), "--model.tiny_dir", str(tmp_path / "tiny"),
+                "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--data.task", "test_module_fixtures.DigitTask"])
+    assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
+    eng = cli.model.engine
+    assert isinstance(eng, FastLlamaEngine) and eng.weights["0.wqkv"].dtype == torch.bfloat16 and eng.version == 1
+    init = dict(AutoModelForCausalLM.from_pretrained(next((tmp_path / "tiny").iterdir())).named_parameters())
+    for name, p in cli.model.policy.named_parameters():
+        assert p.dtype == torch.float32 and not torch.equal(p, init[name]), name
