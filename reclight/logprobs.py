@@ -127,6 +127,8 @@ def _chunk_logits(
 
 
 def _chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    if n == 0:
+        return [(0, 0)]  # one empty chunk: empty outputs, zero gradients
     step = n if chunk_size <= 0 or chunk_size >= n else chunk_size
     return [(start, min(start + step, n)) for start in range(0, n, step)]
 
@@ -156,7 +158,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         spans = _chunks(n, chunk_size)
         # One buffer reused by every chunk: large CPU allocations are fresh mmaps, and
         # first-touching a new one per chunk costs page faults comparable to the softmax.
-        buf = hidden.new_empty(spans[0][1] - spans[0][0] if n else 0, vocab, dtype=acc)
+        buf = hidden.new_empty(spans[0][1] - spans[0][0], vocab, dtype=acc)
         for start, end in spans:
             z = _chunk_logits(hidden[start:end].to(acc) * inv_t, weight32, bias_scaled,
                               buf[: end - start])  # [C, V]
@@ -207,7 +209,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_bias = weight.new_zeros(vocab, dtype=acc) if need_b else None
 
         spans = _chunks(n, ctx.chunk_size)
-        buf = hidden.new_empty(spans[0][1] - spans[0][0] if n else 0, vocab, dtype=acc)
+        buf = hidden.new_empty(spans[0][1] - spans[0][0], vocab, dtype=acc)
         buf2 = torch.empty_like(buf) if grad_entropy is not None else None
         for start, end in spans:
             c = end - start

@@ -129,6 +129,16 @@ def test_single_token():
         assert_close(a, b, **TOL)
 
 
+def test_no_tokens():
+    """N = 0 (a batch whose responses are all masked out): empty logp, zero gradients."""
+    hidden, weight, bias, _, _, _ = _inputs(n=0, dtype=torch.float32)
+    weight.requires_grad_()
+    logp = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.long), bias=bias)
+    assert logp.shape == (0,)
+    logp.sum().backward()
+    assert_close(weight.grad, torch.zeros_like(weight), rtol=0, atol=0)
+
+
 def test_tied_embeddings_gradient():
     """The LM head is the embedding matrix E: h_i = tanh(E[x_i] A), weight = E. dL/dE gathers
     the head term and the embedding term; chunked and naive must agree on the sum."""
