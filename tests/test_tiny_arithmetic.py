@@ -36,9 +36,16 @@ def test_arithmetic_splits_are_disjoint_deterministic_and_scored():
     assert [e.prompt for e in Arithmetic(split_seed=1234).examples("val")] == [e.prompt for e in va]
     ex = next(e for e in va)
     a, b = map(int, ex.prompt[:-1].split("+"))
-    assert ex.answer == str(a + b) and len(ex.prompt) == 6
-    assert task.reward(f" {a + b}", ex) == 1.0 and task.reward(str(a + b + 1), ex) == 0.0
-    assert task.reward(f"{a + b}0", ex) == 0.0
+    # padded by default: 2-digit operands -> 3-character sums ("007+045=" style answers "052")
+    assert ex.answer == f"{a + b:03d}" and len(ex.prompt) == 6 and len(ex.answer) == 3
+    assert task.reward(f" {a + b:03d}", ex) == 1.0 and task.reward(f"{a + b + 1:03d}", ex) == 0.0
+    assert task.reward(f"{a + b:03d}0", ex) == 0.0
+    # unpadded on request, e.g. 7 + 5: "12", and "012" is then wrong
+    plain = Arithmetic(pad_answer=False)
+    ex7 = next(e for e in plain.examples("train") if e.prompt == "07+05=")
+    assert ex7.answer == "12" and plain.reward("12", ex7) == 1.0 and plain.reward("012", ex7) == 0.0
+    padded7 = next(e for e in Arithmetic().examples("train") if e.prompt == "07+05=")
+    assert padded7.answer == "012"
 
 
 def test_arithmetic_rejects_bad_args():
