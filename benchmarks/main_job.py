@@ -1,0 +1,89 @@
+"""Run the README's main job for several seeds and report held-out accuracy before and after RL.
+
+    python benchmarks/main_job.py --seeds 0 1 2                 # runs `reclight fit` per seed
+    python benchmarks/main_job.py --summarize outputs/main_job   # only re-reads finished runs
+
+"Before" is the greedy val accuracy logged at RL step 0 (right after the supervised warm-up);
+"after" is the mean of the LAST ``--smooth`` periodic evaluations (default 3, i.e. steps 200,
+250 and 300 with the default config), not the best single one. Each seed's run goes to
+``OUT/seed<S>/version_*/metrics.csv``; the table is printed as markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def val_curve(metrics_csv: Path) -> list[tuple[int, float]]:
+    """``(step, val/acc)`` rows of one run, in logging order."""
+    with open(metrics_csv, newline="") as f:
+        return [(int(r["step"]), float(r["val/acc"])) for r in csv.DictReader(f) if r.get("val/acc")]
+
+
+def summarize_run(metrics_csv: Path, smooth: int) -> dict[str, float]:
+    curve = val_curve(metrics_csv)
+    if len(curve) < smooth + 1:
+        raise ValueError(f"{metrics_csv}: {len(curve)} val/acc rows; need at least {smooth + 1} (start + {smooth})")
+    before = curve[0][1]
+    after = statistics.fmean(acc for _, acc in curve[-smooth:])
+    return {"before": before, "after": after, "gain": after - before, "last_step": curve[-1][0]}
+
+
+def latest_metrics(run_dir: Path) -> Path:
+    files = sorted(run_dir.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not files:
+        raise FileNotFoundError(f"no version_*/metrics.csv under {run_dir}")
+    return files[-1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("outputs/main_job"))
+    p.add_argument("--config", type=Path, default=ROOT / "configs/arithmetic.yaml")
+    p.add_argument("--smooth", type=int, default=3, help="evaluations averaged for the 'after' figure")
+    p.add_argument("--summarize", type=Path, default=None, help="skip training; summarize OUT/seed*/ runs")
+    p.add_argument("extra", nargs="*", help="extra `reclight fit` arguments (after --)")
+    args = p.parse_args()
+
+    out = args.summarize or args.out
+    walls: dict[int, float] = {}
+    if args.summarize is None:
+        exe = Path(sys.executable).with_name("reclight")
+        for seed in args.seeds:
+            cmd = [str(exe), "fit", "--config", str(args.config), "--seed_everything", str(seed),
+                   "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", f"seed{seed}",
+                   *args.extra]
+            print("+", " ".join(cmd), flush=True)
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            walls[seed] = time.perf_counter() - start
+    seeds = args.seeds if args.summarize is None else sorted(
+        int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.is_dir()
+    )
+    rows = {s: summarize_run(latest_metrics(out / f"seed{s}"), args.smooth) for s in seeds}
+    print(f"\n| seed | val acc before RL | after (mean of last {args.smooth} evals) | gain | wall |")
+    print("|---|---|---|---|---|")
+    for s, r in rows.items():
+        wall = f"{walls[s] / 60:.1f} min" if s in walls else "-"
+        print(f"| {s} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | {100 * r['gain']:+.1f} | {wall} |")
+    gains = [r["gain"] for r in rows.values()]
+    before = [r["before"] for r in rows.values()]
+    after = [r["after"] for r in rows.values()]
+    sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    print(f"| mean ± sd | {100 * statistics.fmean(before):.1f} ± {100 * sd(before):.1f}% | "
+          f"{100 * statistics.fmean(after):.1f} ± {100 * sd(after):.1f}% | "
+          f"{100 * statistics.fmean(gains):+.1f} ± {100 * sd(gains):.1f} | |")
+    print(f"min gain: {100 * min(gains):+.1f} points")
+
+
+if __name__ == "__main__":
+    main()
