@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from reclight.callbacks import WeightSync
+from reclight.checkpoint import AtomicCheckpointIO, validate_checkpoint
 from reclight.data import RLDataModule
 from reclight.module import RLModule
 
@@ -33,6 +36,23 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 class ReclightCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse parser
         parser.add_lightning_class_args(WeightSync, "sync")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic + durable checkpoint files (see reclight.checkpoint), unless the user chose a
+        # CheckpointIO plugin of their own.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse types
+        super().parse_arguments(parser, args)
+        # A bad --ckpt_path fails here, right after parsing: LightningCLI reads the file's
+        # hyper-parameters next (and they override the config's model.* on resume).
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path not in (None, "last", "best", "hpc", "registry"):
+            validate_checkpoint(ckpt_path)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:

@@ -96,11 +96,15 @@ class RLDataModule(LightningDataModule):
                 f"trainer.max_steps={max_steps!r} is not valid; accepted: an integer >= 1 (RL runs are "
                 "counted in optimizer steps; the sync schedule needs the total)"
             )
-        return DataLoader(list(range(max_steps)), batch_size=None, shuffle=False)
+        # An own generator: creating a loader iterator then never draws from the global torch RNG,
+        # so a resumed run (which creates its iterators at other moments) keeps the global RNG
+        # stream of a straight run (tests/test_resume.py compares the RNG states bitwise).
+        return DataLoader(list(range(max_steps)), batch_size=None, shuffle=False, generator=torch.Generator())
 
     def _eval_loader(self, split: str) -> DataLoader:
         n = len(self.eval_examples(split))
-        return DataLoader(list(range(n)), batch_size=self.eval_batch_size, collate_fn=_collate_indices)
+        return DataLoader(list(range(n)), batch_size=self.eval_batch_size, collate_fn=_collate_indices,
+                          generator=torch.Generator())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

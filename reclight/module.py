@@ -16,6 +16,11 @@ Departures from a textbook trainer, listed up front:
   policy at the start of RL; set ``log_kl_init: false`` to save that memory.
 - Samples whose reward failed (``reward_valid`` false) and RED-Drop's dropped samples are
   removed from the loss (``mask & keep``), and counted in ``reward/failed``.
+- Guards (``reclight.reliability``, table in ``docs/reliability.md``): a step with more than
+  ``max_failed_reward_frac`` failed rewards stops the run; a step whose loss or gradient is not
+  finite is skipped (no weight or optimizer-state change, ``train/skipped_steps``) and
+  ``max_consecutive_skips`` in a row stop it. The checkpoint adds the RNG states and these
+  counters to the engine state, for a bitwise-exact resume (``tests/test_resume.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,15 @@ from reclight.algorithms import get_algorithm
 from reclight.engine_hf import HFGenerateEngine
 from reclight.losses import policy_loss
 from reclight.policy import load_causal_lm, resolve_dtype, response_logprobs
+from reclight.reliability import (
+    NonFiniteGuard,
+    check_model_path,
+    check_reward_failures,
+    is_finite,
+    rng_state,
+    rollout_health,
+    set_rng_state,
+)
 from reclight.rollout import RolloutBatch, SamplingConfig
 from reclight.tiny import TinyModelConfig, build_tiny
 from reclight.warmup import WarmupConfig, greedy_eval, supervised_warmup
@@ -75,6 +89,13 @@ class RLModule(LightningModule):
         log_kl_init: keep a frozen copy of the RL-start policy and log ``kl/init``.
         eval_max_new_tokens: greedy-evaluation response cap (None: ``sampling.max_new_tokens``).
         seed: seeds model init (tiny), warm-up and sampling (None: the run's seed_everything).
+        lr_warmup_steps: linear learning-rate warm-up over this many optimizer updates (0: constant).
+        max_failed_reward_frac: stop the run when a step has more than this fraction of samples
+            whose reward function raised or returned NaN/inf (those samples get no gradient and
+            are counted in ``reward/failed``); 1.0 never stops.
+        max_consecutive_skips: a step whose loss or gradient is not finite is skipped (weights and
+            optimizer state untouched, counted in ``train/skipped_steps``); stop after this many
+            in a row.
     """
 
     def __init__(
@@ -98,6 +119,9 @@ class RLModule(LightningModule):
         log_kl_init: bool = True,
         eval_max_new_tokens: int | None = None,
         seed: int | None = None,
+        lr_warmup_steps: int = 0,
+        max_failed_reward_frac: float = 0.5,
+        max_consecutive_skips: int = 3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -115,6 +139,17 @@ class RLModule(LightningModule):
             raise ValueError(f"grad_clip={grad_clip!r} is not valid; accepted: grad_clip >= 0 (0 disables)")
         if micro_batch_size is not None and micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size!r} is not valid; accepted: None or an integer >= 1")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay={weight_decay!r} is not valid; accepted: weight_decay >= 0")
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas={tuple(betas)!r} is not valid; accepted: two numbers in [0, 1)")
+        if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps!r} is not valid; accepted: an integer >= 0")
+        if not 0 <= max_failed_reward_frac <= 1:
+            raise ValueError(f"max_failed_reward_frac={max_failed_reward_frac!r} is not valid; accepted: a number in [0, 1]")
+        if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
+            raise ValueError(f"max_consecutive_skips={max_consecutive_skips!r} is not valid; accepted: an integer >= 1")
+        check_model_path(model_name_or_path)
         # hparams may hold the CLI's plain dicts; keep the typed objects themselves.
         self.sampling = sampling
         self.tiny_cfg = tiny
@@ -127,6 +162,8 @@ class RLModule(LightningModule):
         self._rollout: RolloutBatch | None = None
         self._rollout_wait = 0.0
         self._engine_state: dict[str, Any] | None = None
+        self._skip_guard = NonFiniteGuard(max_consecutive_skips)
+        self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
         self.val_acc, self.val_reward, self.val_len = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = MeanMetric()
 
@@ -159,10 +196,16 @@ class RLModule(LightningModule):
         has_sync = self._trainer is not None and any(isinstance(c, WeightSync) for c in self.trainer.callbacks)
         return [] if has_sync else [WeightSync()]  # default: on-policy
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         h = self.hparams
-        return torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay, betas=tuple(h.betas))
+        warm = h.get("lr_warmup_steps", 0)
+        if not warm:
+            return opt
+        # Stepped by hand after each APPLIED update (a skipped non-finite step does not count).
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: min(1.0, (n + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @property
     def eval_max_new_tokens(self) -> int:
@@ -226,13 +269,17 @@ class RLModule(LightningModule):
             )
         start = time.perf_counter()
         opt = self.optimizers()
+        world = self.trainer.world_size
+        failed = torch.stack([(~r.reward_valid).sum(), torch.tensor(r.reward_valid.numel(), device=r.rewards.device)])
+        if world > 1:  # every rank must take the same decision
+            failed = self.trainer.strategy.reduce(failed.float(), reduce_op="sum")
+        check_reward_failures(int(failed[0]), int(failed[1]), r.step, self.hparams.max_failed_reward_frac)
         gen = torch.Generator(device=r.rewards.device).manual_seed(self.rollout_seed(r.step))
         adv, keep = group_advantages(r.rewards, self.algo, gen, valid=r.reward_valid)  # [B, K]
         mask = r.response_mask & keep[..., None]  # [B, K, T]
         # Global counts: summed over data-parallel ranks, so every rank's loss is its share of the
         # union batch's loss (and micro-batches are shares of the full batch).
         n = torch.stack([mask.sum(), mask.any(-1).sum()]).float()
-        world = self.trainer.world_size
         if world > 1:
             n = self.trainer.strategy.reduce(n, reduce_op="sum")
         counts = dict(num_tokens=n[0].clamp(min=1), num_seqs=n[1].clamp(min=1))
@@ -241,6 +288,7 @@ class RLModule(LightningModule):
         logp_all = torch.zeros_like(r.logp_behav)
         ent_all = torch.zeros_like(r.logp_behav)
         opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=r.rewards.device)
         for s in range(0, B, mb):
             sl = slice(s, s + mb)
             logp, ent = response_logprobs(
@@ -250,13 +298,23 @@ class RLModule(LightningModule):
             loss, metrics = policy_loss(logp, r.logp_behav[sl], adv[sl], mask[sl], self.algo, **counts)
             # DDP averages gradients over ranks; x world turns that mean into the union's sum.
             self.manual_backward(loss * world if world > 1 else loss)
+            loss_sum = loss_sum + loss.detach()
             logp_all[sl], ent_all[sl] = logp.detach(), ent.detach()
         if mb < B:  # metrics of the whole batch (the loss value is the same sum)
             _, metrics = policy_loss(logp_all, r.logp_behav, adv, mask, self.algo, **counts)
         params = [p for p in self.policy.parameters() if p.grad is not None]
         clip = self.hparams.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        bad = not is_finite(loss_sum, grad_norm)
+        if world > 1:  # grad_norm is already global; the loss is local: skip if any rank saw one
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        skip = self._skip_guard.update(bad, r.step, loss_sum.item(), grad_norm.item())
+        if skip:  # with no gradients AdamW leaves weights and state untouched; the step still counts
+            opt.zero_grad(set_to_none=True)
         opt.step()
+        sched = self.lr_schedulers()
+        if sched is not None and not skip:
+            sched.step()
         train_seconds = time.perf_counter() - start
         self._log_step(r, metrics, logp_all, ent_all, grad_norm, train_seconds)
         return metrics["loss/policy"] + metrics["loss/reg"]
@@ -280,6 +338,10 @@ class RLModule(LightningModule):
             "rollout/staleness_max": staleness.max(),
             "rollout/wait_s": torch.tensor(self._rollout_wait),
             "grad/norm": grad_norm.float(),
+            "train/skipped_steps": torch.tensor(float(self._skip_guard.total)),
+            "train/lr": torch.tensor(float(self.optimizers().param_groups[0]["lr"])),
+            **rollout_health(r.response_ids, r.response_mask, r.rewards, valid, self._eos_ids,
+                             self.sampling.max_new_tokens),
             "throughput/rollout_tok_s": n_tok / max(r.gen_seconds, 1e-9),
             "throughput/train_tok_s": n_tok / max(train_seconds, 1e-9),
         }
@@ -315,8 +377,21 @@ class RLModule(LightningModule):
         self.log("test/acc", self.test_acc, on_epoch=True)
 
     # -- checkpoint state (issue #5 builds exact resume on these) -------------------------------
+    @property
+    def _eos_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not in on_load_checkpoint: Lightning draws from the torch RNG between
+        # loading and the first step (new DataLoader iterator), which the straight run did
+        # before step 0. Here the state equals the straight run's at the same point.
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {"rng": rng_state(), "skip_guard": self._skip_guard.state_dict()}
         if self.engine is not None:
             state["engine"] = self.engine.state_dict()
         if self._init_policy is not None:
@@ -326,6 +401,9 @@ class RLModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reclight", {})
         self._engine_state = state.get("engine")
+        self._pending_rng = state.get("rng")
+        if "skip_guard" in state:
+            self._skip_guard.load_state_dict(state["skip_guard"])
         if "init_policy" in state and self.policy is not None:
             init = copy.deepcopy(self.policy).eval().requires_grad_(False)
             init.load_state_dict(state["init_policy"])

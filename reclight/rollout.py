@@ -12,6 +12,7 @@ behaviour distribution differs from it on the truncated tail.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -39,7 +40,10 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 2:
-            raise ValueError(f"SamplingConfig.num_samples={self.num_samples!r} is not valid; accepted: an integer >= 2")
+            raise ValueError(
+                f"SamplingConfig.num_samples={self.num_samples!r} is not valid; accepted: an integer >= 2 (K, the "
+                "group size: every preset is group-relative, its baseline is the mean reward of the other samples)"
+            )
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"SamplingConfig.temperature={self.temperature!r} is not valid; accepted: a number > 0")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -146,6 +150,23 @@ class PromptSampler:
         return self._perm[1][pos * self.batch_size : (pos + 1) * self.batch_size]
 
 
+_REPORTED_FAILURES: set[tuple[str, str]] = set()
+
+
+def _log_reward_failure(task: Task, example: Example, what: str, response: str) -> None:
+    """Log the first reward failure of each kind (task class, exception type or NaN/inf) once
+    per process, so a long run shows the cause without one line per sample."""
+    key = (type(task).__name__, what.split("(")[0] if what.startswith("raised") else what)
+    if key in _REPORTED_FAILURES:
+        return
+    _REPORTED_FAILURES.add(key)
+    logging.getLogger(__name__).warning(
+        "reward function of %s %s for example %r (response %r); such samples get no gradient and are counted "
+        "in reward/failed (this message is shown once per kind of failure)",
+        type(task).__name__, what, getattr(example, "uid", None), response[:80],
+    )
+
+
 def score(
     task: Task, tokenizer: Any, response_ids: Tensor, response_mask: Tensor, examples: Sequence[Example]
 ) -> tuple[Tensor, Tensor, Tensor, int]:  # rewards [B, K], valid [B, K], correct [B, K], n_failed
@@ -167,10 +188,13 @@ def score(
         try:
             r = float(task.reward(text, examples[b]))
             ok = math.isfinite(r)
+            if not ok:
+                _log_reward_failure(task, examples[b], f"returned {r}", text)
             # Task.correct's default re-runs reward(); skip that second (maybe slow) call.
             c = ok and (r >= 1.0 if default_correct else bool(task.correct(text, examples[b])))
-        except Exception:  # noqa: BLE001 - a broken sample must not kill a long run
+        except Exception as e:  # noqa: BLE001 - a broken sample must not kill a long run
             ok, r, c = False, 0.0, False
+            _log_reward_failure(task, examples[b], f"raised {e!r}", text)
         valid[b, k] = ok
         rewards[b, k] = r if ok else 0.0
         correct[b, k] = c
