@@ -72,6 +72,9 @@ CONFIG_CASES = {
                               "max_consecutive_skips=0 is not valid; accepted: an integer >= 1"),
     "lr_warmup_steps": (["--model.lr_warmup_steps", "-1"],
                         "lr_warmup_steps=-1 is not valid; accepted: an integer >= 0"),
+    "weight_decay": (["--model.weight_decay", "-0.1"], "weight_decay=-0.1 is not valid; accepted: weight_decay >= 0"),
+    "betas": (["--model.betas", "[0.9, 1.0]"], "betas=(0.9, 1.0) is not valid; accepted: two numbers in [0, 1)"),
+    "grad_clip": (["--model.grad_clip", "-1"], "grad_clip=-1.0 is not valid; accepted: grad_clip >= 0 (0 disables)"),
 }
 
 
