@@ -1,6 +1,6 @@
 """Exact resume after SIGKILL (issue #5, item 1), through the real ``reclight fit`` command.
 
-Per sync setting, three runs of ``tests/configs/resume.yaml`` (7 steps, a checkpoint after every
+Per setting (periodic sync, constant lag, on-policy after a supervised warm-up), three runs of ``tests/configs/resume.yaml`` (7 steps, a checkpoint after every
 step): a reference run straight through; a run that parks at the start of step ``c`` (after
 ``step=c.ckpt`` is on disk, see ``reliability_helpers.PauseAtStep``) and is killed there with
 SIGKILL, so no exit handler runs; and a run resumed from that checkpoint with ``--ckpt_path``.
@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CFG = ROOT / "tests" / "configs" / "resume.yaml"
 MAX_STEPS = 7
+WARMUP = "{max_steps: 4, check_every: 2, check_size: 4, batch_size: 8, target_accuracy: 1.0}"
 
 
 def command(tmp_path, version, *extra):
@@ -51,14 +52,17 @@ def wall_clock(column):
     return column.startswith("throughput/") or column.endswith("_s")
 
 
-def metric_rows(path, max_step=None):
-    """``{step: {column: value}}`` of the logged metrics (non-empty, non-wall-clock columns)."""
+def metric_rows(path, max_step=None, warmup=False):
+    """``{step: {column: value}}`` of the logged metrics (non-empty, non-wall-clock columns): the
+    RL ones, or with ``warmup`` the supervised warm-up's (logged on their own step axis)."""
     rows: dict[int, dict[str, str]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = int(row["step"])
-            if max_step is None or step <= max_step:
-                rows.setdefault(step, {}).update({k: v for k, v in row.items() if v != "" and not wall_clock(k)})
+            keep = {k: v for k, v in row.items()
+                    if v != "" and not wall_clock(k) and k != "step" and k.startswith("warmup/") == warmup}
+            if keep and (max_step is None or step <= max_step):
+                rows.setdefault(step, {}).update(keep)
     return rows
 
 
@@ -85,29 +89,37 @@ def assert_same(a, b, where=""):
     [
         ("periodic", ["--sync.sync_interval", "3"], 4),  # k=3, d=0: engine holds theta_3 at step 4
         ("lag", ["--sync.sync_interval", "1", "--sync.sync_offset", "2"], 3),  # k=1, d=2: 2 queued batches
+        # on-policy (k=1, d=0) after a short supervised warm-up, which must not run again on resume
+        ("on_policy_warmup", ["--model.warmup", WARMUP], 2),
     ],
 )
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path, name, sync, kill_at):
     marker = tmp_path / "paused"
     pause = ["--trainer.callbacks+=reliability_helpers.PauseAtStep",
              f"--trainer.callbacks.step={kill_at}", f"--trainer.callbacks.marker={marker}"]
-    reference = subprocess.Popen(command(tmp_path, "reference", *sync), env=env(), cwd=tmp_path,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = subprocess.Popen(command(tmp_path, "killed", *sync, *pause), env=env(), cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def start(version, *args):  # output to a file: a full pipe would block the process
+        out = open(tmp_path / f"{version}.log", "w")
+        return subprocess.Popen(command(tmp_path, version, *sync, *args), env=env(), cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+    def log(version):
+        return (tmp_path / f"{version}.log").read_text()[-4000:]
+
+    reference = start("reference")
+    killed = start("killed", *pause)
     while not marker.exists() and killed.poll() is None:
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
-    out_killed = killed.communicate()[0]
-    assert killed.returncode == -signal.SIGKILL, out_killed  # it was parked, not finished
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, log("killed")  # it was parked, not finished
     ckpt = run_dir(tmp_path, "killed") / "checkpoints" / f"step={kill_at}.ckpt"
-    assert ckpt.is_file(), out_killed
+    assert ckpt.is_file(), log("killed")
 
-    resumed = subprocess.run(command(tmp_path, "resumed", *sync, "--ckpt_path", str(ckpt)), env=env(),
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert resumed.returncode == 0, resumed.stdout[-4000:]
-    out_ref = reference.communicate()[0]
-    assert reference.returncode == 0, out_ref[-4000:]
+    resumed = start("resumed", "--ckpt_path", str(ckpt))
+    assert resumed.wait() == 0, log("resumed")
+    assert reference.wait() == 0, log("reference")
+    if "--model.warmup" in sync:  # the warm-up ran once, and not again on resume
+        assert "warm-up:" in log("reference") and "warm-up" not in log("resumed")
 
     final = f"step={MAX_STEPS}.ckpt"
     ref = torch.load(run_dir(tmp_path, "reference") / "checkpoints" / final, weights_only=True)
@@ -132,4 +144,8 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path, name, sync, kill_at):
     for step in ref_rows:
         assert joined[step] == ref_rows[step], step
     columns = set().union(*resumed_rows.values())
+    warm = metric_rows(run_dir(tmp_path, "reference") / "metrics.csv", warmup=True)
+    assert metric_rows(run_dir(tmp_path, "killed") / "metrics.csv", warmup=True) == warm
+    assert metric_rows(run_dir(tmp_path, "resumed") / "metrics.csv", warmup=True) == {}
+    assert bool(warm) == ("--model.warmup" in sync)
     assert {"reward/mean", "val/acc", "train/lr", "train/skipped_steps", "grad/norm", "kl/init"} <= columns
