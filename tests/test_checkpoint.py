@@ -200,3 +200,14 @@ def test_load_checkpoint_validates_too(tmp_path):
     torch.save({"w": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         AtomicCheckpointIO().load_checkpoint(path)
+
+
+def test_the_cli_writes_checkpoints_through_the_atomic_plugin(tmp_path):
+    from pathlib import Path
+
+    from reclight.cli import main
+
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke_test.yaml"
+    cli = main(["--config", str(smoke), "--trainer.logger", "false", "--model.tiny_dir", str(tmp_path / "tiny")],
+               run=False)
+    assert type(cli.trainer.strategy.checkpoint_io) is AtomicCheckpointIO
