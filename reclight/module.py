@@ -311,6 +311,7 @@ class RLModule(LightningModule):
         skip = self._skip_guard.update(bad, r.step, loss_sum.item(), grad_norm.item())
         if skip:  # with no gradients AdamW leaves weights and state untouched; the step still counts
             opt.zero_grad(set_to_none=True)
+        self._lr_used = float(opt.param_groups[0]["lr"])
         opt.step()
         sched = self.lr_schedulers()
         if sched is not None and not skip:
@@ -339,7 +340,7 @@ class RLModule(LightningModule):
             "rollout/wait_s": torch.tensor(self._rollout_wait),
             "grad/norm": grad_norm.float(),
             "train/skipped_steps": torch.tensor(float(self._skip_guard.total)),
-            "train/lr": torch.tensor(float(self.optimizers().param_groups[0]["lr"])),
+            "train/lr": torch.tensor(self._lr_used),  # the LR of this step's update
             **rollout_health(r.response_ids, r.response_mask, r.rewards, valid, self._eos_ids,
                              self.sampling.max_new_tokens),
             "throughput/rollout_tok_s": n_tok / max(r.gen_seconds, 1e-9),

@@ -287,8 +287,9 @@ def test_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tmp_pat
             assert same(probe.before[s], probe.after[s]) and same(probe.opt_before[s], probe.opt_after[s])
         else:
             assert not same(probe.before[s], probe.after[s]) and not same(probe.opt_before[s], probe.opt_after[s])
-    # The LR schedule counts applied updates only: steps 0, 2, 4 are updates 1, 2, 3 of the warm-up.
-    assert [probe.metrics[s]["train/lr"] for s in range(5)] == pytest.approx([0.02, 0.02, 0.03, 0.03, 0.03])
+    # The LR schedule counts applied updates only: steps 0, 2, 4 are updates 1, 2, 3 of the 3-update
+    # warm-up (lr x 1/3, 2/3, 1); a skipped step shows the LR it would have used.
+    assert [probe.metrics[s]["train/lr"] for s in range(5)] == pytest.approx([0.01, 0.02, 0.02, 0.03, 0.03])
     assert module.trainer.global_step == 5
 
 
