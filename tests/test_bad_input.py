@@ -38,14 +38,16 @@ def fit_args(tmp_path, *extra):
 CONFIG_CASES = {
     "unknown preset": (["--model.algorithm", "rec_typo"],
                        "algorithm preset 'rec_typo' is unknown; accepted: reinforce, grpo, rec_oneside_is"),
-    "unknown algorithm field": (["--model.algorithm_overrides", "{eps_hi: 0.3}"], "no field 'eps_hi'"),
+    "unknown algorithm field": (["--model.algorithm_overrides", "{eps_hi: 0.3}"],
+                                "AlgorithmConfig has no field 'eps_hi'; accepted: advantage_weighting, clip_mode"),
     "eps_low": (["--model.algorithm_overrides", "{eps_low: 1.5}"],
                 "AlgorithmConfig.eps_low=1.5 is not valid; accepted: 0 < eps_low < 1"),
-    "eps_high": (["--model.algorithm_overrides", "{eps_high: 0}"], "AlgorithmConfig.eps_high=0 is not valid"),
+    "eps_high": (["--model.algorithm_overrides", "{eps_high: 0}"],
+                 "AlgorithmConfig.eps_high=0 is not valid; accepted: eps_high > 0"),
     "coefficient": (["--model.algorithm", "opmd", "--model.algorithm_overrides", "{regularizer_coef: -1}"],
                     "AlgorithmConfig.regularizer_coef=-1 is not valid; accepted: regularizer_coef >= 0"),
     "weight temperature": (["--model.algorithm", "red_weight", "--model.algorithm_overrides", "{weight_temperature: 0}"],
-                           "AlgorithmConfig.weight_temperature=0 is not valid"),
+                           "AlgorithmConfig.weight_temperature=0 is not valid; accepted: weight_temperature > 0"),
     "sampling temperature": (["--model.sampling.temperature", "0"],
                              "SamplingConfig.temperature=0.0 is not valid; accepted: a number > 0"),
     "K=1": (["--model.sampling.num_samples", "1"],
@@ -103,7 +105,7 @@ def test_unknown_field_on_the_command_line_and_in_yaml(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(fit_args(tmp_path, "--config", str(cfg)))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "learning_rate" in err, err
+    assert e.value.code == 2 and "error: Subcommand 'fit' does not accept option 'model.learning_rate'" in err, err
     assert not (tmp_path / "tiny").exists()
 
 
