@@ -239,6 +239,12 @@ class RLModule(LightningModule):
         self.print(f"warm-up step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
 
     def on_train_start(self) -> None:
+        # The global RNG is restored here, as late as possible before the first resumed step and
+        # before any callback's on_train_batch_start: after loading, Lightning still sets up the
+        # loops (the loaders have their own generators, so that draws nothing from it).
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
         if self.global_step == 0:  # the "before" figure: greedy accuracy at the start of RL
             metrics = self._evaluate("val")
             for lg in self.loggers:
@@ -382,14 +388,6 @@ class RLModule(LightningModule):
     def _eos_ids(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restored here, not in on_load_checkpoint: Lightning draws from the torch RNG between
-        # loading and the first step (new DataLoader iterator), which the straight run did
-        # before step 0. Here the state equals the straight run's at the same point.
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state: dict[str, Any] = {"rng": rng_state(), "skip_guard": self._skip_guard.state_dict()}
