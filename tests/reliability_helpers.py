@@ -1,15 +1,13 @@
 """Helpers for the reliability tests (no tests here): a callback that parks a run at a known
-point so a test can SIGKILL it there, and tasks whose reward function misbehaves."""
+point so a test can SIGKILL it there (imported by the ``reclight fit`` subprocesses of
+tests/test_resume.py through ``--trainer.callbacks+=reliability_helpers.PauseAtStep``)."""
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-
-from test_module_fixtures import DigitTask
 
 
 class PauseAtStep(pl.Callback):
