@@ -69,5 +69,12 @@ def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:
     )
 
 
-if __name__ == "__main__":
+def entrypoint() -> None:
+    """The ``reclight`` console script. Returns None on purpose: the generated wrapper calls
+    ``sys.exit(entrypoint())``, and exiting with ``main()``'s CLI object would print it and
+    report failure (exit status 1) after a successful run."""
     main()
+
+
+if __name__ == "__main__":
+    entrypoint()

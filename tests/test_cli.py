@@ -84,3 +84,22 @@ def test_gsm8k_config_structure_runs_with_tiny_model(tmp_path):
     assert cli.model.engine.model.dtype == torch.bfloat16
     metrics = cli.trainer.callback_metrics
     assert "val/acc" in metrics and "kl/init" in metrics and "throughput/rollout_tok_s" in metrics
+
+
+def test_console_script_exits_zero_after_a_successful_fit(tmp_path):
+    """The installed ``reclight`` script, run as a user runs it: a successful fit must exit 0.
+    (Its wrapper does ``sys.exit(entrypoint())``; returning the CLI object there printed it and
+    exited 1 after every successful run.)"""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("reclight")
+    assert script.exists(), f"console script not installed at {script}; run `pip install -e .`"
+    proc = subprocess.run(
+        [str(script), "fit", "--config", str(ROOT / "configs/smoke_test.yaml"),
+         "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--model.tiny_dir", str(tmp_path / "tiny")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ReclightCLI object" not in proc.stdout + proc.stderr
