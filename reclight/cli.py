@@ -21,7 +21,7 @@ from reclight.data import RLDataModule
 from reclight.module import RLModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 300,
+    "max_steps": 500,
     "val_check_interval": 50,
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 1,
