@@ -19,8 +19,9 @@ Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
 - q/k/v and gate/up projections are fused (one matmul each); the weights may be held in bf16
   (``dtype``) while the trainer keeps fp32 master weights. The logits and the recorded
   ``logp_behav`` are always computed in fp32.
-- Decoding stops when every sequence has emitted EOS (like HF); a finished sequence keeps being
-  computed (its tokens are padding, masked out) rather than compacted out of the batch.
+- Decoding stops when every sequence has emitted EOS (like HF); before that, finished sequences
+  are dropped from the batch (cache rows gathered) once at most ``compact_below`` (3/4) of the
+  batch is still running, so short responses stop costing compute.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class FastLlamaEngine:
         # of attention's tiny shapes are several times slower than fp32 ones (measured).
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.weights = self._allocate(policy)
+        self.compact_below = 0.75
         self.version = 0
         self.update_weights(policy, 0)
 
@@ -224,18 +226,25 @@ class FastLlamaEngine:
         eos = torch.tensor(self.eos_ids, device=dev)
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=dev)
         out_logp = torch.zeros(N, T, dtype=torch.float32, device=dev)
+        rows = torch.arange(N, device=dev)  # the output row of each sequence still in the batch
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         steps = 0
         for t in range(T):
             gumbel = -torch.empty_like(logp_next).exponential_(generator=gen).log()
-            tok = (logp_next + gumbel).argmax(-1)  # [N]
+            tok = (logp_next + gumbel).argmax(-1)  # [n]
             tok = torch.where(done, self.pad_id, tok)
-            out_ids[:, t] = tok
-            out_logp[:, t] = torch.where(done, 0.0, logp_next.gather(-1, tok[:, None]).squeeze(-1))
+            out_ids[rows, t] = tok
+            out_logp[rows, t] = torch.where(done, 0.0, logp_next.gather(-1, tok[:, None]).squeeze(-1))
             done = done | torch.isin(tok, eos)
             steps = t + 1
-            if t == T - 1 or bool(done.all()):
+            n_live = int((~done).sum())
+            if t == T - 1 or n_live == 0:
                 break
+            if n_live <= self.compact_below * len(rows):  # drop finished sequences from the batch
+                keep = (~done).nonzero().squeeze(1)
+                rows, tok, done, next_pos, valid = rows[keep], tok[keep], done[keep], next_pos[keep], valid[keep]
+                keys = [k[keep] for k in keys]
+                values = [v[keep] for v in values]
             valid[..., P + t] = True
             hidden = self._forward(tok[:, None], next_pos, keys, values, P + t, self._bias(valid))
             logp_next = self._logprobs(hidden)

@@ -71,6 +71,7 @@ def test_masks_cover_up_to_eos_then_padding(tmp_path):
     model, tok, eng = _setup(tmp_path, temperature=1.0, max_new_tokens=6)
     ids, mask = encode_prompts(tok, PROMPTS)
     rows = torch.arange(len(PROMPTS) * 3) % 2 == 0
+    eng.compact_below = 0.0  # the patch below indexes rows of the full batch: no compaction here
     _force_eos_after_first_token(eng, tok.eos_token_id, rows)
     gen = eng.generate(ids, mask, seed=0)
     T = gen.response_ids.shape[-1]
@@ -90,6 +91,29 @@ def test_decoding_stops_when_every_sequence_ended(tmp_path):
     _force_eos_after_first_token(eng, tok.eos_token_id, torch.ones(len(PROMPTS) * 3, dtype=torch.bool))
     gen = eng.generate(ids, mask, seed=0)
     assert gen.response_ids.shape == (4, 3, 2) and gen.response_mask.all()
+
+
+def test_finished_sequences_dropped_from_batch_keep_exact_logp(tmp_path):
+    """With 30 of the 104 token ids counting as EOS, sequences end at many different steps and
+    the batch is compacted several times: the response masks still end at each row's first EOS
+    and every logp_behav still equals the trainer's logp of that token."""
+    from types import SimpleNamespace
+
+    model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=3)))
+    many_eos = SimpleNamespace(eos_token_id=list(range(10, 40)), pad_token_id=tok.pad_token_id)
+    eng = FastLlamaEngine(model, many_eos, SamplingConfig(num_samples=4, max_new_tokens=8, temperature=1.0))
+    calls = []
+    orig_forward = eng._forward
+    eng._forward = lambda ids, *a: calls.append(ids.shape[0]) or orig_forward(ids, *a)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    gen = eng.generate(ids, mask, seed=0)
+    assert len(set(calls[1:])) >= 3  # decoding batch sizes shrank at least twice (calls[0]: prefill)
+    T = gen.response_ids.shape[-1]
+    is_eos = (gen.response_ids >= 10) & (gen.response_ids < 40)
+    first = torch.where(is_eos.any(-1), is_eos.float().argmax(-1) + 1, T)
+    assert torch.equal(gen.response_mask.sum(-1), first) and first.min() < first.max()
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=1.0)
+    assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
 
 
 def test_seeded_and_update_weights_in_place(tmp_path):
