@@ -101,23 +101,6 @@ def _token_logprobs(
     return logp, entropy
 
 
-def _length_buckets(mask: Tensor, max_buckets: int = 4, min_saving: float = 0.1) -> list[tuple[Tensor, int]]:
-    """Split the rows of ``mask`` [N, T] into at most ``max_buckets`` groups of similar response
-    length, as ``(row indices, longest response in the group)``; one group of all rows when
-    bucketing would save less than ``min_saving`` of the response positions."""
-    lengths = mask.sum(-1)
-    N, T = mask.shape
-    all_rows = torch.arange(N, device=mask.device)
-    if N < 2 * max_buckets:
-        return [(all_rows, T)]
-    order = lengths.argsort()
-    groups = [g for g in order.tensor_split(max_buckets) if len(g)]
-    longest = [max(int(lengths[g].max()), 1) for g in groups]
-    if sum(len(g) * n for g, n in zip(groups, longest)) > (1 - min_saving) * N * T:
-        return [(all_rows, T)]
-    return list(zip(groups, longest))
-
-
 def response_logprobs(
     model: Any,
     prompt_ids: Tensor,  # [B, P] long, left-padded
@@ -132,9 +115,7 @@ def response_logprobs(
     prompt and the earlier response tokens, with gradient when ``model`` has it.
 
     Only the ``response_mask`` positions go through the LM head. ``entropy`` is the entropy of
-    the same tempered next-token distribution (differentiable; detach it for logging). When
-    response lengths differ a lot, the B * K sequences run as up to 4 length buckets, each cut
-    after its longest response (no compute on trailing padding; same values).
+    the same tempered next-token distribution (differentiable; detach it for logging).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} is not valid; accepted: temperature > 0")
@@ -142,25 +123,13 @@ def response_logprobs(
     P = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids.repeat_interleave(K, 0), response_ids.reshape(B * K, T)], dim=1)
     attn = torch.cat([prompt_mask.repeat_interleave(K, 0), response_mask.reshape(B * K, T)], dim=1).long()
-    mask = response_mask.bool().reshape(B * K, T)
-    hidden_rows, hidden_t, hidden_sel = [], [], []
-    for rows, length in _length_buckets(mask):
-        # A bucket's rows are cut after its longest response: causal attention means the
-        # trailing padding never changes the earlier positions, so this only skips work.
-        bucket_attn = attn[rows, : P + length]
-        hidden, weight, bias = _hidden_and_head(model, ids[rows, : P + length], bucket_attn,
-                                                position_ids_from_mask(bucket_attn))
-        # hidden[:, j] predicts token j + 1: the response tokens P..P+T-1 come from P-1..P+T-2.
-        r, t = mask[rows, :length].nonzero(as_tuple=True)
-        hidden_sel.append(hidden[r, P - 1 + t])
-        hidden_rows.append(rows[r])
-        hidden_t.append(t)
-    rows_all, t_all = torch.cat(hidden_rows), torch.cat(hidden_t)
-    targets = response_ids.reshape(B * K, T)[rows_all, t_all]
-    logp_flat, ent_flat = _token_logprobs(torch.cat(hidden_sel), weight, targets, bias, temperature, return_entropy)
-    zeros = torch.zeros(B * K, T, dtype=torch.float32, device=logp_flat.device)
-    logp = zeros.index_put((rows_all, t_all), logp_flat).reshape(B, K, T)
+    hidden, weight, bias = _hidden_and_head(model, ids, attn, position_ids_from_mask(attn))
+    # hidden[:, j] predicts token j + 1: the response tokens P..P+T-1 come from P-1..P+T-2.
+    hidden = hidden[:, P - 1 : P + T - 1].reshape(B, K, T, -1)
+    mask = response_mask.bool()
+    logp_flat, ent_flat = _token_logprobs(hidden[mask], weight, response_ids[mask], bias, temperature, return_entropy)
+    logp = torch.zeros(B, K, T, dtype=torch.float32, device=hidden.device).masked_scatter(mask, logp_flat)
     entropy = None
     if ent_flat is not None:
-        entropy = zeros.index_put((rows_all, t_all), ent_flat).reshape(B, K, T)
+        entropy = torch.zeros(B, K, T, dtype=torch.float32, device=hidden.device).masked_scatter(mask, ent_flat)
     return logp, entropy
