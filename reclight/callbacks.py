@@ -39,15 +39,23 @@ class WeightSync(Callback):
         sync_interval: k, push weights every k steps (1 = every step).
         sync_offset: d, the engine runs d steps ahead (0 = no lag).
         offline: every batch comes from the initial policy (sets d = max_steps).
+        eager: generate every batch of a version right when the engine receives it, while the
+            trainer still holds exactly those weights (instead of lazily, just before the next
+            sync). Same versions, same queue bound d + k (offline: all batches at step 0).
+            Needed by engines that re-score samples with the trainer's model
+            (``VLLMEngine(recompute_logp_behav=True)``); the module turns it on for them.
     """
 
-    def __init__(self, sync_interval: int = 1, sync_offset: int = 0, offline: bool = False) -> None:
+    def __init__(
+        self, sync_interval: int = 1, sync_offset: int = 0, offline: bool = False, eager: bool = False
+    ) -> None:
         for name, value, low in (("sync_interval", sync_interval, 1), ("sync_offset", sync_offset, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"WeightSync.{name}={value!r} is not valid; accepted: an integer >= {low}")
         self.sync_interval = sync_interval
         self.sync_offset = sync_offset
         self.offline = bool(offline)
+        self.eager = bool(eager)
         self.max_steps = 0
         self.queue: dict[int, RolloutBatch] = {}
         self.next_step = 0  # first step whose batch has not been generated
@@ -75,6 +83,9 @@ class WeightSync(Callback):
                 self._generate(self.next_step, module, datamodule)
             engine.update_weights(module.policy, step)
             self.num_syncs += 1
+        if self.eager and engine.version == step:  # the trainer holds theta_step right now
+            while self.next_step < self.max_steps and self.version_for(self.next_step) == engine.version:
+                self._generate(self.next_step, module, datamodule)
         if step not in self.queue:
             if step != self.next_step or self.version_for(step) != engine.version:
                 raise RuntimeError(

@@ -17,7 +17,7 @@ engine sampled:
   ``logp`` of the sampled tokens (computed right after generation, without grad). That removes
   the inference/training numerical mismatch (different kernels, bf16 vs fp32), at the cost of
   one extra forward pass. It is exact only when the trainer still holds the engine's weights at
-  generation time, so the trainer requires ``WeightSync(generate_at_sync=True)`` with it.
+  generation time, so the trainer switches the sync callback to ``WeightSync(eager=True)``.
 
 What is verified where: the conversion of vLLM outputs to reclight tensors and the guarded
 import are tested on CPU with stand-in objects; the vLLM calls themselves need a GPU and are
@@ -166,6 +166,7 @@ class VLLMEngine:
         self.recompute_logp_behav = recompute_logp_behav
         self.version = 0
         self._policy: torch.nn.Module | None = None
+        self._weights: dict[str, Tensor] = {}
         eos = tokenizer.eos_token_id
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
@@ -204,16 +205,19 @@ class VLLMEngine:
         self.llm.collective_rpc(_load_weights_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()
         self._policy = policy
+        # One host copy of the behaviour weights (not one per pending step), so a checkpoint
+        # can restore the engine exactly: vLLM's own tensors use fused, renamed layouts.
+        self._weights = {name: t.to("cpu", copy=True) for name, t in weights}
         self.version = int(version)
 
     def state_dict(self) -> dict[str, Any]:
-        """vLLM's weights are not saved separately: the module saves the behaviour weights it
-        pushed (``engine_weights``) and restores them through ``load_state_dict``."""
-        return {"version": self.version}
+        """The behaviour weights last pushed (HF names, on the host) and their version."""
+        return {"version": self.version, "weights": self._weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         weights = state.get("weights")
         if weights is not None:
             self.llm.collective_rpc(_load_weights_in_worker, args=(list(weights.items()),))
             self.llm.reset_prefix_cache()
+            self._weights = weights
         self.version = int(state["version"])

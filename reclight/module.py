@@ -75,7 +75,11 @@ class RLModule(LightningModule):
             master weights and optimizer stay fp32.
         engine: rollout engine: ``hf`` (Hugging Face ``generate``, any causal LM) or ``fast``
             (:class:`reclight.engine_fast.FastLlamaEngine`: Llama models, ``top_p`` 1, no stop
-            strings; same sampling distribution, much less Python per generated token).
+            strings; same sampling distribution, much less Python per generated token) or
+            ``vllm`` (:class:`reclight.engine_vllm.VLLMEngine`: GPU, ``pip install 'reclight[vllm]'``).
+        engine_options: extra keyword arguments of the ``vllm`` engine (e.g.
+            ``{gpu_memory_utilization: 0.3, recompute_logp_behav: true}``); with
+            ``recompute_logp_behav`` the sync callback generates eagerly (``WeightSync.eager``).
         use_chat_template: None uses the tokenizer's chat template when it has one.
         algorithm: preset name (``reclight.algorithms.PRESETS``).
         algorithm_overrides: fields of ``AlgorithmConfig`` to change, e.g. ``{eps_high: 0.28}``.
@@ -106,6 +110,7 @@ class RLModule(LightningModule):
         dtype: str = "float32",
         engine_dtype: str | None = None,
         engine: str = "hf",
+        engine_options: dict[str, Any] | None = None,
         use_chat_template: bool | None = None,
         algorithm: str = "rec_oneside_nois",
         algorithm_overrides: dict[str, Any] | None = None,
@@ -131,8 +136,13 @@ class RLModule(LightningModule):
         resolve_dtype(dtype, "dtype")
         if engine_dtype is not None:
             resolve_dtype(engine_dtype, "engine_dtype")
-        if engine not in ("hf", "fast"):
-            raise ValueError(f"engine={engine!r} is not valid; accepted: 'hf', 'fast'")
+        if engine not in ("hf", "fast", "vllm"):
+            raise ValueError(f"engine={engine!r} is not valid; accepted: 'hf', 'fast', 'vllm'")
+        if engine_options and engine != "vllm":
+            raise ValueError(
+                f"engine_options={engine_options!r} is not valid with engine={engine!r}; accepted: "
+                "engine_options only with engine='vllm' (the hf and fast engines take none)"
+            )
         if not lr > 0:
             raise ValueError(f"lr={lr!r} is not valid; accepted: lr > 0")
         if grad_clip < 0:
@@ -187,6 +197,7 @@ class RLModule(LightningModule):
         path = self.hparams.model_name_or_path
         if path is None:
             path = str(build_tiny(self.hparams.tiny_dir, self.tiny_cfg, seed=self.run_seed))
+        self._model_path = path
         self.policy, self.tokenizer = load_causal_lm(path, self.hparams.dtype)
         self.policy.train()
 
@@ -222,10 +233,13 @@ class RLModule(LightningModule):
             )
             self.print(f"warm-up: {stats}")
         stop = tuple(getattr(task, "stop_strings", ()))
-        engine_cls = HFGenerateEngine
-        if self.hparams.engine == "fast":
-            from reclight.engine_fast import FastLlamaEngine as engine_cls
-        self.engine = engine_cls(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
+        if self.hparams.engine == "vllm":
+            self.engine = self._make_vllm_engine()
+        else:
+            engine_cls = HFGenerateEngine
+            if self.hparams.engine == "fast":
+                from reclight.engine_fast import FastLlamaEngine as engine_cls
+            self.engine = engine_cls(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
         if self._engine_state is not None:
             self.engine.load_state_dict(self._engine_state)
             self._engine_state = None
@@ -237,6 +251,23 @@ class RLModule(LightningModule):
         for lg in self.loggers:
             lg.log_metrics(metrics, step=step)
         self.print(f"warm-up step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+
+    def _make_vllm_engine(self) -> Any:
+        """vLLM loads its own copy from the model path; the trainer's current weights (after any
+        warm-up) are pushed once as version 0. Trainer-side re-scoring needs eager generation."""
+        from reclight.callbacks import WeightSync
+        from reclight.engine_vllm import VLLMEngine
+
+        opts = dict(self.hparams.engine_options or {})
+        engine = VLLMEngine(self._model_path, self.tokenizer, self.sampling,
+                            dtype=self.hparams.engine_dtype or "bfloat16", seed=self.run_seed, **opts)
+        engine.update_weights(self.policy, 0)
+        if opts.get("recompute_logp_behav"):
+            for cb in self.trainer.callbacks:
+                if isinstance(cb, WeightSync) and not cb.eager:
+                    cb.eager = True
+                    self.print("recompute_logp_behav: WeightSync generates each version's batches at its sync")
+        return engine
 
     def on_train_start(self) -> None:
         # The global RNG is restored here, as late as possible before the first resumed step and

@@ -102,3 +102,16 @@ def test_vllm_engine_matches_trainer_logp_and_updates_in_place(tmp_path):  # pra
         diff = (logp.cpu() - gen.logp_behav).abs()[gen.response_mask]
         assert diff.mean().item() < 1e-3, diff.mean().item()
         assert (gen.version == version).all()
+
+
+def test_module_engine_choice_is_validated_before_any_load():
+    """engine must be hf, fast or vllm; engine_options belong to vllm only. Both are refused in
+    RLModule's constructor (no model is loaded, so this runs on CPU without vllm)."""
+    from reclight.module import RLModule
+
+    with pytest.raises(ValueError, match=r"engine='vLLM' is not valid; accepted: 'hf', 'fast', 'vllm'"):
+        RLModule(engine="vLLM")
+    with pytest.raises(ValueError, match=r"engine_options=\{'gpu_memory_utilization': 0.3\} is not valid with engine='hf'"):
+        RLModule(engine="hf", engine_options={"gpu_memory_utilization": 0.3})
+    m = RLModule(engine="vllm", engine_options={"gpu_memory_utilization": 0.3, "recompute_logp_behav": True})
+    assert m.policy is None and m.hparams.engine_options["recompute_logp_behav"] is True

@@ -34,6 +34,29 @@ def test_versions_follow_behavior_version(tmp_path, k, d, offline):
     assert not sync.queue
 
 
+@pytest.mark.parametrize("k, d, offline", [(3, 2, False), (1, 0, True)], ids=["k3_d2", "offline"])
+def test_eager_generation_happens_while_the_trainer_holds_the_version(tmp_path, k, d, offline):
+    """eager=True: every batch is generated at the step equal to its version (the only moment
+    the trainer's weights ARE that version, which trainer-side re-scoring of logp_behav needs),
+    and the versions trained on still follow behavior_version(t, k, d)."""
+    generated_at: dict[int, tuple[int, int]] = {}
+
+    class Probe(WeightSync):
+        def _generate(self, step, module, datamodule):
+            generated_at[step] = (module.global_step, module.engine.version)
+            super()._generate(step, module, datamodule)
+
+    steps = 12
+    sync = Probe(sync_interval=k, sync_offset=d, offline=offline, eager=True)
+    _, rec, sync = fit_micro(tmp_path, steps, sync=sync)
+    d_eff = steps if offline else d
+    assert sorted(generated_at) == list(range(steps))
+    for t, (trainer_step, version) in generated_at.items():
+        assert version == behavior_version(t, k, d_eff) == trainer_step, (t, trainer_step, version)
+        assert set(rec.versions[t]) == {version}
+    assert sync.max_queue_len == (steps if offline else d_eff + k)
+
+
 def test_on_policy_ratios_are_one_and_lag_ratios_are_not(tmp_path):
     """On-policy in fp32 the engine copy equals the policy, so rho = 1 (1e-4); with a lag of
     10 steps at lr 3e-2 the weights have moved and rho must differ (so the check can fail)."""
