@@ -127,10 +127,16 @@ def test_gsm8k_val_size_too_large_or_zero(tmp_path):
 
 
 def test_gsm8k_bad_arguments_and_split():
-    with pytest.raises(ValueError, match="must contain '{question}'"):
+    with pytest.raises(ValueError, match=r"GSM8K.prompt_template='Q: \{problem\}' is not valid; accepted: a template that contains '\{question\}'"):
         GSM8K(prompt_template="Q: {problem}")
-    with pytest.raises(ValueError, match="max_examples must be >= 1"):
+    with pytest.raises(ValueError, match=r"GSM8K.max_examples=0 is not valid; accepted: None or an integer >= 1"):
         GSM8K(max_examples=0)
+    with pytest.raises(ValueError, match=r"GSM8K.val_size=-1 is not valid; accepted: an integer >= 0"):
+        GSM8K(val_size=-1)
+    with pytest.raises(ValueError, match=r"Math500.val_size=0 is not valid; accepted: an integer >= 1"):
+        Math500(val_size=0)
+    with pytest.raises(ValueError, match=r"Math500.prompt_template='x' is not valid; accepted: a template that contains '\{problem\}'"):
+        Math500(prompt_template="x")
     accepted = "split='dev' is not available; accepted: train, val, test"
     with pytest.raises(ValueError, match=accepted):
         GSM8K().examples("dev")

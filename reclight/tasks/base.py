@@ -58,3 +58,31 @@ def check_split(task_name: str, split: str, available: Sequence[str]) -> None:
         raise ValueError(
             f"{task_name}: split={split!r} is not available; accepted: {', '.join(available)}"
         )
+
+
+def check_task_args(
+    task_name: str,
+    *,
+    val_size: int,
+    min_val_size: int,
+    max_examples: int | None,
+    prompt_template: str,
+    placeholder: str,
+) -> None:
+    """The constructor checks every JSONL-backed task shares; errors name the field, the value
+    and what is accepted."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < min_val_size:
+        raise ValueError(
+            f"{task_name}.val_size={val_size!r} is not valid; accepted: an integer >= {min_val_size}"
+        )
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
+    ):
+        raise ValueError(
+            f"{task_name}.max_examples={max_examples!r} is not valid; accepted: None or an integer >= 1"
+        )
+    if "{" + placeholder + "}" not in prompt_template:
+        raise ValueError(
+            f"{task_name}.prompt_template={prompt_template!r} is not valid; accepted: a template "
+            f"that contains '{{{placeholder}}}'"
+        )

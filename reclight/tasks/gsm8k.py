@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
-from reclight.tasks.base import SPLITS, Example, Task, check_split
+from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
 from reclight.tasks.jsonl import (
     DataError,
     Row,
@@ -100,14 +100,8 @@ class GSM8K(Task):
         prompt_template: str = DEFAULT_PROMPT,
         seed: int = 0,
     ) -> None:
-        if val_size < 0:
-            raise ValueError(f"GSM8K: val_size must be >= 0, got {val_size}")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"GSM8K: max_examples must be >= 1 or None, got {max_examples}")
-        if "{question}" not in prompt_template:
-            raise ValueError(
-                f"GSM8K: prompt_template must contain '{{question}}', got {prompt_template!r}"
-            )
+        check_task_args("GSM8K", val_size=val_size, min_val_size=0, max_examples=max_examples,
+                        prompt_template=prompt_template, placeholder="question")
         self.data_dir = data_dir
         self.hf_dataset = hf_dataset
         self.hf_config = hf_config

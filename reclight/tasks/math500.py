@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from reclight.tasks.base import SPLITS, Example, Task, check_split
+from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
 from reclight.tasks.jsonl import (
     DataError,
     Row,
@@ -121,14 +121,8 @@ class Math500(Task):
         timeout_seconds: int | None = 5,
         seed: int = 0,
     ) -> None:
-        if val_size < 1:
-            raise ValueError(f"Math500: val_size must be >= 1, got {val_size}")
-        if max_examples is not None and max_examples < 1:
-            raise ValueError(f"Math500: max_examples must be >= 1 or None, got {max_examples}")
-        if "{problem}" not in prompt_template:
-            raise ValueError(
-                f"Math500: prompt_template must contain '{{problem}}', got {prompt_template!r}"
-            )
+        check_task_args("Math500", val_size=val_size, min_val_size=1, max_examples=max_examples,
+                        prompt_template=prompt_template, placeholder="problem")
         self.data_dir = data_dir
         self.hf_dataset = hf_dataset
         self.test_file = test_file
