@@ -19,7 +19,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from decimal import Decimal
-from pathlib import Path
 
 from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
 from reclight.tasks.jsonl import (
@@ -27,7 +26,7 @@ from reclight.tasks.jsonl import (
     Row,
     held_out_indices,
     hf_rows,
-    read_jsonl,
+    read_task_file,
     require_nonempty,
 )
 
@@ -139,9 +138,7 @@ class GSM8K(Task):
             rows = hf_rows(self.hf_dataset, self.hf_config, source_split, _FIELDS)
             return rows, f"{self.hf_dataset}[{source_split}]", f"gsm8k/{source_split}"
         file_arg = f"{source_split}_file"
-        path = Path(self.data_dir) / getattr(self, file_arg)
-        rows = read_jsonl(path, _FIELDS, config_field=f"data_dir / {file_arg}")
-        return rows, str(path), f"gsm8k/{path.name}"
+        return read_task_file("gsm8k", self.data_dir, file_arg, getattr(self, file_arg), _FIELDS)
 
     def _example(self, row: Row, source: str, uid_prefix: str) -> Example:
         gold = row.record["answer"]

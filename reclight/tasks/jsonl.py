@@ -161,3 +161,14 @@ def hf_rows(
         ) from e
     records = load_dataset(dataset, config, split=split)
     return rows_from_records(records, required_fields, f"{dataset}[{split}]")
+
+
+def read_task_file(
+    task_prefix: str, data_dir: str, file_arg: str, file_name: str, required_fields: Mapping[str, type]
+) -> tuple[list[Row], str, str]:
+    """Read ``data_dir/file_name`` for a task: ``(rows, source, uid_prefix)``, where ``source``
+    is the path (for error messages) and ``uid_prefix`` is ``"<task_prefix>/<file name>"``.
+    Errors name the config field ``data_dir / <file_arg>``."""
+    path = Path(data_dir) / file_name
+    rows = read_jsonl(path, required_fields, config_field=f"data_dir / {file_arg}")
+    return rows, str(path), f"{task_prefix}/{path.name}"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
@@ -33,7 +32,7 @@ from reclight.tasks.jsonl import (
     Row,
     held_out_indices,
     hf_rows,
-    read_jsonl,
+    read_task_file,
     require_nonempty,
 )
 
@@ -176,9 +175,7 @@ class Math500(Task):
             rows = hf_rows(self.hf_dataset, None, "test", _FIELDS)
             return rows, f"{self.hf_dataset}[test]", "math500/test"
         file_arg = f"{source_split}_file"
-        path = Path(self.data_dir) / getattr(self, file_arg)
-        rows = read_jsonl(path, _FIELDS, config_field=f"data_dir / {file_arg}")
-        return rows, str(path), f"math500/{path.name}"
+        return read_task_file("math500", self.data_dir, file_arg, getattr(self, file_arg), _FIELDS)
 
     def _filter(self, rows: list[Row], source: str) -> list[Row]:
         if self.subject is not None:
