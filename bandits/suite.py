@@ -78,7 +78,7 @@ def claims_table(rows: list[dict]) -> list[str]:
 
 def results_matrix(cfg: ClaimsConfig, results: dict, env: str) -> list[str]:
     """Final expected reward (mean +- 95% half-width), final entropy and mean clip fraction."""
-    lines = [f"| preset | " + " | ".join(cfg.settings) + " |", "|---|" + "---|" * len(cfg.settings)]
+    lines = ["| preset | " + " | ".join(cfg.settings) + " |", "|---|" + "---|" * len(cfg.settings)]
     for preset in cfg.presets:
         res = results[(env, preset)]
         cells = []

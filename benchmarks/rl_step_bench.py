@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 HZ = os.sysconf("SC_CLK_TCK")
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| `{s['arm']}` | {s['median_s']:.3f} | {s['ratio_vs_first']:.2f}x | {s['median_quiet_s']:.3f} "
               f"({s['n_quiet']}/{s['n']}) | {s['others_cores_median']:.2f} / {s['others_cores_max']:.2f} "
               f"| {s['resp_tokens_median']:.0f} |")
-    print(f"\nWhere the time goes (median seconds per step; `other` = the step minus the named parts)\n")
+    print("\nWhere the time goes (median seconds per step; `other` = the step minus the named parts)\n")
     print("| arm | " + " | ".join(f"{k}" for k in (*PARTS, "other")) + " |")
     print("|---" * (len(PARTS) + 2) + "|")
     for s in summary:

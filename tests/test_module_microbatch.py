@@ -1,7 +1,6 @@
 """Micro-batching uses the exact global token-count normalization: one step with
 micro_batch_size=1 gives the same weights as one step over the whole batch."""
 
-import torch
 from torch.testing import assert_close
 
 from test_module_fixtures import fit_micro

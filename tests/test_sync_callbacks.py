@@ -6,7 +6,6 @@ on-policy silently one step stale if rollouts came through the DataLoader.
 """
 
 import pytest
-import torch
 
 from reclight.callbacks import WeightSync
 from reclight.sync import behavior_version

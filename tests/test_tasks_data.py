@@ -91,7 +91,7 @@ def test_empty_or_blank_file_is_an_empty_data_set(tmp_path, content):
 def test_gsm8k_answer_without_final_number_is_rejected_at_load(tmp_path):
     write(tmp_path / "test.jsonl", [good(), good(a="it is four")])
     task = GSM8K(data_dir=str(tmp_path))
-    with pytest.raises(DataError, match=re.escape(f"test.jsonl:2: field 'answer' must end with")):
+    with pytest.raises(DataError, match=re.escape("test.jsonl:2: field 'answer' must end with")):
         task.examples("test")
 
 
