@@ -32,20 +32,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reclight.fused_llama import (
+    LlamaDims,
+    additive_mask,
+    apply_rope,
+    fused_sources,
+    llama_problems,
+    out_and_mlp,
+    qkv_heads,
+    repeat_kv,
+    rms_norm,
+    rope_tables,
+)
 from reclight.policy import resolve_dtype
 from reclight.rollout import Generation, SamplingConfig
 
 
 def _check_supported(config: Any, sampling: SamplingConfig, stop_strings: tuple[str, ...]) -> None:
-    arch = getattr(config, "model_type", None)
-    rope = getattr(config, "rope_parameters", None) or {"rope_type": "default"}
-    problems = []
-    if arch != "llama":
-        problems.append(f"model_type={arch!r} (accepted: 'llama')")
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_parameters.rope_type={rope.get('rope_type')!r} (accepted: 'default')")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={config.hidden_act!r} (accepted: 'silu')")
+    problems = llama_problems(config)
     if sampling.top_p != 1.0:
         problems.append(f"sampling.top_p={sampling.top_p!r} (accepted: 1.0)")
     if stop_strings:
@@ -74,18 +78,13 @@ class FastLlamaEngine:
         eos = tokenizer.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.num_layers = cfg.num_hidden_layers
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        self.dims = dims = LlamaDims(cfg)
+        self.num_layers, self.num_heads, self.num_kv_heads = dims.num_layers, dims.num_heads, dims.num_kv_heads
+        self.head_dim, self.eps = dims.head_dim, dims.eps
         first = next(policy.parameters())
         self.dtype = resolve_dtype(dtype, "engine_dtype") if dtype is not None else first.dtype
         self.device = first.device
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=self.device)
-                                         / self.head_dim))
+        self.inv_freq = dims.inv_freq(self.device)
         # The KV cache and attention stay fp32 even with bf16 weights: CPU bf16 batched matmuls
         # of attention's tiny shapes are several times slower than fp32 ones (measured).
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -95,24 +94,10 @@ class FastLlamaEngine:
         self.update_weights(policy, 0)
 
     # -- weights ---------------------------------------------------------------------------------
-    def _sources(self, policy: torch.nn.Module) -> dict[str, list[Tensor]]:
+    @staticmethod
+    def _sources(policy: torch.nn.Module) -> dict[str, list[Tensor]]:
         """Engine tensor name -> the policy tensors it is the concatenation of (along dim 0)."""
-        m = policy.model
-        out: dict[str, list[Tensor]] = {"embed": [m.embed_tokens.weight], "norm": [m.norm.weight],
-                                        "lm_head": [policy.get_output_embeddings().weight]}
-        for i, layer in enumerate(m.layers):
-            a, mlp = layer.self_attn, layer.mlp
-            out[f"{i}.ln1"] = [layer.input_layernorm.weight]
-            out[f"{i}.ln2"] = [layer.post_attention_layernorm.weight]
-            out[f"{i}.wqkv"] = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
-            out[f"{i}.wo"] = [a.o_proj.weight]
-            out[f"{i}.wgu"] = [mlp.gate_proj.weight, mlp.up_proj.weight]
-            out[f"{i}.wdown"] = [mlp.down_proj.weight]
-            for name, mods in ((f"{i}.bqkv", (a.q_proj, a.k_proj, a.v_proj)), (f"{i}.bo", (a.o_proj,)),
-                               (f"{i}.bgu", (mlp.gate_proj, mlp.up_proj)), (f"{i}.bdown", (mlp.down_proj,))):
-                if mods[0].bias is not None:
-                    out[name] = [mod.bias for mod in mods]
-        return out
+        return fused_sources(policy)
 
     def _allocate(self, policy: torch.nn.Module) -> dict[str, Tensor]:
         return {name: torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=self.dtype, device=self.device)
@@ -137,22 +122,11 @@ class FastLlamaEngine:
         self.version = int(state["version"])
 
     # -- the decoder -----------------------------------------------------------------------------
-    def _rms(self, x: Tensor, w: Tensor) -> Tensor:  # as LlamaRMSNorm: normalise in fp32, scale in dtype
-        xf = x.float()
-        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # x [N, H, L, D], cos/sin [N, 1, L, D]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """Attention written out (q [N, H, L, D], k/v [N, Hkv, S, D], additive fp32 ``bias``
         [N, 1, L, S], -inf where masked): for one query token, CPU ``scaled_dot_product_attention``
         costs several times these ops. Softmax in fp32, as HF's eager attention."""
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # grouped-query attention
         scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
         return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
@@ -163,31 +137,16 @@ class FastLlamaEngine:
         copies) with the additive ``bias`` [N, 1, L, S] (-inf on padding, on not-yet-written slots
         and, in the prefill, on the future). Returns the last position's hidden [N, h]."""
         w = self.weights
-        N, L = ids.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        freqs = pos[..., None].float() * self.inv_freq  # [N, L, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [N, 1, L, D]
-        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        cos, sin = rope_tables(pos, self.inv_freq, self.dtype)  # [N, 1, L, D]
         x = F.embedding(ids, w["embed"])  # [N, L, h]
-        end = start + L
+        end = start + ids.shape[1]
         for i in range(self.num_layers):
-            h = self._rms(x, w[f"{i}.ln1"])
-            qkv = F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv"))
-            q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
-            q = self._rope(q.view(N, L, H, D).transpose(1, 2), cos, sin)
-            k = self._rope(k.view(N, L, Hkv, D).transpose(1, 2), cos, sin)
-            keys[i][:, :, start:end] = k
-            values[i][:, :, start:end] = v.view(N, L, Hkv, D).transpose(1, 2)
-            att = self._attend(q, keys[i], values[i], bias)
-            x = x + F.linear(att.transpose(1, 2).reshape(N, L, H * D), w[f"{i}.wo"], w.get(f"{i}.bo"))
-            h = self._rms(x, w[f"{i}.ln2"])
-            gate, up = F.linear(h, w[f"{i}.wgu"], w.get(f"{i}.bgu")).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w[f"{i}.wdown"], w.get(f"{i}.bdown"))
-        return self._rms(x[:, -1], w["norm"])
-
-    @staticmethod
-    def _bias(visible: Tensor) -> Tensor:  # bool -> additive fp32 mask (0 visible, -inf hidden)
-        return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(~visible, float("-inf"))
+            q, k, v = qkv_heads(rms_norm(x, w[f"{i}.ln1"], self.eps), w, i, self.dims)
+            keys[i][:, :, start:end] = apply_rope(k, cos, sin)
+            values[i][:, :, start:end] = v
+            att = self._attend(apply_rope(q, cos, sin), keys[i], values[i], bias)  # [N, H, L, D]
+            x = out_and_mlp(x, att.transpose(1, 2).flatten(2), w, i, self.dims)
+        return rms_norm(x[:, -1], w["norm"], self.eps)
 
     def _logprobs(self, hidden: Tensor) -> Tensor:  # [N, h] -> [N, V] fp32
         logits = F.linear(hidden, self.weights["lm_head"]).float()
@@ -215,7 +174,7 @@ class FastLlamaEngine:
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         # A padding query row would attend to nothing (NaN): let it see itself (its output is unused).
         visible = (causal & pmask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)  # [B, P, P]
-        hidden = self._forward(ids, pos, pre_k, pre_v, 0, self._bias(visible[:, None]))
+        hidden = self._forward(ids, pos, pre_k, pre_v, 0, additive_mask(visible[:, None]))
         for i in range(self.num_layers):
             keys[i][:, :, :P] = pre_k[i].repeat_interleave(K, 0)
             values[i][:, :, :P] = pre_v[i].repeat_interleave(K, 0)
@@ -246,7 +205,7 @@ class FastLlamaEngine:
                 keys = [k[keep] for k in keys]
                 values = [v[keep] for v in values]
             valid[..., P + t] = True
-            hidden = self._forward(tok[:, None], next_pos, keys, values, P + t, self._bias(valid))
+            hidden = self._forward(tok[:, None], next_pos, keys, values, P + t, additive_mask(valid))
             logp_next = self._logprobs(hidden)
             next_pos = next_pos + 1
         ids_out, logp_out = out_ids[:, :steps], out_logp[:, :steps]

@@ -38,7 +38,7 @@ from reclight.advantages import group_advantages
 from reclight.algorithms import get_algorithm
 from reclight.engine_hf import HFGenerateEngine
 from reclight.losses import policy_loss
-from reclight.policy import load_causal_lm, resolve_dtype, response_logprobs
+from reclight.policy import ATTN_IMPLEMENTATIONS, TRAIN_FORWARDS, load_causal_lm, resolve_dtype, response_logprobs
 from reclight.reliability import (
     NonFiniteGuard,
     check_model_path,
@@ -80,6 +80,13 @@ class RLModule(LightningModule):
         engine_options: extra keyword arguments of the ``vllm`` engine (e.g.
             ``{gpu_memory_utilization: 0.3, recompute_logp_behav: true}``); with
             ``recompute_logp_behav`` the sync callback generates eagerly (``WeightSync.eager``).
+        train_forward: the training log-prob forward: ``hf`` (the model's own forward on the
+            ``B * K`` sequences, any causal LM) or ``fused`` (Llama models, single device or DDP:
+            :func:`reclight.fused_llama.shared_prefix_hidden`: each prompt run once for its K
+            samples, attention written out; same values up to float rounding, faster on CPU).
+        attn_implementation: the HF attention kernel of the policy (None: the transformers
+            default, ``sdpa``); ``eager`` is faster for bf16 training on CPU (measured in
+            ``docs/benchmarks.md``).
         use_chat_template: None uses the tokenizer's chat template when it has one.
         algorithm: preset name (``reclight.algorithms.PRESETS``).
         algorithm_overrides: fields of ``AlgorithmConfig`` to change, e.g. ``{eps_high: 0.28}``.
@@ -111,6 +118,8 @@ class RLModule(LightningModule):
         engine_dtype: str | None = None,
         engine: str = "hf",
         engine_options: dict[str, Any] | None = None,
+        train_forward: str = "hf",
+        attn_implementation: str | None = None,
         use_chat_template: bool | None = None,
         algorithm: str = "rec_oneside_nois",
         algorithm_overrides: dict[str, Any] | None = None,
@@ -138,6 +147,12 @@ class RLModule(LightningModule):
             resolve_dtype(engine_dtype, "engine_dtype")
         if engine not in ("hf", "fast", "vllm"):
             raise ValueError(f"engine={engine!r} is not valid; accepted: 'hf', 'fast', 'vllm'")
+        if train_forward not in TRAIN_FORWARDS:
+            raise ValueError(f"train_forward={train_forward!r} is not valid; accepted: "
+                             + ", ".join(map(repr, TRAIN_FORWARDS)))
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={attn_implementation!r} is not valid; accepted: "
+                             + ", ".join(map(repr, ATTN_IMPLEMENTATIONS)))
         if engine_options and engine != "vllm":
             raise ValueError(
                 f"engine_options={engine_options!r} is not valid with engine={engine!r}; accepted: "
@@ -198,8 +213,24 @@ class RLModule(LightningModule):
         if path is None:
             path = str(build_tiny(self.hparams.tiny_dir, self.tiny_cfg, seed=self.run_seed))
         self._model_path = path
-        self.policy, self.tokenizer = load_causal_lm(path, self.hparams.dtype)
+        self.policy, self.tokenizer = load_causal_lm(path, self.hparams.dtype,
+                                                     attn_implementation=self.hparams.get("attn_implementation"))
         self.policy.train()
+        if self.hparams.get("train_forward", "hf") == "fused":
+            from reclight.fused_llama import llama_problems
+
+            problems = llama_problems(self.policy.config)
+            if problems:
+                raise ValueError("train_forward='fused' does not support " + "; ".join(problems)
+                                 + "; use train_forward='hf'")
+
+    @property
+    def _train_forward(self) -> str:
+        mode = self.hparams.get("train_forward", "hf")
+        if mode == "fused" and self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__:
+            raise ValueError("train_forward='fused' is not valid with an FSDP strategy (it reads the full "
+                             "parameters outside the wrapped modules' forward); accepted with FSDP: 'hf'")
+        return mode
 
     def configure_callbacks(self) -> list:
         from reclight.callbacks import WeightSync
@@ -330,7 +361,7 @@ class RLModule(LightningModule):
             sl = slice(s, s + mb)
             logp, ent = response_logprobs(
                 self.policy, r.prompt_ids[sl], r.prompt_mask[sl], r.response_ids[sl], r.response_mask[sl],
-                temperature=self.sampling.temperature, return_entropy=True,
+                temperature=self.sampling.temperature, return_entropy=True, forward=self._train_forward,
             )
             loss, metrics = policy_loss(logp, r.logp_behav[sl], adv[sl], mask[sl], self.algo, **counts)
             # DDP averages gradients over ranks; x world turns that mean into the union's sum.
@@ -385,7 +416,7 @@ class RLModule(LightningModule):
         }
         if self._init_policy is not None:
             logp_init, _ = response_logprobs(self._init_policy.model, r.prompt_ids, r.prompt_mask, r.response_ids,
-                                             m, temperature=self.sampling.temperature)
+                                             m, temperature=self.sampling.temperature, forward=self._train_forward)
             d = torch.where(m, logp_init - logp, 0.0)
             rho = torch.where(m, logp - r.logp_behav, 0.0).exp()
             out["kl/init"] = (rho * (d.exp() - 1 - d) * m).sum() / n_tok

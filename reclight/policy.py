@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - only before reclight/logprobs.py exist
     causal_lm_hidden_and_head = None
     token_logprobs = None
 
+TRAIN_FORWARDS = ("hf", "fused")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -31,8 +32,14 @@ def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
     return DTYPES[name]
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Any, Any]:
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32",
+                   attn_implementation: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a Hugging Face causal LM id or local folder.
+
+    ``attn_implementation`` picks the HF attention kernel (None: the transformers default).
 
     The tokenizer is set to left padding (generation) with a pad token (EOS when it has none).
     Set ``HF_HUB_OFFLINE=1`` to forbid any network access.
@@ -43,7 +50,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32") -> tuple[Any, Any]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **kw)
     return model, tokenizer
 
 
@@ -110,22 +118,36 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    forward: str = "hf",
 ) -> tuple[Tensor, Tensor | None]:  # logp [B, K, T] fp32 (0 off-mask), entropy [B, K, T] | None
     """``logp[b, k, t] = log softmax(logits / temperature)[response_ids[b, k, t]]`` given the
     prompt and the earlier response tokens, with gradient when ``model`` has it.
 
     Only the ``response_mask`` positions go through the LM head. ``entropy`` is the entropy of
     the same tempered next-token distribution (differentiable; detach it for logging).
+
+    ``forward``: ``"hf"`` runs the model's own forward on the ``B * K`` sequences ``prompt +
+    response``; ``"fused"`` (Llama only) runs :func:`reclight.fused_llama.shared_prefix_hidden`:
+    each prompt once for its K samples, attention written out. Same values up to float rounding.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} is not valid; accepted: temperature > 0")
+    if forward not in TRAIN_FORWARDS:
+        raise ValueError(f"forward={forward!r} is not valid; accepted: {', '.join(map(repr, TRAIN_FORWARDS))}")
     B, K, T = response_ids.shape
     P = prompt_ids.shape[1]
-    ids = torch.cat([prompt_ids.repeat_interleave(K, 0), response_ids.reshape(B * K, T)], dim=1)
-    attn = torch.cat([prompt_mask.repeat_interleave(K, 0), response_mask.reshape(B * K, T)], dim=1).long()
-    hidden, weight, bias = _hidden_and_head(model, ids, attn, position_ids_from_mask(attn))
-    # hidden[:, j] predicts token j + 1: the response tokens P..P+T-1 come from P-1..P+T-2.
-    hidden = hidden[:, P - 1 : P + T - 1].reshape(B, K, T, -1)
+    if forward == "fused":
+        from reclight.fused_llama import shared_prefix_hidden
+
+        hidden = shared_prefix_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+        head = model.get_output_embeddings()
+        weight, bias = head.weight, getattr(head, "bias", None)
+    else:
+        ids = torch.cat([prompt_ids.repeat_interleave(K, 0), response_ids.reshape(B * K, T)], dim=1)
+        attn = torch.cat([prompt_mask.repeat_interleave(K, 0), response_mask.reshape(B * K, T)], dim=1).long()
+        hidden, weight, bias = _hidden_and_head(model, ids, attn, position_ids_from_mask(attn))
+        # hidden[:, j] predicts token j + 1: the response tokens P..P+T-1 come from P-1..P+T-2.
+        hidden = hidden[:, P - 1 : P + T - 1].reshape(B, K, T, -1)
     mask = response_mask.bool()
     logp_flat, ent_flat = _token_logprobs(hidden[mask], weight, response_ids[mask], bias, temperature, return_entropy)
     logp = torch.zeros(B, K, T, dtype=torch.float32, device=hidden.device).masked_scatter(mask, logp_flat)
