@@ -129,6 +129,12 @@ def _timed(obj: Any, name: str, key: str, gate: Gate) -> None:
     setattr(obj, name, wrapper)
 
 
+def _attn(opts: dict[str, Any]) -> dict[str, Any]:
+    """Pops the arm option ``attn_implementation`` (HF attention kernel) into from_pretrained kwargs."""
+    impl = opts.pop("attn_implementation", None)
+    return {} if impl is None else {"attn_implementation": impl}
+
+
 def _reward(text: str, answer: str) -> float:
     return 1.0 if text.strip() == answer else 0.0
 
@@ -140,7 +146,7 @@ def run_floor(spec: Spec, gate: Gate) -> None:
 
     opts = spec.options
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, **_attn(opts))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     K, eos = spec.K, tok.eos_token_id
@@ -197,8 +203,9 @@ def run_trl(spec: Spec, gate: Gate) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     B = len(spec.prompts[0])
+    opts = dict(spec.options)
     tok = AutoTokenizer.from_pretrained(spec.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, **_attn(opts))
     ds = Dataset.from_dict({"prompt": [p for ps in spec.prompts for p in ps],
                             "answer": [a for ans in spec.answers for a in ans]})
 
@@ -218,7 +225,7 @@ def run_trl(spec: Spec, gate: Gate) -> None:
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, log_completions=False, seed=spec.seed, dataloader_num_workers=0,
     )
-    cfg.update(spec.options)
+    cfg.update(opts)
     trainer_ref: list[Any] = []
 
     class GateCallback(TrainerCallback):
@@ -447,6 +454,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"| `{s['arm']}` | {s['median_s']:.3f} | {s['ratio_vs_first']:.2f}x | {s['median_quiet_s']:.3f} "
               f"({s['n_quiet']}/{s['n']}) | {s['others_cores_median']:.2f} / {s['others_cores_max']:.2f} "
               f"| {s['resp_tokens_median']:.0f} |")
+    ref_rows = steps[ref["arm"]][args.warmup :]
+    print(f"\nRatios vs `{ref['arm']}` (same round = same machine conditions; CPU time = wall x own cores)\n")
+    print("| arm | median / median | per-round ratio: median (min-max) | CPU-time ratio: median (min-max) |")
+    print("|---|---|---|---|")
+    for s in summary:
+        rows = steps[s["arm"]][args.warmup :]
+        wall = [r["wall"] / q["wall"] for r, q in zip(rows, ref_rows)]
+        cpu = [r["wall"] * r["own_cores"] / (q["wall"] * q["own_cores"]) for r, q in zip(rows, ref_rows)]
+        s["per_round_ratio"] = {"median": _median(wall), "min": min(wall), "max": max(wall)}
+        s["cpu_time_ratio"] = {"median": _median(cpu), "min": min(cpu), "max": max(cpu)}
+        print(f"| `{s['arm']}` | {s['ratio_vs_first']:.2f}x | {_median(wall):.2f}x ({min(wall):.2f}-{max(wall):.2f}) "
+              f"| {_median(cpu):.2f}x ({min(cpu):.2f}-{max(cpu):.2f}) |")
     print("\nWhere the time goes (median seconds per step; `other` = the step minus the named parts)\n")
     print("| arm | " + " | ".join(f"{k}" for k in (*PARTS, "other")) + " |")
     print("|---" * (len(PARTS) + 2) + "|")
