@@ -26,12 +26,14 @@ Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reclight.fsdp import full_weights
 from reclight.fused_llama import (
     LlamaDims,
     additive_mask,
@@ -94,18 +96,20 @@ class FastLlamaEngine:
         self.update_weights(policy, 0)
 
     # -- weights ---------------------------------------------------------------------------------
-    @staticmethod
-    def _sources(policy: torch.nn.Module) -> dict[str, list[Tensor]]:
+    def _sources(self, policy: torch.nn.Module | Mapping[str, Tensor]) -> dict[str, list[Tensor]]:
         """Engine tensor name -> the policy tensors it is the concatenation of (along dim 0)."""
-        return fused_sources(policy)
+        return fused_sources(policy, self.num_layers)
 
     def _allocate(self, policy: torch.nn.Module) -> dict[str, Tensor]:
         return {name: torch.empty((sum(t.shape[0] for t in ts), *ts[0].shape[1:]), dtype=self.dtype, device=self.device)
                 for name, ts in self._sources(policy).items()}
 
     @torch.no_grad()
-    def update_weights(self, policy: torch.nn.Module, version: int) -> None:
-        """Copy ``policy``'s weights into the fused tensors, in place (casts dtype, allocates nothing)."""
+    def update_weights(self, policy: torch.nn.Module | Mapping[str, Tensor], version: int) -> None:
+        """Copy ``policy``'s weights (a module, or its full state dict with HF names) into the
+        fused tensors, in place (casts dtype, allocates nothing)."""
+        if isinstance(policy, torch.nn.Module):
+            policy = full_weights(policy)  # the module itself unless it is sharded
         for name, srcs in self._sources(policy).items():
             dst, row = self.weights[name], 0
             for src in srcs:

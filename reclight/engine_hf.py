@@ -16,11 +16,13 @@ penalties, ...) is replaced by an explicit one so nothing else changes the distr
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from reclight.fsdp import full_weights, is_sharded
 from reclight.policy import resolve_dtype
 from reclight.rollout import Generation, SamplingConfig
 
@@ -93,7 +95,9 @@ def hf_generate(
         processors.append(TopPLogitsWarper(top_p))
     extra = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
     device = next(model.parameters()).device
-    with torch.inference_mode():
+    # Not inference_mode on a sharded (FSDP2) policy: its unshard buffers are reused by training
+    # forwards, and tensors created in inference mode cannot be updated outside it.
+    with torch.no_grad() if is_sharded(model) else torch.inference_mode():
         seqs = model.generate(
             input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device).long(),
             generation_config=gen_cfg, logits_processor=processors, **extra,
@@ -151,11 +155,24 @@ class HFGenerateEngine:
         return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version)
 
     @torch.no_grad()
-    def update_weights(self, policy: torch.nn.Module, version: int) -> None:
-        src = dict(policy.named_parameters())
-        src.update(dict(policy.named_buffers()))
-        for name, dst in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+    def update_weights(self, policy: torch.nn.Module | Mapping[str, Tensor], version: int) -> None:
+        """Copy the policy's weights (a module, or its full state dict with HF names, e.g.
+        gathered from a sharded policy by ``reclight.fsdp.full_weights``) into the engine's
+        model, in place. Buffers are copied when the source has them (a state dict holds
+        only persistent ones, e.g. not the rotary ``inv_freq``, which never changes)."""
+        policy = full_weights(policy) if isinstance(policy, torch.nn.Module) else policy
+        if isinstance(policy, torch.nn.Module):
+            src = dict(policy.named_parameters())
+            src.update(dict(policy.named_buffers()))
+        else:
+            src = dict(policy)
+        for name, dst in self.model.named_parameters():
+            if name not in src and name == "lm_head.weight" and "model.embed_tokens.weight" in src:
+                name = "model.embed_tokens.weight"  # tied embeddings
             dst.copy_(src[name])  # in place: casts dtype/device, allocates nothing
+        for name, dst in self.model.named_buffers():
+            if name in src:
+                dst.copy_(src[name])
         self.version = int(version)
 
     def state_dict(self) -> dict[str, Any]:

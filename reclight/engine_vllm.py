@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reclight.fsdp import full_weights
 from reclight.rollout import Generation, SamplingConfig
 
 
@@ -201,7 +202,9 @@ class VLLMEngine:
 
     @torch.no_grad()
     def update_weights(self, policy: torch.nn.Module, version: int) -> None:
-        weights = [(name, t.detach()) for name, t in policy.state_dict().items()]
+        full = full_weights(policy)  # gathered when the policy is sharded (FSDP2)
+        state = full.state_dict() if isinstance(full, torch.nn.Module) else full
+        weights = [(name, t.detach()) for name, t in state.items()]
         self.llm.collective_rpc(_load_weights_in_worker, args=(weights,))
         self.llm.reset_prefix_cache()
         self._policy = policy

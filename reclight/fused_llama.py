@@ -30,6 +30,7 @@ attended differently from HF's path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -68,23 +69,31 @@ class LlamaDims:
         return 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
 
 
-def fused_sources(policy: torch.nn.Module) -> dict[str, list[Tensor]]:
-    """Fused tensor name -> the policy tensors it is the concatenation of (along dim 0)."""
-    m = policy.model
-    out: dict[str, list[Tensor]] = {"embed": [m.embed_tokens.weight], "norm": [m.norm.weight],
-                                    "lm_head": [policy.get_output_embeddings().weight]}
-    for i, layer in enumerate(m.layers):
-        a, mlp = layer.self_attn, layer.mlp
-        out[f"{i}.ln1"] = [layer.input_layernorm.weight]
-        out[f"{i}.ln2"] = [layer.post_attention_layernorm.weight]
-        out[f"{i}.wqkv"] = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
-        out[f"{i}.wo"] = [a.o_proj.weight]
-        out[f"{i}.wgu"] = [mlp.gate_proj.weight, mlp.up_proj.weight]
-        out[f"{i}.wdown"] = [mlp.down_proj.weight]
-        for name, mods in ((f"{i}.bqkv", (a.q_proj, a.k_proj, a.v_proj)), (f"{i}.bo", (a.o_proj,)),
-                           (f"{i}.bgu", (mlp.gate_proj, mlp.up_proj)), (f"{i}.bdown", (mlp.down_proj,))):
-            if mods[0].bias is not None:
-                out[name] = [mod.bias for mod in mods]
+def fused_sources(weights: torch.nn.Module | Mapping[str, Tensor], num_layers: int | None = None
+                  ) -> dict[str, list[Tensor]]:
+    """Fused tensor name -> the policy tensors it is the concatenation of (along dim 0).
+
+    ``weights``: a ``LlamaForCausalLM`` (its parameters, so autograd links are kept) or a state
+    dict with Hugging Face names (e.g. the full weights gathered from a sharded policy). Tied
+    embeddings: ``lm_head.weight`` may be absent; the input embedding is used then."""
+    if isinstance(weights, torch.nn.Module):
+        num_layers = weights.config.num_hidden_layers
+        weights = dict(weights.named_parameters())  # shared (tied) tensors appear once
+    elif num_layers is None:
+        raise ValueError("fused_sources(state_dict) needs num_layers")
+    embed = weights["model.embed_tokens.weight"]
+    out: dict[str, list[Tensor]] = {"embed": [embed], "norm": [weights["model.norm.weight"]],
+                                    "lm_head": [weights.get("lm_head.weight", embed)]}
+    for i in range(num_layers):
+        pre = f"model.layers.{i}."
+        out[f"{i}.ln1"] = [weights[pre + "input_layernorm.weight"]]
+        out[f"{i}.ln2"] = [weights[pre + "post_attention_layernorm.weight"]]
+        for name, mods in ((f"{i}.{{}}qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                           (f"{i}.{{}}o", ("self_attn.o_proj",)), (f"{i}.{{}}gu", ("mlp.gate_proj", "mlp.up_proj")),
+                           (f"{i}.{{}}down", ("mlp.down_proj",))):
+            out[name.format("w")] = [weights[f"{pre}{m}.weight"] for m in mods]
+            if f"{pre}{mods[0]}.bias" in weights:
+                out[name.format("b")] = [weights[f"{pre}{m}.bias"] for m in mods]
     return out
 
 
@@ -233,9 +242,9 @@ def shared_prefix_hidden(
             packed = qkv_roped(rms_norm(xr, w[f"{i}.ln1"], eps), w, i, dims, cos_r, sin_r)  # [M, C]
             # Head-major [B, heads, K, T1, D]: the K samples of a prompt are one batch of a matmul
             # against the prompt's keys, so the prompt's keys and values are never copied K times.
-            full = packed.new_zeros(B, Htot, K, T1, D)
-            full[bi, :, ki, ti] = packed.view(M, Htot, D)
-            qr, kr, vr = full.split((H, Hkv, Hkv), dim=1)
+            full = packed.new_zeros(N * T1, packed.shape[-1]).index_copy(0, idx, packed)
+            heads = full.view(B, K, T1, Htot, D).permute(0, 3, 1, 2, 4).contiguous()
+            qr, kr, vr = heads.split((H, Hkv, Hkv), dim=1)
             if Hkv != H:  # grouped-query attention
                 kr, vr = kr.repeat_interleave(H // Hkv, dim=1), vr.repeat_interleave(H // Hkv, dim=1)
             s_prompt = torch.matmul(qr.reshape(B, H, K * T1, D), kp.transpose(-1, -2)).view(B, H, K, T1, P)
@@ -244,7 +253,8 @@ def shared_prefix_hidden(
             p_prompt, p_self = probs.split((P, T1), dim=-1)
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))
-            xr = out_and_mlp(xr, att_r[bi, :, ki, ti].reshape(M, H * D), w, i, dims)
+            att_r = att_r.permute(0, 2, 3, 1, 4).reshape(N * T1, H * D).index_select(0, idx)
+            xr = out_and_mlp(xr, att_r, w, i, dims)
         xp = out_and_mlp(xp, att_p.transpose(1, 2).reshape(B, P, H * D), w, i, dims)
     first = rms_norm(xp[:, -1], w["norm"], eps)  # [B, h]: predicts response token 0
     first = first[:, None, None].expand(B, K, 1, first.shape[-1])

@@ -297,7 +297,11 @@ def causal_lm_hidden_and_head(
             "LM head with .weight (a *ForCausalLM model)"
         )
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if backbone is not None and backbone is not model:
+    # An FSDP2-sharded model (torch's FSDPModule) unshards its own parameters (embeddings, final
+    # norm, LM head) only inside ITS forward: run the whole model, keeping one position's logits
+    # (``logits_to_keep=1``); the LM head weight stays unsharded until the backward.
+    fsdp_root = _is_fsdp_module(model)
+    if backbone is not None and backbone is not model and not fsdp_root:
         out = backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -312,9 +316,18 @@ def causal_lm_hidden_and_head(
             position_ids=position_ids,
             use_cache=False,
             output_hidden_states=True,
+            **({"logits_to_keep": 1} if fsdp_root else {}),
         )
         hidden = out.hidden_states[-1]
     return hidden, head.weight, getattr(head, "bias", None)
+
+
+def _is_fsdp_module(model: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(model, FSDPModule)
 
 
 def causal_lm_token_logprobs(

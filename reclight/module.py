@@ -25,7 +25,6 @@ Departures from a textbook trainer, listed up front:
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any
@@ -48,6 +47,8 @@ from reclight.reliability import (
     rollout_health,
     set_rng_state,
 )
+from reclight.fsdp import is_sharded as _is_sharded
+from reclight.fsdp import unsharded_copy
 from reclight.rollout import RolloutBatch, SamplingConfig
 from reclight.tiny import TinyModelConfig, build_tiny
 from reclight.warmup import WarmupConfig, greedy_eval, supervised_warmup
@@ -216,6 +217,9 @@ class RLModule(LightningModule):
         self.policy, self.tokenizer = load_causal_lm(path, self.hparams.dtype,
                                                      attn_implementation=self.hparams.get("attn_implementation"))
         self.policy.train()
+        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
+        if mesh is not None:
+            self._shard_policy(mesh)
         if self.hparams.get("train_forward", "hf") == "fused":
             from reclight.fused_llama import llama_problems
 
@@ -224,10 +228,22 @@ class RLModule(LightningModule):
                 raise ValueError("train_forward='fused' does not support " + "; ".join(problems)
                                  + "; use train_forward='hf'")
 
+    def _shard_policy(self, mesh: Any) -> None:
+        """FSDP2 over the data-parallel dimension of Lightning's ``ModelParallelStrategy`` mesh
+        (``configs/strategy/fsdp.yaml``); tensor parallelism is not implemented."""
+        from reclight.fsdp import shard_policy
+
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
+            raise ValueError(f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()} is not "
+                             "valid; accepted: 1 (reclight shards the policy with FSDP over data_parallel only)")
+        shard_policy(self.policy, mesh["data_parallel"] if "data_parallel" in names else mesh)
+
     @property
     def _train_forward(self) -> str:
         mode = self.hparams.get("train_forward", "hf")
-        if mode == "fused" and self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__:
+        if mode == "fused" and self._trainer is not None and (
+                "FSDP" in type(self.trainer.strategy).__name__ or _is_sharded(self.policy)):
             raise ValueError("train_forward='fused' is not valid with an FSDP strategy (it reads the full "
                              "parameters outside the wrapped modules' forward); accepted with FSDP: 'hf'")
         return mode
@@ -270,12 +286,14 @@ class RLModule(LightningModule):
             engine_cls = HFGenerateEngine
             if self.hparams.engine == "fast":
                 from reclight.engine_fast import FastLlamaEngine as engine_cls
-            self.engine = engine_cls(self.policy, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
+            # Sharded (FSDP2): the engine is built from a gathered, unsharded copy.
+            source = unsharded_copy(self.policy) if _is_sharded(self.policy) else self.policy
+            self.engine = engine_cls(source, self.tokenizer, self.sampling, self.hparams.engine_dtype, stop)
         if self._engine_state is not None:
             self.engine.load_state_dict(self._engine_state)
             self._engine_state = None
         if self.hparams.log_kl_init and self._init_policy is None:
-            self._init_policy = _Frozen(copy.deepcopy(self.policy).eval().requires_grad_(False))
+            self._init_policy = _Frozen(unsharded_copy(self.policy).eval().requires_grad_(False))
 
     def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
         # Warm-up runs before the RL steps: log to the loggers directly (self.log is not allowed).
@@ -466,6 +484,6 @@ class RLModule(LightningModule):
         if "skip_guard" in state:
             self._skip_guard.load_state_dict(state["skip_guard"])
         if "init_policy" in state and self.policy is not None:
-            init = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            init = unsharded_copy(self.policy).eval().requires_grad_(False)
             init.load_state_dict(state["init_policy"])
             self._init_policy = _Frozen(init)

@@ -98,12 +98,33 @@ def tiny_model_path(root: str | os.PathLike, cfg: TinyModelConfig, seed: int) ->
     return Path(root) / name
 
 
+def _distributed_rank() -> int | None:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+def _wait_for(path: Path, rank: int, timeout: float = 600.0) -> Path:
+    """Wait until rank 0's ``build_tiny`` has renamed the finished folder into place."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ((path / "config.json").is_file() and (path / "tokenizer.json").is_file()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"build_tiny on rank {rank}: rank 0 did not write the tiny model to {path} "
+                               f"within {timeout:.0f} s")
+        time.sleep(0.1)
+    return path
+
+
 def build_tiny(root: str | os.PathLike, cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> Path:
     """Write the tokenizer and a randomly initialised tiny Llama (seeded by ``seed``) with
     ``save_pretrained`` under ``root`` and return the folder; reuse it if it already exists.
 
     The folder is written to a temporary sibling and renamed into place, so two runs that build
-    the same model at once (or a run killed half-way) never leave a half-written model.
+    the same model at once (or a run killed half-way) never leave a half-written model. Under
+    torch.distributed only rank 0 writes (transformers' ``save_pretrained`` skips other ranks,
+    which would otherwise rename an EMPTY folder into place); the other ranks wait for it.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -111,6 +132,9 @@ def build_tiny(root: str | os.PathLike, cfg: TinyModelConfig = TinyModelConfig()
     path = tiny_model_path(root, cfg, seed)
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return path
+    rank = _distributed_rank()
+    if rank:  # transformers' save_pretrained writes nothing on ranks != 0: rank 0 builds it
+        return _wait_for(path, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,12 @@ the script for every extra rank). Every process builds the same global rollout b
 fixed generator and trains on its rank's share, chosen by ``RLDataModule.prompts_for_step``;
 after the step each rank saves its gradients and parameters to ``OUT/rank{r}.pt``.
 
-    python tests/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG]]
+    python tests/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY]]]
+
+STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through Lightning's ``ModelParallelStrategy``,
+the policy sharded by ``RLModule.configure_model``); the saved gradients and parameters are the
+full tensors either way. The engine is also synced once after the step (a collective gather under
+FSDP) and its weights saved, so the test can check the sync path.
 """
 
 import sys
@@ -59,7 +64,22 @@ class FixedRollout(WeightSync):
         return RolloutBatch.from_state_dict(state)
 
 
-def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg: str = "token_mean") -> None:
+def _strategy(name: str, world: int):
+    if world == 1:
+        return "auto"
+    if name == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return "ddp"
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # a DTensor shard under FSDP2
+
+
+def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg: str = "token_mean",
+         strategy: str = "ddp") -> None:
     module = RLModule(
         tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
         tiny_dir=tiny_dir, algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
@@ -67,16 +87,20 @@ def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg:
     )
     data = RLDataModule(task=Arithmetic(val_size=8, test_size=8), prompts_per_step=B, eval_size=4, seed=0)
     trainer = Trainer(
-        accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto", max_steps=1,
+        accelerator="cpu", devices=world, strategy=_strategy(strategy, world), max_steps=1,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[FixedRollout()],
     )
     trainer.fit(module, datamodule=data)
     policy = module.policy
+    module.engine.update_weights(policy, 1)  # the weight sync path (gathers full tensors when sharded)
+    engine = {n: p.detach().clone() for n, p in module.engine.model.named_parameters()}
     torch.save(
         {
-            "grads": {n: p.grad.detach().clone() for n, p in policy.named_parameters()},
-            "params": {n: p.detach().clone() for n, p in policy.named_parameters()},
+            "grads": {n: _full(p.grad).detach().clone() for n, p in policy.named_parameters()},
+            "params": {n: _full(p).detach().clone() for n, p in policy.named_parameters()},
+            "engine": engine,
+            "sharded": type(policy.model.layers[0].self_attn.q_proj.weight).__name__,
         },
         f"{out}/rank{trainer.global_rank}.pt",
     )
