@@ -126,7 +126,15 @@ def plot_settings(cfg: ClaimsConfig, results: dict, out: Path) -> list[Path]:
 def run_claims(cfg: ClaimsConfig, log=print) -> Path:
     """Run the suite and write ``claims.md``, ``summary.json`` and PNGs into ``cfg.out_dir``.
     Returns the report path."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and the CPU is shared)
+    try:
+        return _run_claims(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # do not leak the setting into the caller's process
+
+
+def _run_claims(cfg: ClaimsConfig, log) -> Path:
     start = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -179,3 +179,36 @@ def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monk
     init = dict(AutoModelForCausalLM.from_pretrained(next((tmp_path / "tiny").iterdir())).named_parameters())
     for name, p in cli.model.policy.named_parameters():
         assert p.dtype == torch.float32 and not torch.equal(p, init[name]), name
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_engines_update_from_a_full_state_dict(tmp_path, tied):
+    """Under FSDP the engines are synced from the gathered full state dict (HF names), not from
+    the module: both engines end up with exactly the weights of the module path, with tied or
+    untied embeddings (a state dict may omit ``lm_head.weight`` when it is tied)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reclight.engine_hf import HFGenerateEngine
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    sampling = SamplingConfig(num_samples=2, max_new_tokens=4)
+    fast, hf = FastLlamaEngine(model, tok, sampling), HFGenerateEngine(model, tok, sampling)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if tied:
+        state.pop("lm_head.weight", None)
+    fast.update_weights(state, version=3)
+    hf.update_weights(state, version=3)
+    ref_fast = FastLlamaEngine(model, tok, sampling)  # built from the module after the change
+    for name, t in ref_fast.weights.items():
+        assert torch.equal(fast.weights[name], t), name
+    for name, p in model.named_parameters():
+        assert torch.equal(dict(hf.model.named_parameters())[name], p), name
+    assert fast.version == hf.version == 3

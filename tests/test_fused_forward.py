@@ -129,19 +129,14 @@ def test_module_options_validated():
         RLModule(tiny=MICRO, attn_implementation="flash")
 
 
-def test_training_steps_same_weights_as_hf_forward(tmp_path):
-    """Two whole trainer steps (engine rollout, advantages, loss, AdamW) with ``train_forward:
-    fused`` land on the same weights as with ``hf``; and the KL monitor (which runs the frozen
-    initial policy through the same forward) gives the same, non-zero, value at step 2."""
-    hf, _, _ = fit_micro(tmp_path / "hf", 2)
-    fused, _, _ = fit_micro(tmp_path / "fused", 2, train_forward="fused", attn_implementation="eager")
-    # Adam divides by sqrt(v): float-rounding differences of near-zero gradients grow to ~1e-6 in
-    # two steps at lr 3e-2, against weight moves of ~1e-2.
-    for (name, p), q in zip(hf.policy.named_parameters(), fused.policy.parameters()):
-        assert_close(q, p, rtol=0, atol=1e-5, msg=name)
-    init, _, _ = fit_micro(tmp_path / "zero", 1, lr=1e-12)
-    assert max((p - q).abs().max().item() for p, q in zip(hf.policy.parameters(), init.policy.parameters())) > 1e-3
+def test_trainer_step_same_gradients_as_hf_forward(tmp_path):
+    """A whole trainer step (engine rollout, advantages, loss, backward) with ``train_forward:
+    fused`` produces the same gradient of every parameter as with ``hf`` (clipping off, so the raw
+    gradients are compared). Weights after AdamW are not compared: Adam turns float-rounding
+    differences of near-zero gradients into steps of +-lr."""
+    hf, _, _ = fit_micro(tmp_path / "hf", 1, grad_clip=0.0)
+    fused, _, _ = fit_micro(tmp_path / "fused", 1, grad_clip=0.0, train_forward="fused", attn_implementation="eager")
     assert fused.policy.config._attn_implementation == "eager"
-    k_hf, k_fused = hf.trainer.callback_metrics["kl/init"], fused.trainer.callback_metrics["kl/init"]
-    assert k_hf > 1e-6
-    assert_close(k_fused, k_hf, rtol=1e-3, atol=1e-8)
+    for (name, p), q in zip(hf.policy.named_parameters(), fused.policy.parameters()):
+        assert p.grad.abs().max() > 0, name
+        assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
