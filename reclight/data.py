@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from reclight.rollout import PromptSampler
 from reclight.tasks.arithmetic import Arithmetic
@@ -22,6 +22,22 @@ from reclight.tasks.base import Example, Task
 
 def _collate_indices(items: list[int]) -> torch.Tensor:
     return torch.tensor(items, dtype=torch.long)
+
+
+class _StepIndices(IterableDataset):
+    """The step indices ``0 .. n-1``, on EVERY rank. A step's prompts are split between ranks by
+    :meth:`RLDataModule.prompts_for_step`; the loader only paces the steps. Being an
+    ``IterableDataset``, it gets no ``DistributedSampler`` from Lightning under DDP/FSDP (which
+    would give each rank ``n / world`` batches per epoch and break ``val_check_interval``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class RLDataModule(LightningDataModule):
@@ -99,7 +115,7 @@ class RLDataModule(LightningDataModule):
         # An own generator: creating a loader iterator then never draws from the global torch RNG,
         # so a resumed run (which creates its iterators at other moments) keeps the global RNG
         # stream of a straight run (tests/test_resume.py compares the RNG states bitwise).
-        return DataLoader(list(range(max_steps)), batch_size=None, shuffle=False, generator=torch.Generator())
+        return DataLoader(_StepIndices(max_steps), batch_size=None, generator=torch.Generator())
 
     def _eval_loader(self, split: str) -> DataLoader:
         n = len(self.eval_examples(split))
