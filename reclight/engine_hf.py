@@ -166,9 +166,7 @@ class HFGenerateEngine:
             src.update(dict(policy.named_buffers()))
         else:
             src = dict(policy)
-        for name, dst in self.model.named_parameters():
-            if name not in src and name == "lm_head.weight" and "model.embed_tokens.weight" in src:
-                name = "model.embed_tokens.weight"  # tied embeddings
+        for name, dst in self.model.named_parameters():  # a tied head is not listed: nothing to map
             dst.copy_(src[name])  # in place: casts dtype/device, allocates nothing
         for name, dst in self.model.named_buffers():
             if name in src:

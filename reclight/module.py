@@ -218,9 +218,13 @@ class RLModule(LightningModule):
                                                      attn_implementation=self.hparams.get("attn_implementation"))
         self.policy.train()
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
+        fsdp_strategy = self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
+        if self._train_forward == "fused" and (mesh is not None or fsdp_strategy):
+            raise ValueError("train_forward='fused' is not valid with a sharded policy (FSDP: it reads the full "
+                             "parameters outside the wrapped modules' forward); accepted with FSDP: 'hf'")
         if mesh is not None:
             self._shard_policy(mesh)
-        if self.hparams.get("train_forward", "hf") == "fused":
+        if self._train_forward == "fused":
             from reclight.fused_llama import llama_problems
 
             problems = llama_problems(self.policy.config)
@@ -240,13 +244,8 @@ class RLModule(LightningModule):
         shard_policy(self.policy, mesh["data_parallel"] if "data_parallel" in names else mesh)
 
     @property
-    def _train_forward(self) -> str:
-        mode = self.hparams.get("train_forward", "hf")
-        if mode == "fused" and self._trainer is not None and (
-                "FSDP" in type(self.trainer.strategy).__name__ or _is_sharded(self.policy)):
-            raise ValueError("train_forward='fused' is not valid with an FSDP strategy (it reads the full "
-                             "parameters outside the wrapped modules' forward); accepted with FSDP: 'hf'")
-        return mode
+    def _train_forward(self) -> str:  # validated against the strategy once, in configure_model
+        return self.hparams.get("train_forward", "hf")
 
     def configure_callbacks(self) -> list:
         from reclight.callbacks import WeightSync

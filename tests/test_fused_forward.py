@@ -140,3 +140,15 @@ def test_trainer_step_same_gradients_as_hf_forward(tmp_path):
     for (name, p), q in zip(hf.policy.named_parameters(), fused.policy.parameters()):
         assert p.grad.abs().max() > 0, name
         assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_forward_refused_under_fsdp(tmp_path):
+    """Validated once when the model is configured: a sharded policy cannot use the fused forward."""
+    from types import SimpleNamespace
+
+    from reclight.module import RLModule
+
+    module = RLModule(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), train_forward="fused", warmup=None)
+    module._device_mesh = SimpleNamespace()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(ValueError, match="train_forward='fused' is not valid with a sharded policy"):
+        module.configure_model()
