@@ -14,8 +14,9 @@ Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
   at construction, naming the field (use ``engine: hf`` then).
 - Each prompt is prefilled ONCE and its KV cache shared by its K samples (HF prefills all
   B * K copies).
-- Sampling is Gumbel-max (``argmax(logp + Gumbel)``, an exact sample of ``softmax(logits / T)``)
-  from a ``torch.Generator`` seeded by ``seed``: reproducible, but not the same samples as HF.
+- Sampling is by inverse CDF (one uniform per row located in the running sum of
+  ``softmax(logits / T)``, an exact sample up to fp32 rounding of that sum) from a
+  ``torch.Generator`` seeded by ``seed``: reproducible, but not the same samples as HF.
 - q/k/v and gate/up projections are fused (one matmul each); the weights may be held in bf16
   (``dtype``) while the trainer keeps fp32 master weights. The logits and the recorded
   ``logp_behav`` are always computed in fp32.
@@ -37,11 +38,10 @@ from reclight.fsdp import full_weights
 from reclight.fused_llama import (
     LlamaDims,
     additive_mask,
-    apply_rope,
     fused_sources,
     llama_problems,
     out_and_mlp,
-    qkv_heads,
+    qkv_roped,
     repeat_kv,
     rms_norm,
     rope_tables,
@@ -134,27 +134,41 @@ class FastLlamaEngine:
         scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
         return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
 
-    def _forward(self, ids: Tensor, pos: Tensor, keys: list[Tensor], values: list[Tensor], start: int,
-                 bias: Tensor) -> Tensor:
-        """Run ``ids`` [N, L] at positions ``pos`` [N, L], writing their keys/values into the cache
-        [N, Hkv, S, D] at ``start``; every query attends over the WHOLE cache (contiguous, so no
-        copies) with the additive ``bias`` [N, 1, L, S] (-inf on padding, on not-yet-written slots
-        and, in the prefill, on the future). Returns the last position's hidden [N, h]."""
-        w = self.weights
-        cos, sin = rope_tables(pos, self.inv_freq, self.dtype)  # [N, 1, L, D]
+    def _forward(self, ids: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor], values: list[Tensor],
+                 start: int, bias: Tensor) -> Tensor:
+        """Run ``ids`` [N, L] with RoPE tables ``cos``/``sin`` [N, L, 1, D] (their positions), writing
+        their keys/values into the cache [N, Hkv, S, D] at ``start``; every query attends over the
+        WHOLE cache (contiguous, so no copies) with the additive ``bias`` [N, 1, L, S] (-inf on
+        padding, on not-yet-written slots and, in the prefill, on the future). Returns the last
+        position's hidden [N, h]."""
+        w, dims = self.weights, self.dims
+        N, L = ids.shape
+        H, Hkv = dims.num_heads, dims.num_kv_heads
         x = F.embedding(ids, w["embed"])  # [N, L, h]
-        end = start + ids.shape[1]
+        end = start + L
         for i in range(self.num_layers):
-            q, k, v = qkv_heads(rms_norm(x, w[f"{i}.ln1"], self.eps), w, i, self.dims)
-            keys[i][:, :, start:end] = apply_rope(k, cos, sin)
+            # q|k|v token-major with RoPE applied to q and k in one op, then head-major views.
+            qkv = qkv_roped(rms_norm(x, w[f"{i}.ln1"], self.eps), w, i, dims, cos, sin)
+            q, k, v = qkv.view(N, L, H + 2 * Hkv, self.head_dim).transpose(1, 2).split((H, Hkv, Hkv), dim=1)
+            keys[i][:, :, start:end] = k
             values[i][:, :, start:end] = v
-            att = self._attend(apply_rope(q, cos, sin), keys[i], values[i], bias)  # [N, H, L, D]
-            x = out_and_mlp(x, att.transpose(1, 2).flatten(2), w, i, self.dims)
+            att = self._attend(q, keys[i], values[i], bias)  # [N, H, L, D]
+            x = out_and_mlp(x, att.transpose(1, 2).flatten(2), w, i, dims)
         return rms_norm(x[:, -1], w["norm"], self.eps)
 
     def _logprobs(self, hidden: Tensor) -> Tensor:  # [N, h] -> [N, V] fp32
         logits = F.linear(hidden, self.weights["lm_head"]).float()
         return torch.log_softmax(logits / self.sampling.temperature, dim=-1)
+
+    def _cache(self, shape: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor]]:
+        """The decoding KV cache, kept between calls of the same shape: a fresh multi-MB
+        allocation per rollout costs page faults and a zero fill. Stale slots are harmless: they
+        hold finite values from an earlier rollout and are masked (-inf) until written."""
+        if getattr(self, "_kv", None) is None or self._kv[0][0].shape != shape:
+            # Zeros, not empty: a masked slot gets probability 0, and 0 * garbage could be NaN.
+            self._kv = tuple([torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+                              for _ in range(self.num_layers)] for _ in range(2))
+        return self._kv
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,11 +179,10 @@ class FastLlamaEngine:
         dev = self.device
         ids, pmask = prompt_ids.to(dev), prompt_mask.to(dev).bool()
         gen = torch.Generator(device=dev).manual_seed(seed)
-        shape = (N, self.num_kv_heads, S, self.head_dim)
         cdt = self.cache_dtype
-        # Zeros, not empty: a masked slot gets probability 0, and 0 * garbage could be NaN.
-        keys = [torch.zeros(shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=cdt, device=dev) for _ in range(self.num_layers)]
+        keys, values = self._cache((N, self.num_kv_heads, S, self.head_dim))
+        # RoPE tables of every position a rollout can reach, looked up per step.
+        cos_tab, sin_tab = (t[0, 0] for t in rope_tables(torch.arange(S, device=dev)[None], self.inv_freq, self.dtype))
         # Prefill the B prompts once (a cache of P slots), then share it with the K samples of each.
         pos = (pmask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
         pre_shape = (B, self.num_kv_heads, P, self.head_dim)
@@ -178,13 +191,17 @@ class FastLlamaEngine:
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
         # A padding query row would attend to nothing (NaN): let it see itself (its output is unused).
         visible = (causal & pmask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev)  # [B, P, P]
-        hidden = self._forward(ids, pos, pre_k, pre_v, 0, additive_mask(visible[:, None]))
+        hidden = self._forward(ids, cos_tab[pos][:, :, None], sin_tab[pos][:, :, None], pre_k, pre_v, 0,
+                               additive_mask(visible[:, None]))
         for i in range(self.num_layers):
             keys[i][:, :, :P] = pre_k[i].repeat_interleave(K, 0)
             values[i][:, :, :P] = pre_v[i].repeat_interleave(K, 0)
         logp_next = self._logprobs(hidden).repeat_interleave(K, 0)  # [N, V]
-        valid = torch.zeros(N, 1, 1, S, dtype=torch.bool, device=dev)  # cache slots a new token may see
-        valid[:, 0, 0, :P] = pmask.repeat_interleave(K, 0)
+        vocab = logp_next.shape[-1]
+        # The additive mask of a new token's query over the cache, updated in place: the prompt's
+        # real tokens, then each response slot once it is written.
+        bias = torch.full((N, 1, 1, S), float("-inf"), dtype=torch.float32, device=dev)
+        bias[:, 0, 0, :P].masked_fill_(pmask.repeat_interleave(K, 0), 0.0)
         next_pos = pos[:, -1:].repeat_interleave(K, 0) + 1  # [N, 1]
         eos = torch.tensor(self.eos_ids, device=dev)
         out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=dev)
@@ -193,8 +210,7 @@ class FastLlamaEngine:
         done = torch.zeros(N, dtype=torch.bool, device=dev)
         steps = 0
         for t in range(T):
-            gumbel = -torch.empty_like(logp_next).exponential_(generator=gen).log()
-            tok = (logp_next + gumbel).argmax(-1)  # [n]
+            tok = self._sample(logp_next, gen, vocab)  # [n]
             tok = torch.where(done, self.pad_id, tok)
             out_ids[rows, t] = tok
             out_logp[rows, t] = torch.where(done, 0.0, logp_next.gather(-1, tok[:, None]).squeeze(-1))
@@ -205,17 +221,29 @@ class FastLlamaEngine:
                 break
             if n_live <= self.compact_below * len(rows):  # drop finished sequences from the batch
                 keep = (~done).nonzero().squeeze(1)
-                rows, tok, done, next_pos, valid = rows[keep], tok[keep], done[keep], next_pos[keep], valid[keep]
+                rows, tok, done, next_pos, bias = rows[keep], tok[keep], done[keep], next_pos[keep], bias[keep]
                 keys = [k[keep] for k in keys]
                 values = [v[keep] for v in values]
-            valid[..., P + t] = True
-            hidden = self._forward(tok[:, None], next_pos, keys, values, P + t, additive_mask(valid))
+            bias[..., P + t] = 0.0
+            hidden = self._forward(tok[:, None], cos_tab[next_pos][:, :, None], sin_tab[next_pos][:, :, None],
+                                   keys, values, P + t, bias)
             logp_next = self._logprobs(hidden)
             next_pos = next_pos + 1
         ids_out, logp_out = out_ids[:, :steps], out_logp[:, :steps]
         is_eos = torch.isin(ids_out, eos).long()
         mask = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first EOS (a sampled pad is real)
         return ids_out.reshape(B, K, steps), mask.reshape(B, K, steps), logp_out.masked_fill(~mask, 0.0).reshape(B, K, steps)
+
+    @staticmethod
+    def _sample(logp: Tensor, gen: torch.Generator, vocab: int) -> Tensor:  # [n, V] fp32 -> [n] long
+        """One token per row from ``softmax(logp)`` by inverse-CDF sampling: one uniform per row
+        (``U * total``, located in the running sum of the probabilities). Exact up to the fp32
+        rounding of the running sum; tokens of probability 0 are never drawn (``right=True``:
+        the first index whose running sum EXCEEDS the draw). One uniform per row instead of
+        Gumbel-max's one per vocabulary entry: the random draws were 3% of a rollout."""
+        cdf = logp.exp().cumsum_(-1)
+        u = torch.rand(logp.shape[0], 1, generator=gen, device=logp.device, dtype=cdf.dtype).mul_(cdf[:, -1:])
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, seed: int) -> Generation:  # [B, P] each
         ids, mask, logp = self._generate(prompt_ids, prompt_mask, seed)

@@ -212,3 +212,21 @@ def test_engines_update_from_a_full_state_dict(tmp_path, tied):
     for name, p in model.named_parameters():
         assert torch.equal(dict(hf.model.named_parameters())[name], p), name
     assert fast.version == hf.version == 3
+
+
+def test_sampler_draws_the_softmax_distribution():
+    """Inverse-CDF sampling: over 40,000 draws every token's frequency is within 4 standard
+    errors of its probability, tokens of probability 0 (logp -inf) are never drawn, including
+    the first and the last entry, and a one-hot distribution always gives its token."""
+    logits = torch.tensor([float("-inf"), 2.0, 0.5, float("-inf"), -1.0, 1.0, 0.0, float("-inf")])
+    probs = torch.softmax(logits, -1)
+    n = 40_000
+    logp = torch.log_softmax(logits, -1).expand(n, -1).contiguous()
+    tok = FastLlamaEngine._sample(logp, torch.Generator().manual_seed(0), logits.numel())
+    freq = torch.bincount(tok, minlength=logits.numel()).double() / n
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 4 * se + 1e-12).all(), (freq, probs)
+    assert freq[probs == 0].eq(0).all()
+    onehot = torch.full((5, 8), float("-inf"))
+    onehot[:, 7] = 0.0
+    assert FastLlamaEngine._sample(onehot, torch.Generator().manual_seed(1), 8).eq(7).all()
