@@ -140,7 +140,10 @@ def qkv_roped(h: Tensor, w: dict[str, Tensor], i: int, dims: LlamaDims, cos: Ten
     qkv = F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv"))
     qk, v = qkv.split(((H + Hkv) * D, Hkv * D), dim=-1)
     qk = apply_rope(qk.unflatten(-1, (H + Hkv, D)), cos, sin).flatten(-2)
-    return torch.cat((qk, v), dim=-1)
+    # Under autocast q/k/v only feed matmuls, which cast them to the autocast dtype anyway:
+    # cast once here, so the scatter, permutes and their gradients move half the bytes.
+    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else qk.dtype
+    return torch.cat((qk.to(dt), v.to(dt)), dim=-1)
 
 
 def split_heads(qkv: Tensor, dims: LlamaDims) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,6 +182,46 @@ def _concat_params(policy: torch.nn.Module) -> dict[str, Tensor]:
 
 
 _MATMUL_WEIGHTS = ("wqkv", "wo", "wgu", "wdown", "bqkv", "bo", "bgu", "bdown")
+
+
+class _ToHeadMajor(torch.autograd.Function):
+    """Packed token rows [M, G * D] -> zero-padded head-major [B, G, K, T1, D], scattered in one
+    pass into the permuted view; the backward gathers them back (indices are unique). Replaces
+    index_copy into a padded token-major buffer + a permuting copy (and their backwards): 5% of
+    the training pass at the benchmark's shapes."""
+
+    @staticmethod
+    def forward(ctx: Any, packed: Tensor, bi: Tensor, ki: Tensor, ti: Tensor,  # type: ignore[override]
+                shape: tuple[int, int, int, int, int]) -> Tensor:
+        out = packed.new_zeros(shape)
+        out.permute(0, 2, 3, 1, 4)[bi, ki, ti] = packed.view(packed.shape[0], shape[1], shape[4])
+        ctx.save_for_backward(bi, ki, ti)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        bi, ki, ti = ctx.saved_tensors
+        g = grad.permute(0, 2, 3, 1, 4)[bi, ki, ti]
+        return g.reshape(g.shape[0], -1), None, None, None, None
+
+
+class _FromHeadMajor(torch.autograd.Function):
+    """Head-major [B, H, K, T1, D] -> the packed token rows [M, H * D], one gathering pass; the
+    backward scatters into zeros (indices are unique: no accumulation)."""
+
+    @staticmethod
+    def forward(ctx: Any, hm: Tensor, bi: Tensor, ki: Tensor, ti: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(bi, ki, ti)
+        ctx.shape = hm.shape
+        return hm.permute(0, 2, 3, 1, 4)[bi, ki, ti].reshape(bi.shape[0], -1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        bi, ki, ti = ctx.saved_tensors
+        shape = ctx.shape
+        out = grad.new_zeros(shape)
+        out.permute(0, 2, 3, 1, 4)[bi, ki, ti] = grad.view(grad.shape[0], shape[1], shape[4])
+        return out, None, None, None
 
 
 def shared_prefix_hidden(
@@ -242,8 +285,7 @@ def shared_prefix_hidden(
             packed = qkv_roped(rms_norm(xr, w[f"{i}.ln1"], eps), w, i, dims, cos_r, sin_r)  # [M, C]
             # Head-major [B, heads, K, T1, D]: the K samples of a prompt are one batch of a matmul
             # against the prompt's keys, so the prompt's keys and values are never copied K times.
-            full = packed.new_zeros(N * T1, packed.shape[-1]).index_copy(0, idx, packed)
-            heads = full.view(B, K, T1, Htot, D).permute(0, 3, 1, 2, 4).contiguous()
+            heads = _ToHeadMajor.apply(packed, bi, ki, ti, (B, Htot, K, T1, D))
             qr, kr, vr = heads.split((H, Hkv, Hkv), dim=1)
             if Hkv != H:  # grouped-query attention
                 kr, vr = kr.repeat_interleave(H // Hkv, dim=1), vr.repeat_interleave(H // Hkv, dim=1)
@@ -253,7 +295,7 @@ def shared_prefix_hidden(
             p_prompt, p_self = probs.split((P, T1), dim=-1)
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))
-            att_r = att_r.permute(0, 2, 3, 1, 4).reshape(N * T1, H * D).index_select(0, idx)
+            att_r = _FromHeadMajor.apply(att_r, bi, ki, ti)
             xr = out_and_mlp(xr, att_r, w, i, dims)
         xp = out_and_mlp(xp, att_p.transpose(1, 2).reshape(B, P, H * D), w, i, dims)
     first = rms_norm(xp[:, -1], w["norm"], eps)  # [B, h]: predicts response token 0

@@ -106,6 +106,26 @@ def test_bf16_autocast_close_to_hf_eager():
     assert_close(fused, hf, rtol=0, atol=3e-2)
 
 
+def test_bf16_autocast_gradients_as_accurate_as_hf_eager():
+    """Under bf16 autocast the fused forward hands q/k/v to attention in bf16 (the dtype its
+    matmuls use anyway), so the gradients of the two prompt/response attention paths meet in
+    bf16. Their error against the fp32 gradients must stay that of HF's own eager bf16 pass
+    (within 1.5x of it), on a model wide enough for bf16 rounding to show (hidden 64, K=4)."""
+    model, tok = _llama(hidden_size=64, intermediate_size=96, num_attention_heads=4)
+    model.set_attn_implementation("eager")
+    batch = _batch(tok, K=4, T=12)
+    ref = _logp_and_grads(model, batch, "hf", 1.0)[2]  # fp32
+    with torch.autocast("cpu", torch.bfloat16):
+        hf = _logp_and_grads(model, batch, "hf", 1.0)[2]
+        fused = _logp_and_grads(model, batch, "fused", 1.0)[2]
+
+    def rel_err(g):
+        return float(sum((g[n] - ref[n]).norm() ** 2 for n in ref) ** 0.5 / sum(r.norm() ** 2 for r in ref.values()) ** 0.5)
+
+    assert 1e-4 < rel_err(hf) < 0.05  # bf16 rounding is visible, and small
+    assert rel_err(fused) <= 1.5 * rel_err(hf), (rel_err(fused), rel_err(hf))
+
+
 def test_non_prefix_mask_and_bad_values_raise():
     model, tok = _llama()
     ids, mask, resp, rmask = _batch(tok)
