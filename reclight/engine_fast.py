@@ -38,12 +38,11 @@ from reclight.fsdp import full_weights
 from reclight.fused_llama import (
     LlamaDims,
     additive_mask,
+    attn_out_and_mlp,
     fused_sources,
     llama_problems,
-    out_and_mlp,
-    qkv_roped,
+    pointwise_ops,
     repeat_kv,
-    rms_norm,
     rope_tables,
 )
 from reclight.policy import resolve_dtype
@@ -141,20 +140,22 @@ class FastLlamaEngine:
         WHOLE cache (contiguous, so no copies) with the additive ``bias`` [N, 1, L, S] (-inf on
         padding, on not-yet-written slots and, in the prefill, on the future). Returns the last
         position's hidden [N, h]."""
-        w, dims = self.weights, self.dims
+        w, dims, pw, dt = self.weights, self.dims, pointwise_ops(), self.dtype
         N, L = ids.shape
         H, Hkv = dims.num_heads, dims.num_kv_heads
-        x = F.embedding(ids, w["embed"])  # [N, L, h]
+        x, dx = F.embedding(ids, w["embed"]), None  # [N, L, h]; dx: the last MLP output, not yet added
         end = start + L
         for i in range(self.num_layers):
+            ln1 = w[f"{i}.ln1"]
+            x, h = (x, pw["norm"](x, ln1, self.eps, dt)) if dx is None else pw["add_norm"](x, dx, ln1, self.eps, dt)
             # q|k|v token-major with RoPE applied to q and k in one op, then head-major views.
-            qkv = qkv_roped(rms_norm(x, w[f"{i}.ln1"], self.eps), w, i, dims, cos, sin)
+            qkv = pw["rope"](F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos, sin, H + Hkv, self.head_dim, dt)
             q, k, v = qkv.view(N, L, H + 2 * Hkv, self.head_dim).transpose(1, 2).split((H, Hkv, Hkv), dim=1)
             keys[i][:, :, start:end] = k
             values[i][:, :, start:end] = v
             att = self._attend(q, keys[i], values[i], bias)  # [N, H, L, D]
-            x = out_and_mlp(x, att.transpose(1, 2).flatten(2), w, i, dims)
-        return rms_norm(x[:, -1], w["norm"], self.eps)
+            x, dx = attn_out_and_mlp(pw, x, att.transpose(1, 2).flatten(2), w, i, self.eps, dt)
+        return pw["add_norm"](x[:, -1], dx[:, -1], w["norm"], self.eps, dt)[1]
 
     def _logprobs(self, hidden: Tensor) -> Tensor:  # [N, h] -> [N, V] fp32
         logits = F.linear(hidden, self.weights["lm_head"]).float()

@@ -1,8 +1,8 @@
 """The Llama decoder as a short sequence of fused tensor ops, shared by two users:
 
 - :class:`reclight.engine_fast.FastLlamaEngine` (sampling, no grad, its own fused weight copy);
-- :func:`shared_prefix_hidden`, the trainer's training forward (``model.train_forward: fused``),
-  which runs on the policy's own parameters with autograd.
+- :func:`shared_prefix_hidden`, the trainer's training forward (``model.train_forward: fused`` or
+  ``fused_compiled``), which runs on the policy's own parameters with autograd.
 
 Both compute what Hugging Face's ``LlamaForCausalLM`` computes (RMSNorm normalising in fp32,
 default RoPE, SwiGLU MLP, optional grouped-query attention and attention/MLP biases), tested
@@ -22,6 +22,12 @@ three ways, each exact up to float rounding:
   attention), and q/k/v and gate/up as one matmul each (the weights are concatenated every call,
   so autograd splits their gradients back).
 - **Only what the loss needs.** The last response token predicts nothing, so it is not run.
+
+The element-wise chains between the matmuls (norm + cast, residual add + the next norm, RoPE,
+SwiGLU, scale + mask + softmax + cast) are named pieces (:func:`pointwise_ops`) so that
+``train_forward: fused_compiled`` can hand exactly these to ``torch.compile`` (one fused loop each,
+forward and backward) while the matmuls stay library calls: on a CPU, after the matmuls, the
+training pass is bound by the memory passes of these chains.
 
 Contract: ``response_mask`` must be a prefix mask per sample (real tokens, then padding), which
 is what every reclight engine produces; it raises otherwise, because a gap in the mask would be
@@ -124,28 +130,6 @@ def additive_mask(visible: Tensor) -> Tensor:  # bool -> fp32 (0 visible, -inf h
     return torch.zeros(visible.shape, dtype=torch.float32, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
-def qkv_heads(h: Tensor, w: dict[str, Tensor], i: int, dims: LlamaDims) -> tuple[Tensor, Tensor, Tensor]:
-    """q [N, H, L, D], k/v [N, Hkv, L, D] (before RoPE) of normalised hidden ``h`` [N, L, h]."""
-    N, L = h.shape[:2]
-    H, Hkv, D = dims.num_heads, dims.num_kv_heads, dims.head_dim
-    q, k, v = F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")).split((H * D, Hkv * D, Hkv * D), dim=-1)
-    return (q.view(N, L, H, D).transpose(1, 2), k.view(N, L, Hkv, D).transpose(1, 2),
-            v.view(N, L, Hkv, D).transpose(1, 2))
-
-
-def qkv_roped(h: Tensor, w: dict[str, Tensor], i: int, dims: LlamaDims, cos: Tensor, sin: Tensor) -> Tensor:
-    """Token-major ``[..., (H + 2 Hkv) * D]`` q|k|v of normalised ``h`` [..., h], RoPE applied to
-    q and k in one op (``cos``/``sin`` [..., 1, D], broadcast over heads)."""
-    H, Hkv, D = dims.num_heads, dims.num_kv_heads, dims.head_dim
-    qkv = F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv"))
-    qk, v = qkv.split(((H + Hkv) * D, Hkv * D), dim=-1)
-    qk = apply_rope(qk.unflatten(-1, (H + Hkv, D)), cos, sin).flatten(-2)
-    # Under autocast q/k/v only feed matmuls, which cast them to the autocast dtype anyway:
-    # cast once here, so the scatter, permutes and their gradients move half the bytes.
-    dt = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else qk.dtype
-    return torch.cat((qk.to(dt), v.to(dt)), dim=-1)
-
-
 def split_heads(qkv: Tensor, dims: LlamaDims) -> tuple[Tensor, Tensor, Tensor]:
     """[N, L, (H + 2 Hkv) * D] -> q, k, v [N, H, L, D] (k/v repeated for grouped-query attention)."""
     N, L = qkv.shape[:2]
@@ -153,14 +137,6 @@ def split_heads(qkv: Tensor, dims: LlamaDims) -> tuple[Tensor, Tensor, Tensor]:
     heads = qkv.view(N, L, H + 2 * Hkv, D).transpose(1, 2)
     q, k, v = heads.split((H, Hkv, Hkv), dim=1)
     return q, repeat_kv(k, H), repeat_kv(v, H)
-
-
-def out_and_mlp(x: Tensor, att: Tensor, w: dict[str, Tensor], i: int, dims: LlamaDims) -> Tensor:
-    """Residual stream ``x`` [..., h] after the token-major attention output ``att`` [..., H * D]
-    (output projection) and the MLP."""
-    x = x + F.linear(att, w[f"{i}.wo"], w.get(f"{i}.bo"))
-    gate, up = F.linear(rms_norm(x, w[f"{i}.ln2"], dims.eps), w[f"{i}.wgu"], w.get(f"{i}.bgu")).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w[f"{i}.wdown"], w.get(f"{i}.bdown"))
 
 
 def _concat_params(policy: torch.nn.Module) -> dict[str, Tensor]:
@@ -224,12 +200,73 @@ class _FromHeadMajor(torch.autograd.Function):
         return out, None, None, None
 
 
+# -- the element-wise pieces of the training forward, eager or compiled ---------------------------
+def _pw_norm(x: Tensor, w: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
+    return rms_norm(x, w, eps).to(dtype)
+
+
+def _pw_add_norm(x: Tensor, o: Tensor, w: Tensor, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    x = x + o
+    return x, rms_norm(x, w, eps).to(dtype)
+
+
+def _pw_swiglu(gu: Tensor) -> Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _pw_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_qk: int, head_dim: int, dtype: torch.dtype) -> Tensor:
+    qk, v = qkv.split((n_qk * head_dim, qkv.shape[-1] - n_qk * head_dim), dim=-1)
+    qk = apply_rope(qk.unflatten(-1, (n_qk, head_dim)), cos, sin).flatten(-2)
+    return torch.cat((qk.to(dtype), v.to(dtype)), dim=-1)
+
+
+def _pw_softmax(s: Tensor, scale: float, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.softmax(s * scale + bias, dim=-1).to(dtype)
+
+
+def _pw_softmax2(s1: Tensor, s2: Tensor, scale: float, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.softmax(torch.cat((s1, s2), dim=-1) * scale + bias, dim=-1).to(dtype)
+
+
+_PW_NAMES = ("norm", "add_norm", "swiglu", "rope", "softmax", "softmax2")
+_PW_EAGER = {n: globals()[f"_pw_{n}"] for n in _PW_NAMES}
+_PW_COMPILED: dict[str, Any] = {}
+
+
+def pointwise_ops(compiled: bool = False) -> dict[str, Any]:
+    """The element-wise chains of the decoder by name, eager or compiled (``torch.compile``,
+    dynamic shapes, compiled once per process on first use). Each fuses what a kernel-per-op
+    eager run does in several passes over memory: ``norm`` (RMSNorm + cast to the matmul dtype),
+    ``add_norm`` (residual add + the next norm), ``rope`` (RoPE on the q|k columns of a fused
+    q|k|v, cast), ``swiglu``, ``softmax``/``softmax2`` (scale + additive mask + fp32 softmax of
+    one / two concatenated score blocks, cast)."""
+    if not compiled:
+        return _PW_EAGER
+    if not _PW_COMPILED:
+        # Not fullgraph: should a process exceed dynamo's recompile limit (it guards on dtypes,
+        # ranks, grad and autocast state; a training run needs a handful of variants), the
+        # chain falls back to eager with a warning instead of failing the run.
+        _PW_COMPILED.update({n: torch.compile(f, dynamic=True) for n, f in _PW_EAGER.items()})
+    return _PW_COMPILED
+
+
+def attn_out_and_mlp(pw: dict[str, Any], x: Tensor, att: Tensor, w: dict[str, Tensor], i: int, eps: float,
+                      mm_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(residual after the attention output projection, MLP output) of layer ``i``, for the
+    token-major attention output ``att`` [..., H * D]; the MLP output is added to the residual by
+    the next ``add_norm``."""
+    x, h = pw["add_norm"](x, F.linear(att, w[f"{i}.wo"], w.get(f"{i}.bo")), w[f"{i}.ln2"], eps, mm_dtype)
+    return x, F.linear(pw["swiglu"](F.linear(h, w[f"{i}.wgu"], w.get(f"{i}.bgu"))), w[f"{i}.wdown"], w.get(f"{i}.bdown"))
+
+
 def shared_prefix_hidden(
     policy: torch.nn.Module,  # LlamaForCausalLM
     prompt_ids: Tensor,  # [B, P] long, left-padded
     prompt_mask: Tensor,  # [B, P] bool
     response_ids: Tensor,  # [B, K, T] long, right-padded
     response_mask: Tensor,  # [B, K, T] bool, a prefix mask per sample
+    compile_pointwise: bool = False,
 ) -> Tensor:  # [B, K, T, h]
     """``hidden[b, k, t]``: the final-norm hidden state that predicts ``response_ids[b, k, t]``
     (what ``causal_lm_hidden_and_head`` gives at position ``P - 1 + t`` of ``prompt + response``),
@@ -239,6 +276,7 @@ def shared_prefix_hidden(
     Two streams run layer by layer: the prompt stream ``[B, P]`` and the response stream, whose
     per-token ops (norms, projections, MLP) see only the ``M`` positions whose output is used
     (packed ``[M, h]``); attention scatters them into ``[B * K, T - 1]`` and back.
+    ``compile_pointwise``: run the element-wise chains compiled (:func:`pointwise_ops`).
     """
     B, K, T = response_ids.shape
     P = prompt_ids.shape[1]
@@ -257,11 +295,13 @@ def shared_prefix_hidden(
     N, T1 = B * K, T - 1  # the last response token predicts nothing: not run
     inv_freq = dims.inv_freq(dev)
     pos_p = (pmask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
-    cos_p, sin_p = (t.transpose(1, 2) for t in rope_tables(pos_p, inv_freq, dtype))  # [B, P, 1, D]
+    # The element-wise chains see 2-D token rows (prompt [B * P, h], response [M, h]): one
+    # compiled variant per chain serves both streams.
+    cos_p, sin_p = (t.transpose(1, 2).reshape(B * P, 1, -1) for t in rope_tables(pos_p, inv_freq, dtype))
     # A padding query row would attend to nothing (NaN): let it see itself (its output is unused).
     causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
     bias_pp = additive_mask((causal_p & pmask[:, None, :]) | torch.eye(P, dtype=torch.bool, device=dev))[:, None]
-    xp = F.embedding(prompt_ids, w["embed"])  # [B, P, h]
+    xp = F.embedding(prompt_ids.reshape(B * P), w["embed"])  # [B * P, h]
     # Response position t (token t) feeds hidden[:, :, t + 1], used iff token t + 1 is real.
     idx = rmask[..., 1:].reshape(N * T1).nonzero().squeeze(1)  # [M]
     M = idx.numel()
@@ -277,12 +317,22 @@ def shared_prefix_hidden(
             torch.ones(T1, T1, dtype=torch.bool, device=dev).tril().expand(B, 1, 1, T1, T1)), dim=-1))
         xr = F.embedding(response_ids[bi, ki, ti], w["embed"])  # [M, h]
     scale = D**-0.5
+    pw = pointwise_ops(compile_pointwise)
+    dev_type = prompt_ids.device.type
+    mm_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else dtype
+    n_qk = dims.num_heads + dims.num_kv_heads
+    dp = dr = None  # the MLP output of the previous layer, added to the residual with the next norm
     for i in range(dims.num_layers):
-        qp, kp, vp = split_heads(qkv_roped(rms_norm(xp, w[f"{i}.ln1"], eps), w, i, dims, cos_p, sin_p), dims)
-        scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale + bias_pp  # [B, H, P, P], fp32
-        att_p = torch.matmul(torch.softmax(scores, dim=-1).to(vp.dtype), vp)
+        ln1 = w[f"{i}.ln1"]
+        xp, hp = (xp, pw["norm"](xp, ln1, eps, mm_dtype)) if dp is None else pw["add_norm"](xp, dp, ln1, eps, mm_dtype)
+        qkv_p = pw["rope"](F.linear(hp, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos_p, sin_p, n_qk, D, mm_dtype)
+        qp, kp, vp = split_heads(qkv_p.view(B, P, -1), dims)
+        probs_p = pw["softmax"](torch.matmul(qp, kp.transpose(-1, -2)), scale, bias_pp, vp.dtype)  # [B, H, P, P]
+        att_p = torch.matmul(probs_p, vp)
+        xp, dp = attn_out_and_mlp(pw, xp, att_p.transpose(1, 2).reshape(B * P, H * D), w, i, eps, mm_dtype)
         if M:
-            packed = qkv_roped(rms_norm(xr, w[f"{i}.ln1"], eps), w, i, dims, cos_r, sin_r)  # [M, C]
+            xr, hr = (xr, pw["norm"](xr, ln1, eps, mm_dtype)) if dr is None else pw["add_norm"](xr, dr, ln1, eps, mm_dtype)
+            packed = pw["rope"](F.linear(hr, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos_r, sin_r, n_qk, D, mm_dtype)  # [M, C]
             # Head-major [B, heads, K, T1, D]: the K samples of a prompt are one batch of a matmul
             # against the prompt's keys, so the prompt's keys and values are never copied K times.
             heads = _ToHeadMajor.apply(packed, bi, ki, ti, (B, Htot, K, T1, D))
@@ -291,18 +341,17 @@ def shared_prefix_hidden(
                 kr, vr = kr.repeat_interleave(H // Hkv, dim=1), vr.repeat_interleave(H // Hkv, dim=1)
             s_prompt = torch.matmul(qr.reshape(B, H, K * T1, D), kp.transpose(-1, -2)).view(B, H, K, T1, P)
             s_self = torch.matmul(qr, kr.transpose(-1, -2))  # [B, H, K, T1, T1]
-            probs = torch.softmax(torch.cat((s_prompt, s_self), dim=-1) * scale + bias_r, dim=-1).to(vr.dtype)
+            probs = pw["softmax2"](s_prompt, s_self, scale, bias_r, vr.dtype)
             p_prompt, p_self = probs.split((P, T1), dim=-1)
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))
-            att_r = _FromHeadMajor.apply(att_r, bi, ki, ti)
-            xr = out_and_mlp(xr, att_r, w, i, dims)
-        xp = out_and_mlp(xp, att_p.transpose(1, 2).reshape(B, P, H * D), w, i, dims)
-    first = rms_norm(xp[:, -1], w["norm"], eps)  # [B, h]: predicts response token 0
+            xr, dr = attn_out_and_mlp(pw, xr, _FromHeadMajor.apply(att_r, bi, ki, ti), w, i, eps, mm_dtype)
+    last_p = [t.view(B, P, -1)[:, -1].contiguous() for t in (xp, dp)]
+    first = pw["add_norm"](*last_p, w["norm"], eps, dtype)[1]  # [B, h]: predicts response token 0
     first = first[:, None, None].expand(B, K, 1, first.shape[-1])
     if T1 == 0:
         return first
     rest = first.new_zeros(N * T1, first.shape[-1])
     if M:
-        rest = rest.index_copy(0, idx, rms_norm(xr, w["norm"], eps).to(rest.dtype))
+        rest = rest.index_copy(0, idx, pw["add_norm"](xr, dr, w["norm"], eps, rest.dtype)[1])
     return torch.cat((first, rest.view(B, K, T1, -1)), dim=2)

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - only before reclight/logprobs.py exist
     causal_lm_hidden_and_head = None
     token_logprobs = None
 
-TRAIN_FORWARDS = ("hf", "fused")
+TRAIN_FORWARDS = ("hf", "fused", "fused_compiled")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -128,7 +128,8 @@ def response_logprobs(
 
     ``forward``: ``"hf"`` runs the model's own forward on the ``B * K`` sequences ``prompt +
     response``; ``"fused"`` (Llama only) runs :func:`reclight.fused_llama.shared_prefix_hidden`:
-    each prompt once for its K samples, attention written out. Same values up to float rounding.
+    each prompt once for its K samples, attention written out; ``"fused_compiled"`` the same with
+    its element-wise chains compiled by ``torch.compile``. Same values up to float rounding.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} is not valid; accepted: temperature > 0")
@@ -136,10 +137,11 @@ def response_logprobs(
         raise ValueError(f"forward={forward!r} is not valid; accepted: {', '.join(map(repr, TRAIN_FORWARDS))}")
     B, K, T = response_ids.shape
     P = prompt_ids.shape[1]
-    if forward == "fused":
+    if forward in ("fused", "fused_compiled"):
         from reclight.fused_llama import shared_prefix_hidden
 
-        hidden = shared_prefix_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask)
+        hidden = shared_prefix_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask,
+                                      compile_pointwise=forward == "fused_compiled")
         head = model.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
     else:

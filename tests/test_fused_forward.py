@@ -68,6 +68,19 @@ def test_fused_matches_hf_logp_entropy_and_gradients_fp32(overrides):
         assert_close(fused[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_compiled_pointwise_matches_hf_fp32():
+    """``train_forward: fused_compiled`` (the element-wise chains through torch.compile): the same
+    log-probs, entropies and gradients as HF's forward, to the same tolerances as ``fused``."""
+    model, tok = _llama(num_key_value_heads=2, attention_bias=True)
+    batch = _batch(tok)
+    hf = _logp_and_grads(model, batch, "hf", 0.8)
+    compiled = _logp_and_grads(model, batch, "fused_compiled", 0.8)
+    assert_close(compiled[0], hf[0], rtol=0, atol=1e-5)
+    assert_close(compiled[1], hf[1], rtol=0, atol=1e-5)
+    for name, g in hf[2].items():
+        assert_close(compiled[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_all_padding_or_single_token_responses():
     """T=1 (only the prompt's last position is used) and batches where every response has one
     token (nothing to pack): still equal to HF."""
@@ -106,7 +119,8 @@ def test_bf16_autocast_close_to_hf_eager():
     assert_close(fused, hf, rtol=0, atol=3e-2)
 
 
-def test_bf16_autocast_gradients_as_accurate_as_hf_eager():
+@pytest.mark.parametrize("forward", ["fused", "fused_compiled"])
+def test_bf16_autocast_gradients_as_accurate_as_hf_eager(forward):
     """Under bf16 autocast the fused forward hands q/k/v to attention in bf16 (the dtype its
     matmuls use anyway), so the gradients of the two prompt/response attention paths meet in
     bf16. Their error against the fp32 gradients must stay that of HF's own eager bf16 pass
@@ -117,7 +131,7 @@ def test_bf16_autocast_gradients_as_accurate_as_hf_eager():
     ref = _logp_and_grads(model, batch, "hf", 1.0)[2]  # fp32
     with torch.autocast("cpu", torch.bfloat16):
         hf = _logp_and_grads(model, batch, "hf", 1.0)[2]
-        fused = _logp_and_grads(model, batch, "fused", 1.0)[2]
+        fused = _logp_and_grads(model, batch, forward, 1.0)[2]
 
     def rel_err(g):
         return float(sum((g[n] - ref[n]).norm() ** 2 for n in ref) ** 0.5 / sum(r.norm() ** 2 for r in ref.values()) ** 0.5)
@@ -149,13 +163,14 @@ def test_module_options_validated():
         RLModule(tiny=MICRO, attn_implementation="flash")
 
 
-def test_trainer_step_same_gradients_as_hf_forward(tmp_path):
+@pytest.mark.parametrize("forward", ["fused", "fused_compiled"])
+def test_trainer_step_same_gradients_as_hf_forward(tmp_path, forward):
     """A whole trainer step (engine rollout, advantages, loss, backward) with ``train_forward:
-    fused`` produces the same gradient of every parameter as with ``hf`` (clipping off, so the raw
-    gradients are compared). Weights after AdamW are not compared: Adam turns float-rounding
-    differences of near-zero gradients into steps of +-lr."""
+    fused`` (or ``fused_compiled``) produces the same gradient of every parameter as with ``hf``
+    (clipping off, so the raw gradients are compared). Weights after AdamW are not compared: Adam
+    turns float-rounding differences of near-zero gradients into steps of +-lr."""
     hf, _, _ = fit_micro(tmp_path / "hf", 1, grad_clip=0.0)
-    fused, _, _ = fit_micro(tmp_path / "fused", 1, grad_clip=0.0, train_forward="fused", attn_implementation="eager")
+    fused, _, _ = fit_micro(tmp_path / "fused", 1, grad_clip=0.0, train_forward=forward, attn_implementation="eager")
     assert fused.policy.config._attn_implementation == "eager"
     for (name, p), q in zip(hf.policy.named_parameters(), fused.policy.parameters()):
         assert p.grad.abs().max() > 0, name
@@ -171,4 +186,16 @@ def test_fused_forward_refused_under_fsdp(tmp_path):
     module = RLModule(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), train_forward="fused", warmup=None)
     module._device_mesh = SimpleNamespace()  # what ModelParallelStrategy sets before configure_model
     with pytest.raises(ValueError, match="train_forward='fused' is not valid with a sharded policy"):
+        module.configure_model()
+
+
+def test_fused_compiled_without_a_cpp_compiler_is_refused_naming_the_field(tmp_path, monkeypatch):
+    """torch.compile on CPU needs a C++ compiler: without one the module refuses to configure,
+    naming the field and what is accepted, instead of failing inside the first training step."""
+    from reclight.module import RLModule
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("/nonexistent/c++",))
+    module = RLModule(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), train_forward="fused_compiled", warmup=None)
+    with pytest.raises(ValueError, match="train_forward='fused_compiled' needs a C\\+\\+ compiler.*accepted without one: 'fused'"):
         module.configure_model()
