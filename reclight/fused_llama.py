@@ -321,18 +321,21 @@ def shared_prefix_hidden(
     dev_type = prompt_ids.device.type
     mm_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else dtype
     n_qk = dims.num_heads + dims.num_kv_heads
-    dp = dr = None  # the MLP output of the previous layer, added to the residual with the next norm
+    BP = B * P
+    # One residual stream of token rows, the prompts' B * P then the M packed response positions:
+    # norms, projections, RoPE and MLP run once per layer on both; only attention tells them apart.
+    x = torch.cat((xp, xr)) if M else xp  # [R, h]
+    cos, sin = (torch.cat((cos_p, cos_r)), torch.cat((sin_p, sin_r))) if M else (cos_p, sin_p)
+    dx = None  # the MLP output of the previous layer, added to the residual with the next norm
     for i in range(dims.num_layers):
         ln1 = w[f"{i}.ln1"]
-        xp, hp = (xp, pw["norm"](xp, ln1, eps, mm_dtype)) if dp is None else pw["add_norm"](xp, dp, ln1, eps, mm_dtype)
-        qkv_p = pw["rope"](F.linear(hp, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos_p, sin_p, n_qk, D, mm_dtype)
+        x, h = (x, pw["norm"](x, ln1, eps, mm_dtype)) if dx is None else pw["add_norm"](x, dx, ln1, eps, mm_dtype)
+        qkv = pw["rope"](F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos, sin, n_qk, D, mm_dtype)  # [R, C]
+        qkv_p, packed = qkv.split((BP, M)) if M else (qkv, None)
         qp, kp, vp = split_heads(qkv_p.view(B, P, -1), dims)
         probs_p = pw["softmax"](torch.matmul(qp, kp.transpose(-1, -2)), scale, bias_pp, vp.dtype)  # [B, H, P, P]
-        att_p = torch.matmul(probs_p, vp)
-        xp, dp = attn_out_and_mlp(pw, xp, att_p.transpose(1, 2).reshape(B * P, H * D), w, i, eps, mm_dtype)
+        att = torch.matmul(probs_p, vp).transpose(1, 2).reshape(BP, H * D)
         if M:
-            xr, hr = (xr, pw["norm"](xr, ln1, eps, mm_dtype)) if dr is None else pw["add_norm"](xr, dr, ln1, eps, mm_dtype)
-            packed = pw["rope"](F.linear(hr, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos_r, sin_r, n_qk, D, mm_dtype)  # [M, C]
             # Head-major [B, heads, K, T1, D]: the K samples of a prompt are one batch of a matmul
             # against the prompt's keys, so the prompt's keys and values are never copied K times.
             heads = _ToHeadMajor.apply(packed, bi, ki, ti, (B, Htot, K, T1, D))
@@ -345,13 +348,15 @@ def shared_prefix_hidden(
             p_prompt, p_self = probs.split((P, T1), dim=-1)
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))
-            xr, dr = attn_out_and_mlp(pw, xr, _FromHeadMajor.apply(att_r, bi, ki, ti), w, i, eps, mm_dtype)
-    last_p = [t.view(B, P, -1)[:, -1].contiguous() for t in (xp, dp)]
-    first = pw["add_norm"](*last_p, w["norm"], eps, dtype)[1]  # [B, h]: predicts response token 0
+            att = torch.cat((att, _FromHeadMajor.apply(att_r, bi, ki, ti)))
+        x, dx = attn_out_and_mlp(pw, x, att, w, i, eps, mm_dtype)
+    hidden = pw["add_norm"](x, dx, w["norm"], eps, dtype)[1]  # [R, h]
+    hidden_p, hidden_r = hidden.split((BP, M)) if M else (hidden, None)
+    first = hidden_p.view(B, P, -1)[:, -1]  # [B, h]: predicts response token 0
     first = first[:, None, None].expand(B, K, 1, first.shape[-1])
     if T1 == 0:
         return first
     rest = first.new_zeros(N * T1, first.shape[-1])
     if M:
-        rest = rest.index_copy(0, idx, pw["add_norm"](xr, dr, w["norm"], eps, rest.dtype)[1])
+        rest = rest.index_copy(0, idx, hidden_r)
     return torch.cat((first, rest.view(B, K, T1, -1)), dim=2)
