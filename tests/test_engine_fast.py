@@ -159,9 +159,12 @@ def test_unsupported_settings_raise_naming_the_field(tmp_path, field, kwargs):
         FastLlamaEngine(model, tok, SamplingConfig(num_samples=2), stop_strings=("\n",))
 
 
-def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monkeypatch):
-    """configs/perf/{bf16,fast_engine}.yaml through the real CLI: 2 steps run, the engine holds
-    bf16 weights synced from the trainer, the trained weights stay fp32 and all of them moved."""
+@pytest.mark.parametrize("perf", ["fast_engine", "compiled"])
+def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monkeypatch, perf):
+    """configs/perf/{bf16,fast_engine}.yaml (or bf16 + compiled.yaml: the same with the decoding
+    step and the training forward's element-wise chains compiled) through the real CLI: 2 steps
+    run, the engine holds bf16 weights synced from the trainer, the trained weights stay fp32 and
+    all of them moved."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
@@ -171,11 +174,13 @@ def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monk
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
     cli = main(["fit", "--config", str(root / "configs/smoke_test.yaml"), "--config", str(root / "configs/perf/bf16.yaml"),
-                "--config", str(root / "configs/perf/fast_engine.yaml"), "--model.tiny_dir", str(tmp_path / "tiny"),
+                "--config", str(root / f"configs/perf/{perf}.yaml"), "--model.tiny_dir", str(tmp_path / "tiny"),
                 "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"), "--data.task", "test_module_fixtures.DigitTask"])
     assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
     eng = cli.model.engine
     assert isinstance(eng, FastLlamaEngine) and eng.weights["0.wqkv"].dtype == torch.bfloat16 and eng.version == 1
+    assert (eng._compiled_step is not None) == (perf == "compiled")
+    assert cli.model.hparams.train_forward == ("fused_compiled" if perf == "compiled" else "hf")
     init = dict(AutoModelForCausalLM.from_pretrained(next((tmp_path / "tiny").iterdir())).named_parameters())
     for name, p in cli.model.policy.named_parameters():
         assert p.dtype == torch.float32 and not torch.equal(p, init[name]), name
@@ -230,3 +235,34 @@ def test_sampler_draws_the_softmax_distribution():
     onehot = torch.full((5, 8), float("-inf"))
     onehot[:, 7] = 0.0
     assert FastLlamaEngine._sample(onehot, torch.Generator().manual_seed(1), 8).eq(7).all()
+
+
+def test_compiled_decoding_step_keeps_exact_logp_through_compaction(tmp_path):
+    """``compile_decode``: the decoding step through torch.compile. In fp32 the recorded
+    logp_behav still equals the trainer's logp of the sampled tokens (1e-5), across rollouts of
+    different prompt lengths and with the batch compacted several times (the shapes the compiled
+    step must follow dynamically)."""
+    from types import SimpleNamespace
+
+    model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=3)))
+    many_eos = SimpleNamespace(eos_token_id=list(range(10, 40)), pad_token_id=tok.pad_token_id)
+    eng = FastLlamaEngine(model, many_eos, SamplingConfig(num_samples=4, max_new_tokens=8, temperature=1.0),
+                          compile_decode=True)
+    for prompts in (PROMPTS, ["12+3=", "4="], PROMPTS[::-1]):
+        ids, mask = encode_prompts(tok, prompts)
+        gen = eng.generate(ids, mask, seed=len(prompts))
+        assert gen.response_mask.sum(-1).min() < gen.response_mask.sum(-1).max()  # rows ended at different steps
+        logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask, temperature=1.0)
+        assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
+    assert eng._compiled_step is not None
+
+
+def test_engine_options_validated_per_engine(tmp_path):
+    from reclight.module import RLModule
+
+    RLModule(tiny=MICRO, engine="fast", engine_options={"compile_decode": True})  # accepted
+    with pytest.raises(ValueError, match=r"engine_options=\{'compile': True\} is not valid with engine='fast'; "
+                                         r"accepted keys: compile_decode"):
+        RLModule(tiny=MICRO, engine="fast", engine_options={"compile": True})
+    with pytest.raises(ValueError, match=r"engine_options=.* is not valid with engine='hf'"):
+        RLModule(tiny=MICRO, engine="hf", engine_options={"compile_decode": True})
