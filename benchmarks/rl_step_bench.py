@@ -40,8 +40,10 @@ The arms:
   ``GRPOConfig`` fields, e.g. ``trl:bf16=true``.
 - ``reclight``: the real training path, ``lightning.Trainer.fit(RLModule, RLDataModule)`` with
   the ``grpo`` preset and ``log_kl_init=False`` (the KL monitor costs one more forward; it is
-  a logging option); options go to ``RLModule`` (``engine_dtype=bfloat16``) or, prefixed
-  ``trainer.``, to the Trainer (``trainer.precision=bf16-mixed``).
+  a logging option); options go to ``RLModule`` (``engine_dtype=bfloat16``,
+  ``train_forward=fused_compiled``, ``engine_options={"compile_decode":true}``: values are JSON)
+  or, prefixed ``trainer.``, to the Trainer (``trainer.precision=bf16-mixed``). Compilation (of
+  either framework) happens in the first steps: give ``--warmup`` enough of them.
 """
 
 from __future__ import annotations
