@@ -69,6 +69,9 @@ def main() -> None:
     seeds = args.seeds if args.summarize is None else sorted(
         int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.is_dir()
     )
+    if not seeds:
+        raise SystemExit(f"--summarize {out}: no seed*/ run folders there (this script writes OUT/seed<S>/; "
+                         "a plain `reclight fit` run is under outputs/reclight/version_*/)")
     rows = {s: summarize_run(latest_metrics(out / f"seed{s}"), args.smooth) for s in seeds}
     print(f"\n| seed | val acc before RL | after (mean of last {args.smooth} evals) | gain | wall |")
     print("|---|---|---|---|---|")

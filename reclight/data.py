@@ -9,6 +9,7 @@ each step by :class:`reclight.callbacks.WeightSync` from ``prompts_for_step(step
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +23,11 @@ from reclight.tasks.base import Example, Task
 
 def _collate_indices(items: list[int]) -> torch.Tensor:
     return torch.tensor(items, dtype=torch.long)
+
+
+# Lightning warns that an IterableDataset's __len__ may be wrong under multi-process loading; this
+# one is loaded in the main process (num_workers=0) and its length is exact: silence that message.
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
 
 
 class _StepIndices(IterableDataset):

@@ -27,6 +27,7 @@ Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,6 +100,7 @@ class FastLlamaEngine:
         self.compact_below = 0.75
         self.compile_decode = bool(compile_decode)
         self._compiled_step: Any = None
+        self._kv: tuple[list[Tensor], list[Tensor]] | None = None  # flat KV buffers (see _cache)
         self.version = 0
         self.update_weights(policy, 0)
 
@@ -185,14 +187,17 @@ class FastLlamaEngine:
         return self._compiled_step
 
     def _cache(self, shape: tuple[int, ...]) -> tuple[list[Tensor], list[Tensor]]:
-        """The decoding KV cache, kept between calls of the same shape: a fresh multi-MB
-        allocation per rollout costs page faults and a zero fill. Stale slots are harmless: they
-        hold finite values from an earlier rollout and are masked (-inf) until written."""
-        if getattr(self, "_kv", None) is None or self._kv[0][0].shape != shape:
+        """The decoding KV cache: contiguous views of flat buffers kept between rollouts and grown
+        to the largest shape seen (a fresh multi-MB allocation per rollout costs page faults and
+        a zero fill; the prompt length, hence the shape, changes from batch to batch). Stale
+        slots are harmless: they hold finite values from an earlier rollout and are masked (-inf)
+        until written."""
+        numel = math.prod(shape)
+        if self._kv is None or self._kv[0][0].numel() < numel:
             # Zeros, not empty: a masked slot gets probability 0, and 0 * garbage could be NaN.
-            self._kv = tuple([torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
+            self._kv = tuple([torch.zeros(numel, dtype=self.cache_dtype, device=self.device)
                               for _ in range(self.num_layers)] for _ in range(2))
-        return self._kv
+        return tuple([b[:numel].view(shape) for b in bufs] for bufs in self._kv)  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:

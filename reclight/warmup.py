@@ -112,8 +112,8 @@ def supervised_warmup(
         if step % cfg.check_every == 0:
             acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
                               use_chat_template=use_chat_template)[0].float().mean().item()
-            if log is not None:
-                log({"warmup/acc": acc, "warmup/loss": loss.item()}, step)
+            if log is not None:  # no loss before the first batch (it would read "nan")
+                log({"warmup/acc": acc, **({"warmup/loss": loss.item()} if step else {})}, step)
             if acc >= cfg.target_accuracy:
                 break
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
