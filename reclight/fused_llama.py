@@ -229,8 +229,8 @@ def _pw_softmax2(s1: Tensor, s2: Tensor, scale: float, bias: Tensor, dtype: torc
     return torch.softmax(torch.cat((s1, s2), dim=-1) * scale + bias, dim=-1).to(dtype)
 
 
-_PW_NAMES = ("norm", "add_norm", "swiglu", "rope", "softmax", "softmax2")
-_PW_EAGER = {n: globals()[f"_pw_{n}"] for n in _PW_NAMES}
+_PW_EAGER: dict[str, Any] = {"norm": _pw_norm, "add_norm": _pw_add_norm, "swiglu": _pw_swiglu, "rope": _pw_rope,
+                             "softmax": _pw_softmax, "softmax2": _pw_softmax2}
 _PW_COMPILED: dict[str, Any] = {}
 
 
