@@ -52,6 +52,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -63,13 +64,14 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 
 # -- measuring one step ----------------------------------------------------------------------
-def _snapshot() -> tuple[float, float, float]:
-    """(wall seconds, machine busy CPU seconds, this process's CPU seconds)."""
+def _snapshot() -> tuple[float, float, float, int]:
+    """(wall seconds, machine busy CPU seconds, this process's CPU seconds, its page faults)."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
     t = os.times()
-    return time.perf_counter(), busy / HZ, t.user + t.system
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), busy / HZ, t.user + t.system, ru.ru_minflt + ru.ru_majflt
 
 
 class Gate:
@@ -80,7 +82,7 @@ class Gate:
         self.conn = conn
         self.total = total_steps
         self.calls = 0
-        self.start: tuple[float, float, float] | None = None
+        self.start: tuple[float, float, float, int] | None = None
         self.info: dict[str, float] = {}  # extra per-step figures set by the arm
 
     def __call__(self) -> None:
@@ -93,7 +95,7 @@ class Gate:
             others = max(0.0, (end[1] - self.start[1]) - own)
             parts = {k: v for k, v in self.info.items() if k in PARTS}
             self.conn.send({"wall": wall, "own_cores": own / wall, "others_cores": others / wall, **self.info,
-                            "other": wall - sum(parts.values())})
+                            "other": wall - sum(parts.values()), "page_faults": end[3] - self.start[3]})
             self.info = {}
         self.calls += 1
         if self.calls <= self.total:
@@ -384,6 +386,7 @@ def summarise(label: str, rows: list[dict[str, float]], noisy: float) -> dict[st
         "others_cores_max": max(r["others_cores"] for r in rows),
         "own_cores_median": _median([r["own_cores"] for r in rows]),
         "resp_tokens_median": _median([r.get("resp_tokens", float("nan")) for r in rows]),
+        "page_faults_median": _median([r.get("page_faults", float("nan")) for r in rows]),
         "parts_median_s": {k: _median([r.get(k, 0.0) for r in rows]) for k in (*PARTS, "other")},
     }
 
@@ -468,12 +471,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                f"{args.schedule}")
     print(f"\n{setting}\n")
     print(f"| arm | median s/step | ratio vs {ref['arm']} | median quiet s/step (n) | others' CPU, cores (median / max) "
-          f"| response tokens/step |")
-    print("|---|---|---|---|---|---|")
+          f"| response tokens/step | page faults/step |")
+    print("|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| `{s['arm']}` | {s['median_s']:.3f} | {s['ratio_vs_first']:.2f}x | {s['median_quiet_s']:.3f} "
               f"({s['n_quiet']}/{s['n']}) | {s['others_cores_median']:.2f} / {s['others_cores_max']:.2f} "
-              f"| {s['resp_tokens_median']:.0f} |")
+              f"| {s['resp_tokens_median']:.0f} | {s['page_faults_median']:.0f} |")
     ref_rows = steps[ref["arm"]][args.warmup :]
     print(f"\nRatios vs `{ref['arm']}` (per-round: same step index, same prompts; interleaved, also the same machine conditions; CPU time = wall x own cores)\n")
     print("| arm | median / median | per-round ratio: median (min-max) | CPU-time ratio: median (min-max) |")
