@@ -12,10 +12,10 @@ round-robin (A B C A B C ...): an arm's process sits blocked at its step boundar
 coordinator lets it run exactly one more step, so all arms see the same machine conditions.
 
 ``--schedule sequential`` runs each arm's steps back to back instead (A A A ... B B B ...), as a
-real run does: on a quiet machine this is the better estimate. Interleaving itself slows every
-arm's steps somewhat (measured: reclight's log-prob forward 0.073 s/step alone vs ~0.10 s with
-another arm's step in between, for two identical reclight arms), so the two schedules are
-reported separately.
+real run does. On this project's machine the sequential figures drift: two IDENTICAL reclight
+arms in one sequential invocation measured 0.403 and 0.321 s/step, interleaved 0.359 and 0.358
+(docs/benchmarks.md); prefer the interleaved schedule (and its per-round ratios) for comparisons
+and report both.
 
 What is timed: boundary to boundary of the framework's own training loop (the whole cycle:
 data fetch, generation, scoring, advantages, forward, backward, clipping, optimizer, logging),
