@@ -139,15 +139,17 @@ def split_heads(qkv: Tensor, dims: LlamaDims) -> tuple[Tensor, Tensor, Tensor]:
     return q, repeat_kv(k, H), repeat_kv(v, H)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes matmuls in on ``device_type`` (None: autocast is off)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def _concat_params(policy: torch.nn.Module) -> dict[str, Tensor]:
     """The fused weights of the policy's own parameters (``torch.cat`` keeps the autograd link).
 
     Under autocast the matmul weights are cast here, once per forward: autocast caches the casts
     of leaf parameters only, so a concatenated weight would be cast again by every call using it."""
-    cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-    dev = next(policy.parameters()).device
-    if dev.type != "cpu":
-        cast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    cast = _autocast_dtype(next(policy.parameters()).device.type)
     out = {}
     for name, ts in fused_sources(policy).items():
         t = ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
@@ -160,44 +162,48 @@ def _concat_params(policy: torch.nn.Module) -> dict[str, Tensor]:
 _MATMUL_WEIGHTS = ("wqkv", "wo", "wgu", "wdown", "bqkv", "bo", "bgu", "bdown")
 
 
+def _to_head_major(rows: Tensor, bi: Tensor, ki: Tensor, ti: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Token rows [M, G * D] -> zeros [B, G, K, T1, D] holding row m at (bi, :, ki, ti), written
+    in one pass into the permuted view."""
+    out = rows.new_zeros(shape)
+    out.permute(0, 2, 3, 1, 4)[bi, ki, ti] = rows.view(rows.shape[0], shape[1], shape[4])
+    return out
+
+
+def _from_head_major(hm: Tensor, bi: Tensor, ki: Tensor, ti: Tensor) -> Tensor:
+    """The inverse gather: [B, G, K, T1, D] -> token rows [M, G * D], one pass."""
+    return hm.permute(0, 2, 3, 1, 4)[bi, ki, ti].reshape(bi.shape[0], -1)
+
+
 class _ToHeadMajor(torch.autograd.Function):
-    """Packed token rows [M, G * D] -> zero-padded head-major [B, G, K, T1, D], scattered in one
-    pass into the permuted view; the backward gathers them back (indices are unique). Replaces
-    index_copy into a padded token-major buffer + a permuting copy (and their backwards): 5% of
-    the training pass at the benchmark's shapes."""
+    """Packed token rows [M, G * D] -> zero-padded head-major [B, G, K, T1, D]; the backward
+    gathers them back (indices are unique). Replaces index_copy into a padded token-major buffer
+    + a permuting copy (and their backwards): 5% of the training pass at the benchmark's shapes."""
 
     @staticmethod
     def forward(ctx: Any, packed: Tensor, bi: Tensor, ki: Tensor, ti: Tensor,  # type: ignore[override]
                 shape: tuple[int, int, int, int, int]) -> Tensor:
-        out = packed.new_zeros(shape)
-        out.permute(0, 2, 3, 1, 4)[bi, ki, ti] = packed.view(packed.shape[0], shape[1], shape[4])
         ctx.save_for_backward(bi, ki, ti)
-        return out
+        return _to_head_major(packed, bi, ki, ti, shape)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        bi, ki, ti = ctx.saved_tensors
-        g = grad.permute(0, 2, 3, 1, 4)[bi, ki, ti]
-        return g.reshape(g.shape[0], -1), None, None, None, None
+        return _from_head_major(grad, *ctx.saved_tensors), None, None, None, None
 
 
 class _FromHeadMajor(torch.autograd.Function):
-    """Head-major [B, H, K, T1, D] -> the packed token rows [M, H * D], one gathering pass; the
-    backward scatters into zeros (indices are unique: no accumulation)."""
+    """Head-major [B, H, K, T1, D] -> the packed token rows [M, H * D]; the backward scatters
+    into zeros (indices are unique: no accumulation)."""
 
     @staticmethod
     def forward(ctx: Any, hm: Tensor, bi: Tensor, ki: Tensor, ti: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(bi, ki, ti)
         ctx.shape = hm.shape
-        return hm.permute(0, 2, 3, 1, 4)[bi, ki, ti].reshape(bi.shape[0], -1)
+        return _from_head_major(hm, bi, ki, ti)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        bi, ki, ti = ctx.saved_tensors
-        shape = ctx.shape
-        out = grad.new_zeros(shape)
-        out.permute(0, 2, 3, 1, 4)[bi, ki, ti] = grad.view(grad.shape[0], shape[1], shape[4])
-        return out, None, None, None
+        return _to_head_major(grad, *ctx.saved_tensors, ctx.shape), None, None, None
 
 
 # -- the element-wise pieces of the training forward, eager or compiled ---------------------------
@@ -318,8 +324,7 @@ def shared_prefix_hidden(
         xr = F.embedding(response_ids[bi, ki, ti], w["embed"])  # [M, h]
     scale = D**-0.5
     pw = pointwise_ops(compile_pointwise)
-    dev_type = prompt_ids.device.type
-    mm_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else dtype
+    mm_dtype = _autocast_dtype(prompt_ids.device.type) or dtype
     n_qk = dims.num_heads + dims.num_kv_heads
     BP = B * P
     # One residual stream of token rows, the prompts' B * P then the M packed response positions:
