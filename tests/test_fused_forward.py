@@ -194,8 +194,11 @@ def test_fused_compiled_without_a_cpp_compiler_is_refused_naming_the_field(tmp_p
     naming the field and what is accepted, instead of failing inside the first training step."""
     from reclight.module import RLModule
 
+    import torch._inductor.config as inductor_config
+
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.setattr("torch._inductor.config.cpp.cxx", ("/nonexistent/c++",))
     module = RLModule(tiny=MICRO, tiny_dir=str(tmp_path / "tiny"), train_forward="fused_compiled", warmup=None)
-    with pytest.raises(ValueError, match="train_forward='fused_compiled' need\\(s\\) a C\\+\\+ compiler.*accepted without one: train_forward 'fused'"):
+    # inductor's own patch context: monkeypatch.setattr on its config object deletes the field on undo,
+    # which broke every later compile in the same process.
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), pytest.raises(ValueError, match="train_forward='fused_compiled' need\\(s\\) a C\\+\\+ compiler.*accepted without one: train_forward 'fused'"):
         module.configure_model()
