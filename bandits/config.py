@@ -12,26 +12,12 @@ from dataclasses import dataclass, field
 from bandits.envs import REWARD_NOISES, ChainEnv
 from bandits.simulate import OPTIMIZERS
 from reclight.algorithms import PRESETS
+from reclight.checks import check_choice, check_float, check_int, check_subset
 from reclight.sync import PAPER_SETTINGS
 
 ENVS = ("bandit", "chain")
 
 
-def _bad(name: str, value: object, accepted: str) -> ValueError:
-    return ValueError(f"{name}={value!r} is not valid; accepted: {accepted}")
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad(name, value, f"an integer >= {minimum}")
-
-
-def _subset(name: str, values: list[str], accepted: tuple[str, ...] | list[str]) -> None:
-    if not values:
-        raise _bad(name, values, f"a non-empty list of {', '.join(accepted)}")
-    for value in values:
-        if value not in accepted:
-            raise _bad(name, value, ", ".join(accepted))
 
 
 @dataclass
@@ -48,12 +34,10 @@ class BanditConfig:
     """Initial logits ~ N(0, std^2) per seed: a non-uniform "pretrained" policy pi_0."""
 
     def __post_init__(self) -> None:
-        _positive_int("bandit.n_contexts", self.n_contexts)
-        _positive_int("bandit.n_arms", self.n_arms, 2)
-        if self.reward_noise not in REWARD_NOISES:
-            raise _bad("bandit.reward_noise", self.reward_noise, ", ".join(REWARD_NOISES))
-        if not self.init_logit_std >= 0:
-            raise _bad("bandit.init_logit_std", self.init_logit_std, "a number >= 0")
+        check_int("bandit.n_contexts", self.n_contexts, minimum=1)
+        check_int("bandit.n_arms", self.n_arms, minimum=2)
+        check_choice("bandit.reward_noise", self.reward_noise, REWARD_NOISES)
+        check_float("bandit.init_logit_std", self.init_logit_std, ge=0, accepted="a number >= 0")
 
 
 @dataclass
@@ -78,16 +62,14 @@ class ChainConfig:
     """Initial logits ~ N(0, std^2) per seed and state."""
 
     def __post_init__(self) -> None:
-        _positive_int("chain.horizon", self.horizon)
-        if self.horizon > 8:
-            raise _bad("chain.horizon", self.horizon, "an integer in [1, 8] (3^T trajectories)")
-        _positive_int("chain.groups_per_step", self.groups_per_step)
+        check_int("chain.horizon", self.horizon, minimum=1, maximum=8,
+                  accepted="an integer in [1, 8] (3^T trajectories)")
+        check_int("chain.groups_per_step", self.groups_per_step, minimum=1)
         try:
             self.make_env()
         except ValueError as err:
             raise ValueError(f"chain.{err}") from None
-        if not self.init_logit_std >= 0:
-            raise _bad("chain.init_logit_std", self.init_logit_std, "a number >= 0")
+        check_float("chain.init_logit_std", self.init_logit_std, ge=0, accepted="a number >= 0")
 
     def make_env(self) -> ChainEnv:
         return ChainEnv(
@@ -129,18 +111,15 @@ class ClaimsConfig:
     """The chain walk."""
 
     def __post_init__(self) -> None:
-        _positive_int("seeds", self.seeds, 2)
-        _positive_int("steps", self.steps, 4)
-        _positive_int("group_size", self.group_size, 2)
-        if not self.lr > 0:
-            raise _bad("lr", self.lr, "a number > 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise _bad("optimizer", self.optimizer, ", ".join(OPTIMIZERS))
-        _subset("presets", self.presets, list(PRESETS))
-        _subset("settings", self.settings, list(PAPER_SETTINGS))
-        _subset("envs", self.envs, ENVS)
-        if not self.margin > 0:
-            raise _bad("margin", self.margin, "a number > 0")
+        check_int("seeds", self.seeds, minimum=2)
+        check_int("steps", self.steps, minimum=4)
+        check_int("group_size", self.group_size, minimum=2)
+        check_float("lr", self.lr, gt=0, accepted="a number > 0")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_subset("presets", self.presets, list(PRESETS))
+        check_subset("settings", self.settings, list(PAPER_SETTINGS))
+        check_subset("envs", self.envs, ENVS)
+        check_float("margin", self.margin, gt=0, accepted="a number > 0")
         if isinstance(self.bandit, dict):  # built from a plain dict (e.g. tests)
             self.bandit = BanditConfig(**self.bandit)
         if isinstance(self.chain, dict):

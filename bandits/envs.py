@@ -12,7 +12,7 @@ Two environments, both "prompts with one tabular softmax policy per context":
   observations can represent every Markov policy, including the KL-regularized optimum.
 
 Each environment exposes its tables (``reward_means``, ``next_position``, ...) so that the
-bench can simulate thousands of episodes at once on tensors; ``tests/test_bandits_envs.py``
+bench can simulate thousands of episodes at once on tensors; ``tests/bandits/test_bandits_envs.py``
 checks that stepping the gymnasium environment and reading the tables agree.
 """
 

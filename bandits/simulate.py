@@ -34,19 +34,13 @@ from torch.func import vmap
 from bandits.problems import TabularProblem
 from reclight.advantages import group_advantages
 from reclight.algorithms import AlgorithmConfig
+from reclight.checks import check_choice
 from reclight.losses import policy_loss
-from reclight.sync import behavior_version
+from reclight.sync import behavior_version, version_needed
 
 OPTIMIZERS = ("adam", "sgd")
 EXACT_KEYS = ("reward/expected", "kl/opt", "policy/entropy")
 STEP_KEYS = ("clip/frac", "rollout/staleness", "loss/policy", "loss/reg", "ratio/max", "adv/abs_mean")
-
-
-def version_needed(version: int, sync_interval: int, sync_offset: int, total_steps: int) -> bool:
-    """Whether some step t < total_steps trains on theta_version under (k, d)."""
-    if version == 0:
-        return True
-    return version % sync_interval == 0 and version + sync_offset < total_steps
 
 
 class SnapshotRing:
@@ -123,8 +117,7 @@ def run_preset(
 ) -> RunResult:
     """Train ``preset`` under every setting ``{name: (sync_interval, sync_offset)}`` for
     ``steps`` steps, all seeds at once. See the module docstring for one step."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not valid; accepted: {', '.join(OPTIMIZERS)}")
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     n_set, seeds = len(settings), logits_init.shape[0]
     generator = torch.Generator().manual_seed(seed)
     problem = problem.repeat_rows(n_set)

@@ -79,7 +79,7 @@ def _make_inputs(tokens: int, dtype_name: str):  # -> (hidden, weight, targets, 
 
 def _step(impl: str, inputs, chunk_size: int) -> float:  # seconds for forward + backward
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from reclight.logprobs import token_logprobs, token_logprobs_naive
+    from reclight.kernels.logprobs import token_logprobs, token_logprobs_naive
 
     fn = {"naive": token_logprobs_naive, "chunked": token_logprobs}[impl]
     hidden, weight, targets, adv = inputs

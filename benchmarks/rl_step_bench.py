@@ -39,10 +39,11 @@ The arms:
   token mean, ``optim="adamw_torch"``, constant lr, no logging or saving); options override
   ``GRPOConfig`` fields, e.g. ``trl:bf16=true``.
 - ``reclight``: the real training path, ``lightning.Trainer.fit(RLModule, RLDataModule)`` with
-  the ``grpo`` preset and ``log_kl_init=False`` (the KL monitor costs one more forward; it is
-  a logging option); options go to ``RLModule`` (``engine_dtype=bfloat16``,
-  ``train_forward=fused_compiled``, ``engine_options={"compile_decode":true}``: values are JSON)
-  or, prefixed ``trainer.``, to the Trainer (``trainer.precision=bf16-mixed``). Compilation (of
+  the ``grpo`` preset and ``monitor.log_kl_init=False`` (the KL monitor costs one more forward;
+  it is a logging option); options go to ``RLModule``'s typed groups as dotted keys
+  (``engine.name=fast``, ``engine.dtype=bfloat16``, ``train_forward.impl=fused``,
+  ``train_forward.compile=true``, ``engine.fast.compile_decode=true``: values are JSON) or,
+  prefixed ``trainer.``, to the Trainer (``trainer.precision=bf16-mixed``). Compilation (of
   either framework) happens in the first steps: give ``--warmup`` enough of them.
 """
 
@@ -266,18 +267,19 @@ def run_trl(spec: Spec, gate: Gate) -> None:
 def run_reclight(spec: Spec, gate: Gate) -> None:
     from lightning.pytorch import Callback, Trainer
 
-    from reclight.callbacks import WeightSync
-    from reclight.data import RLDataModule
-    from reclight.module import RLModule
-    from reclight.rollout import SamplingConfig
+    from reclight.engines.base import SamplingConfig
+    from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig
+    from reclight.trainer.data import RLDataModule
+    from reclight.trainer.module import RLModule
 
     B = len(spec.prompts[0])
     opts = dict(spec.options)
     trainer_opts = {k.split(".", 1)[1]: opts.pop(k) for k in list(opts) if k.startswith("trainer.")}
     sampling = SamplingConfig(num_samples=spec.K, max_new_tokens=spec.max_new_tokens, temperature=1.0)
-    module_kw: dict[str, Any] = dict(model_name_or_path=spec.model_dir, algorithm="grpo", sampling=sampling,
-                                     lr=spec.lr, grad_clip=1.0, warmup=None, log_kl_init=False, seed=spec.seed)
-    module_kw.update(opts)
+    module_kw: dict[str, Any] = dict(policy=PolicyConfig(name_or_path=spec.model_dir), algorithm="grpo",
+                                     sampling=sampling, optim=OptimConfig(lr=spec.lr, grad_clip=1.0), warmup=None,
+                                     monitor=MonitorConfig(log_kl_init=False), seed=spec.seed)
+    module_kw = _with_options(RLModule, module_kw, opts)
     module = RLModule(**module_kw)
     dm = RLDataModule(prompts_per_step=B, eval_size=8, eval_batch_size=8, seed=spec.seed)
 
@@ -288,20 +290,21 @@ def run_reclight(spec: Spec, gate: Gate) -> None:
 
     import torch
 
-    import reclight.module
-    import reclight.rollout
+    import reclight.rollout.scoring
+    import reclight.trainer.module
 
-    _timed(reclight.rollout, "score", "reward", gate)
-    _timed(reclight.module, "response_logprobs", "logp_fwd", gate)
+    _timed(reclight.rollout.scoring, "score", "reward", gate)
+    _timed(reclight.trainer.module, "response_logprobs", "logp_fwd", gate)
     _timed(torch.nn.utils, "clip_grad_norm_", "clip", gate)
     _timed(torch.optim.AdamW, "step", "optimizer", gate)
     _timed(module, "manual_backward", "backward", gate)
 
     class GateCallback(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-            if not hasattr(pl_module.engine.generate, "__wrapped_by_bench__"):
-                _timed(pl_module.engine, "generate", "generate", gate)
-                pl_module.engine.generate.__wrapped_by_bench__ = True
+            engine = pl_module.rollouts.engine
+            if not hasattr(engine.generate, "__wrapped_by_bench__"):
+                _timed(engine, "generate", "generate", gate)
+                engine.generate.__wrapped_by_bench__ = True
             _info(trainer)
             gate()
 
@@ -311,10 +314,32 @@ def run_reclight(spec: Spec, gate: Gate) -> None:
 
     kw: dict[str, Any] = dict(accelerator="cpu", devices=1, max_steps=spec.steps, logger=False,
                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                              limit_val_batches=0, num_sanity_val_steps=0, callbacks=[GateCallback(), WeightSync()],
+                              limit_val_batches=0, num_sanity_val_steps=0, callbacks=[GateCallback()],
                               default_root_dir=os.path.join(spec.workdir, "reclight"))
     kw.update(trainer_opts)
     Trainer(**kw).fit(module, dm)
+
+
+def _with_options(cls: Any, kwargs: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
+    """Apply arm options ``group.field[.field]=value`` (e.g. ``engine.name=fast``,
+    ``train_forward.impl=fused``) to ``cls``'s typed config groups; a plain key sets an argument."""
+    import dataclasses
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()}
+    out = dict(kwargs)
+    for key, value in opts.items():
+        group, *path = key.split(".")
+        if not path:
+            out[group] = value
+            continue
+
+        def put(obj: Any, names: list[str]) -> Any:
+            head, rest = names[0], names[1:]
+            return dataclasses.replace(obj, **{head: put(getattr(obj, head), rest) if rest else value})
+
+        out[group] = put(out.get(group, defaults[group]), path)
+    return out
 
 
 RUNNERS = {"floor": run_floor, "trl": run_trl, "reclight": run_reclight}
@@ -356,7 +381,7 @@ def parse_arm(text: str) -> tuple[str, dict[str, Any]]:
 
 def make_prompts(steps: int, batch: int, seed: int) -> tuple[list[list[str]], list[list[str]]]:
     """The prompts reclight's data module uses for steps 0..steps-1 (same sampler, same seed)."""
-    from reclight.rollout import PromptSampler
+    from reclight.rollout.sampler import PromptSampler
     from reclight.tasks.arithmetic import Arithmetic
 
     train = Arithmetic().examples("train")
@@ -413,7 +438,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None, help="write every step and the summary here")
     args = p.parse_args(argv)
 
-    from reclight.tiny import TinyModelConfig, build_tiny
+    from reclight.models.tiny import TinyModelConfig, build_tiny
 
     arms = [(a, *parse_arm(a)) for a in args.arms]
     total = args.warmup + args.steps

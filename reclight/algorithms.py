@@ -7,22 +7,23 @@ group-relative REINFORCE. The maths that consumes it lives in :mod:`reclight.adv
 
 Adding an algorithm: if it is a new combination of existing knobs, add one entry to
 ``PRESETS`` (and ``configs/algo/<name>.yaml``). If it needs a new knob, add the field here with
-its validation in ``_VALIDATORS``/``__post_init__``, consume it in ``losses.py`` or
-``advantages.py``, and add a hand-derived test beside the others in ``tests/test_losses.py``.
+its validation in ``__post_init__`` (with :mod:`reclight.checks`), consume it in ``losses.py`` or
+``advantages.py``, and add a hand-derived test beside the others in ``tests/core/test_losses.py``.
 
 Every preset is group-relative: the baseline is the group mean, so K >= 2 samples per prompt
 are required (callers validate K; see ``MIN_GROUP_SIZE``).
 
-Imports: torch-free on purpose (only the standard library), so configs can be validated
-before any heavy import.
+Imports: torch-free on purpose (only the standard library and :mod:`reclight.checks`), so
+configs can be validated before any heavy import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from reclight.checks import check_bool, check_choice, check_float, invalid
 
 CLIP_MODES = ("none", "one_side", "two_side", "ring")
 REGULARIZERS = ("none", "k2", "forward_kl")
@@ -30,33 +31,6 @@ ADVANTAGE_WEIGHTINGS = ("none", "exp")
 DROP_MODES = ("none", "balance")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 MIN_GROUP_SIZE = 2
-
-
-def _check_choice(field: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in accepted:
-        raise ValueError(
-            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: {', '.join(accepted)}"
-        )
-
-
-def _check_number(field: str, value: Any) -> float:
-    # bool is an int subclass; `eps_low=True` is a typo, not a number.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(
-            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: a real number"
-        )
-    if not math.isfinite(value):
-        raise ValueError(
-            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: a finite number"
-        )
-    return float(value)
-
-
-def _check_bool(field: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"AlgorithmConfig.{field}={value!r} is not valid; accepted: true or false"
-        )
 
 
 @dataclass(frozen=True)
@@ -99,49 +73,24 @@ class AlgorithmConfig:
     """``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``."""
 
     def __post_init__(self) -> None:
-        _check_choice("clip_mode", self.clip_mode, CLIP_MODES)
-        _check_choice("regularizer", self.regularizer, REGULARIZERS)
-        _check_choice("advantage_weighting", self.advantage_weighting, ADVANTAGE_WEIGHTINGS)
-        _check_choice("drop", self.drop, DROP_MODES)
-        _check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
-        _check_bool("importance_sampling", self.importance_sampling)
-        _check_bool("std_normalize", self.std_normalize)
-
-        eps_low = _check_number("eps_low", self.eps_low)
-        eps_high = _check_number("eps_high", self.eps_high)
-        eps_low_outer = _check_number("eps_low_outer", self.eps_low_outer)
-        eps_high_outer = _check_number("eps_high_outer", self.eps_high_outer)
-        coef = _check_number("regularizer_coef", self.regularizer_coef)
-        temp = _check_number("weight_temperature", self.weight_temperature)
-
-        if not 0.0 < eps_low < 1.0:
-            raise ValueError(
-                f"AlgorithmConfig.eps_low={self.eps_low!r} is not valid; accepted: 0 < eps_low < 1"
-            )
-        if not eps_high > 0.0:
-            raise ValueError(
-                f"AlgorithmConfig.eps_high={self.eps_high!r} is not valid; accepted: eps_high > 0"
-            )
+        f = "AlgorithmConfig."
+        check_choice(f + "clip_mode", self.clip_mode, CLIP_MODES)
+        check_choice(f + "regularizer", self.regularizer, REGULARIZERS)
+        check_choice(f + "advantage_weighting", self.advantage_weighting, ADVANTAGE_WEIGHTINGS)
+        check_choice(f + "drop", self.drop, DROP_MODES)
+        check_choice(f + "loss_agg", self.loss_agg, LOSS_AGGS)
+        check_bool(f + "importance_sampling", self.importance_sampling)
+        check_bool(f + "std_normalize", self.std_normalize)
+        eps_low = check_float(f + "eps_low", self.eps_low, gt=0.0, lt=1.0)
+        eps_high = check_float(f + "eps_high", self.eps_high, gt=0.0)
+        eps_low_outer = check_float(f + "eps_low_outer", self.eps_low_outer)
+        eps_high_outer = check_float(f + "eps_high_outer", self.eps_high_outer)
         if self.clip_mode == "ring" and not eps_low <= eps_low_outer < 1.0:
-            raise ValueError(
-                f"AlgorithmConfig.eps_low_outer={self.eps_low_outer!r} is not valid; accepted: "
-                f"eps_low ({eps_low}) <= eps_low_outer < 1"
-            )
+            raise invalid(f + "eps_low_outer", self.eps_low_outer, f"eps_low ({eps_low}) <= eps_low_outer < 1")
         if self.clip_mode == "ring" and not eps_high_outer >= eps_high:
-            raise ValueError(
-                f"AlgorithmConfig.eps_high_outer={self.eps_high_outer!r} is not valid; accepted: "
-                f"eps_high_outer >= eps_high ({eps_high})"
-            )
-        if coef < 0.0:
-            raise ValueError(
-                f"AlgorithmConfig.regularizer_coef={self.regularizer_coef!r} is not valid; "
-                "accepted: regularizer_coef >= 0"
-            )
-        if temp <= 0.0:
-            raise ValueError(
-                f"AlgorithmConfig.weight_temperature={self.weight_temperature!r} is not valid; "
-                "accepted: weight_temperature > 0"
-            )
+            raise invalid(f + "eps_high_outer", self.eps_high_outer, f"eps_high_outer >= eps_high ({eps_high})")
+        check_float(f + "regularizer_coef", self.regularizer_coef, ge=0.0)
+        check_float(f + "weight_temperature", self.weight_temperature, gt=0.0)
 
     def replace(self, **overrides: Any) -> "AlgorithmConfig":
         """A copy with ``overrides`` applied (and validated); unknown fields are rejected."""

@@ -97,6 +97,55 @@ def aggregate(
     raise ValueError(f"loss_agg={loss_agg!r} is not valid")
 
 
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_terms(
+    logp: Tensor,  # [...], log pi_theta
+    logp_ref: Tensor,  # [...], log pi_ref of the same tokens
+    estimator: str = "k3",
+) -> Tensor:  # [...]
+    """Schulman's per-token estimators of KL(pi_theta || pi_ref) from tokens sampled from
+    pi_theta, with d = logp_ref - logp::
+
+        k1 = -d                 unbiased, high variance, can be negative
+        k2 = d^2 / 2            biased, low variance
+        k3 = exp(d) - d - 1     unbiased, low variance, always >= 0
+
+    Gradients flow through ``logp`` (and ``logp_ref`` if it has them)."""
+    d = logp_ref - logp
+    if estimator == "k1":
+        return -d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        return torch.expm1(d) - d
+    raise ValueError(f"estimator={estimator!r} is not valid; accepted: {', '.join(KL_ESTIMATORS)}")
+
+
+def kl_estimate(
+    logp: Tensor,  # [B, K, T], log pi_theta of the sampled tokens
+    logp_ref: Tensor,  # [B, K, T]
+    mask: Tensor,  # [B, K, T] bool
+    *,
+    logp_behav: Tensor | None = None,  # [B, K, T]: the tokens were sampled from mu, not pi_theta
+    estimator: str = "k3",
+) -> Tensor:  # scalar
+    """Token-mean over ``mask`` of ``kl_terms(logp, logp_ref, estimator)``; with
+    ``logp_behav`` each term is importance-weighted by rho = pi_theta / mu (detached), which
+    turns an average over tokens sampled from mu into an estimate under pi_theta. This is the
+    trainer's ``kl/init`` (pi_ref = the policy at the start of RL, k3, weighted by rho)::
+
+        kl/init = sum_{valid} rho * (exp(d) - d - 1) / N_valid,   d = logp_ref - logp
+
+    Padding positions may hold any value: they are zeroed before use."""
+    mask = mask.bool()
+    terms = kl_terms(torch.where(mask, logp, 0.0), torch.where(mask, logp_ref, 0.0), estimator)
+    if logp_behav is not None:
+        terms = terms * torch.where(mask, logp.detach() - logp_behav, 0.0).exp()
+    return torch.where(mask, terms, 0.0).sum() / mask.sum().clamp(min=1)
+
+
 def policy_loss(
     logp: Tensor,  # [B, K, T], log pi_theta of the response tokens, with grad
     logp_behav: Tensor,  # [B, K, T], log mu recorded at sampling time

@@ -19,7 +19,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from reclight.tasks.base import SPLITS, Example, Task, check_split
+from reclight.checks import check_int
+from reclight.tasks.base import Example, Task
 
 _MAX_POOL = 200_000
 
@@ -42,12 +43,10 @@ class Arithmetic(Task):
         self, digits: int = 2, val_size: int = 500, test_size: int = 1000, split_seed: int = 1234,
         pad_answer: bool = True,
     ) -> None:
-        if isinstance(digits, bool) or not isinstance(digits, int) or not 1 <= digits <= 9:
-            raise ValueError(f"Arithmetic.digits={digits!r} is not valid; accepted: an integer in [1, 9]")
+        check_int("Arithmetic.digits", digits, minimum=1, maximum=9)
         n_pairs = 10 ** (2 * digits)
         for field, value in (("val_size", val_size), ("test_size", test_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Arithmetic.{field}={value!r} is not valid; accepted: an integer >= 1")
+            check_int(f"Arithmetic.{field}", value, minimum=1)
         pool = min(n_pairs, _MAX_POOL)
         if val_size + test_size >= pool:
             raise ValueError(
@@ -66,7 +65,6 @@ class Arithmetic(Task):
             "val": ids[test_size : test_size + val_size],
             "train": ids[test_size + val_size :],
         }
-        self._cache: dict[str, list[Example]] = {}
 
     def _example(self, pair_id: int) -> Example:
         a, b = divmod(pair_id, 10**self.digits)
@@ -74,11 +72,8 @@ class Arithmetic(Task):
         answer = f"{a + b:0{self.digits + 1}d}" if self.pad_answer else str(a + b)
         return Example(prompt=prompt, answer=answer, uid=f"arithmetic{self.digits}/{a}+{b}")
 
-    def examples(self, split: str) -> Sequence[Example]:
-        check_split(self.name, split, SPLITS)
-        if split not in self._cache:
-            self._cache[split] = [self._example(i) for i in self._ids[split]]
-        return self._cache[split]
+    def load(self, split: str) -> Sequence[Example]:
+        return [self._example(i) for i in self._ids[split]]
 
     def reward(self, response: str, example: Example) -> float:
         return 1.0 if response.strip() == example.answer else 0.0

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from reclight.checks import check_int
+
 SPLITS = ("train", "val", "test")
 
 
@@ -33,11 +35,19 @@ class Task(ABC):
 
     name: str = "task"
 
-    @abstractmethod
     def examples(self, split: str) -> Sequence[Example]:
-        """The examples of ``split`` (one of ``SPLITS``). Raises ``ValueError`` naming the
-        split and the accepted ones if the task has no such split, and a clear error if the
-        data is empty or malformed."""
+        """The examples of ``split`` (one of ``SPLITS``), loaded once by :meth:`load` and cached.
+        Raises ``ValueError`` naming the split and the accepted ones if the task has no such
+        split, and a clear error if the data is empty or malformed."""
+        check_split(self.name, split, SPLITS)
+        cache: dict[str, Sequence[Example]] = self.__dict__.setdefault("_examples_cache", {})
+        if split not in cache:
+            cache[split] = self.load(split)
+        return cache[split]
+
+    def load(self, split: str) -> Sequence[Example]:
+        """Build the examples of ``split`` (called once per split by :meth:`examples`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load(split) or examples(split)")
 
     @abstractmethod
     def reward(self, response: str, example: Example) -> float:
@@ -71,16 +81,8 @@ def check_task_args(
 ) -> None:
     """The constructor checks every JSONL-backed task shares; errors name the field, the value
     and what is accepted."""
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < min_val_size:
-        raise ValueError(
-            f"{task_name}.val_size={val_size!r} is not valid; accepted: an integer >= {min_val_size}"
-        )
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1
-    ):
-        raise ValueError(
-            f"{task_name}.max_examples={max_examples!r} is not valid; accepted: None or an integer >= 1"
-        )
+    check_int(f"{task_name}.val_size", val_size, minimum=min_val_size)
+    check_int(f"{task_name}.max_examples", max_examples, minimum=1, allow_none=True)
     if "{" + placeholder + "}" not in prompt_template:
         raise ValueError(
             f"{task_name}.prompt_template={prompt_template!r} is not valid; accepted: a template "

@@ -17,10 +17,9 @@ Departures from the usual GSM8K harnesses, all on purpose:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from decimal import Decimal
 
-from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
+from reclight.tasks.base import Example, Task, check_task_args
 from reclight.tasks.jsonl import (
     DataError,
     Row,
@@ -110,15 +109,8 @@ class GSM8K(Task):
         self.max_examples = max_examples
         self.prompt_template = prompt_template
         self.seed = seed
-        self._cache: dict[str, list[Example]] = {}
 
-    def examples(self, split: str) -> Sequence[Example]:
-        check_split(self.name, split, SPLITS)
-        if split not in self._cache:
-            self._cache[split] = self._load(split)
-        return self._cache[split]
-
-    def _load(self, split: str) -> list[Example]:
+    def load(self, split: str) -> list[Example]:
         source_split = "test" if split == "test" else "train"
         rows, source, uid_prefix = self._rows(source_split)
         examples = [self._example(row, source, uid_prefix) for row in rows]

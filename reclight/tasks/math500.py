@@ -22,11 +22,10 @@ Choices worth knowing:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
-from reclight.tasks.base import SPLITS, Example, Task, check_split, check_task_args
+from reclight.tasks.base import SPLITS, Example, Task, check_task_args
 from reclight.tasks.jsonl import (
     DataError,
     Row,
@@ -133,26 +132,19 @@ class Math500(Task):
         self.prompt_template = prompt_template
         self.timeout_seconds = timeout_seconds
         self.seed = seed
-        self._cache: dict[str, list[Example]] = {}
 
     @property
     def splits(self) -> tuple[str, ...]:
         """The splits this configuration can serve."""
         return SPLITS if self.train_file is not None else ("val", "test")
 
-    def examples(self, split: str) -> Sequence[Example]:
-        check_split(self.name, split, SPLITS)
+    def load(self, split: str) -> list[Example]:
         if split not in self.splits:
             raise ValueError(
                 f"Math500: split={split!r} is not available: MATH-500 is a test set; "
                 f"accepted: {', '.join(self.splits)}. Set train_file to a JSONL file with "
                 f"fields {sorted(_FIELDS)} (e.g. the MATH train split) to train on this task"
             )
-        if split not in self._cache:
-            self._cache[split] = self._load(split)
-        return self._cache[split]
-
-    def _load(self, split: str) -> list[Example]:
         rows, source, uid_prefix = self._rows("train" if split == "train" else "test")
         rows = self._filter(rows, source)
         examples = [

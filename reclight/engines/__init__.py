@@ -1,0 +1,57 @@
+"""Rollout engines: each holds its own copy of the weights (the behaviour policy).
+
+- :class:`~reclight.engines.hf.HFGenerateEngine` (``hf``, default): Hugging Face ``generate``;
+- :class:`~reclight.engines.fast.FastLlamaEngine` (``fast``): a lean Llama sampling loop;
+- :class:`~reclight.engines.vllm.VLLMEngine` (``vllm``): GPU, behind the ``vllm`` extra.
+
+They share :class:`~reclight.engines.base.RolloutEngine`; :func:`build_engine` makes the one an
+:class:`~reclight.engines.config.EngineConfig` names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from reclight.engines.base import Generation, RolloutEngine, SamplingConfig
+from reclight.engines.config import EngineConfig
+
+__all__ = ["EngineConfig", "Generation", "RolloutEngine", "SamplingConfig", "build_engine"]
+
+
+def build_engine(
+    cfg: EngineConfig,
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    sampling: SamplingConfig,
+    *,
+    stop_strings: tuple[str, ...] = (),
+    model_path: str | None = None,
+    seed: int = 0,
+) -> RolloutEngine:
+    """The engine ``cfg`` names, holding ``policy``'s current weights as version 0.
+
+    ``hf``/``fast`` copy ``policy`` (gathered first when it is sharded: FSDP2); ``vllm`` loads
+    its own copy from ``model_path`` and then receives ``policy``'s weights.
+    """
+    if cfg.name == "vllm":
+        from reclight.engines.vllm import VLLMEngine
+
+        o = cfg.vllm
+        engine = VLLMEngine(model_path, tokenizer, sampling, dtype=cfg.dtype or "bfloat16", seed=seed,
+                            gpu_memory_utilization=o.gpu_memory_utilization, max_model_len=o.max_model_len,
+                            enforce_eager=o.enforce_eager, recompute_logp_behav=o.recompute_logp_behav)
+        engine.update_weights(policy, 0)
+        return engine
+    from reclight.models.fsdp import is_sharded, unsharded_copy
+
+    source = unsharded_copy(policy) if is_sharded(policy) else policy
+    if cfg.name == "fast":
+        from reclight.engines.fast import FastLlamaEngine
+
+        return FastLlamaEngine(source, tokenizer, sampling, cfg.dtype, stop_strings,
+                               compile_decode=cfg.fast.compile_decode)
+    from reclight.engines.hf import HFGenerateEngine
+
+    return HFGenerateEngine(source, tokenizer, sampling, cfg.dtype, stop_strings)

@@ -1,0 +1,171 @@
+"""The default rollout engine: Hugging Face ``generate`` on the engine's own copy of the weights.
+
+The engine's model is a separate copy of the policy (optionally in another dtype, e.g. bf16
+for generation while the trainer keeps fp32 master weights). It is the behaviour policy: the
+trainer pushes weights into it only when the sync schedule says so (``update_weights``, an
+in-place copy, no new allocation).
+
+``logp_behav`` is recorded at sampling time by a logits processor placed FIRST in the chain, so
+it sees the raw logits: at each decoding step it stores ``log_softmax(logits / temperature)``
+and, at the next step, gathers it at the token that was just sampled (one ``[N, V]`` buffer
+alive at a time, never the ``[N, T, V]`` history). Temperature and top-p are applied after it
+by our own warpers; the model's ``generation_config`` (which may carry top-k, repetition
+penalties, ...) is replaced by an explicit one so nothing else changes the distribution.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reclight.engines.base import Generation, SamplingConfig
+from reclight.kernels.masks import response_mask_from_ids
+from reclight.models.fsdp import full_weights, is_sharded
+from reclight.models.loading import resolve_dtype
+from reclight.models.tokens import eos_ids as tokenizer_eos_ids
+from reclight.models.tokens import pad_id as tokenizer_pad_id
+
+
+class _RecordLogprobs:
+    """Logits processor that records the behaviour log-prob of every sampled token."""
+
+    def __init__(self, temperature: float, prompt_len: int) -> None:
+        self.temperature = temperature
+        self.prompt_len = prompt_len
+        self.prev: Tensor | None = None  # [N, V] fp32 log-probs of the last step
+        self.logp: list[Tensor] = []  # T x [N]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[1] > self.prompt_len:  # gather the token sampled from self.prev
+            self.logp.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:  # [N, P + T] -> [N, T]
+        if sequences.shape[1] > self.prompt_len + len(self.logp):
+            self.logp.append(self.prev.gather(-1, sequences[:, -1:]).squeeze(-1))
+        self.prev = None
+        return torch.stack(self.logp, dim=1)
+
+
+def hf_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Tensor,  # [B, P]
+    prompt_mask: Tensor,  # [B, P]
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    record_logp: bool = True,
+    stop_strings: tuple[str, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor | None]:  # ids [B, K, T], mask [B, K, T], logp [B, K, T] | None
+    """Sample (or greedy-decode) ``num_samples`` responses per prompt with the KV cache."""
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    B, P = prompt_ids.shape
+    eos_ids, pad_id = tokenizer_eos_ids(tokenizer), tokenizer_pad_id(tokenizer)
+    gen_cfg = GenerationConfig(
+        do_sample=do_sample, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+        temperature=1.0, top_p=1.0, top_k=None, eos_token_id=eos_ids, pad_token_id=pad_id,
+        use_cache=True, return_dict_in_generate=False,
+    )
+    recorder = _RecordLogprobs(temperature, P) if record_logp else None
+    processors = LogitsProcessorList([recorder] if recorder else [])
+    if do_sample and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if do_sample and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    extra = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
+    device = next(model.parameters()).device
+    # Not inference_mode on a sharded (FSDP2) policy: its unshard buffers are reused by training
+    # forwards, and tensors created in inference mode cannot be updated outside it.
+    with torch.no_grad() if is_sharded(model) else torch.inference_mode():
+        seqs = model.generate(
+            input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device).long(),
+            generation_config=gen_cfg, logits_processor=processors, **extra,
+        )
+    response = seqs[:, P:]
+    mask = response_mask_from_ids(response, eos_ids, pad_id)
+    T = response.shape[1]
+    logp = None
+    if recorder is not None:
+        logp = recorder.finish(seqs).masked_fill(~mask, 0.0).reshape(B, num_samples, T).clone()
+    # clone(): tensors made under inference_mode cannot be saved for backward later.
+    return response.reshape(B, num_samples, T).clone(), mask.reshape(B, num_samples, T).clone(), logp
+
+
+class HFGenerateEngine:
+    """Rollout engine on Hugging Face ``generate`` (implements ``RolloutEngine``).
+
+    Args:
+        policy: the trainer's model; the engine deep-copies it (the behaviour policy).
+        tokenizer: its tokenizer (left padding).
+        sampling: K, temperature, top_p, max_new_tokens.
+        dtype: the engine copy's dtype (``None`` keeps the policy's).
+        stop_strings: extra strings that end a response (besides EOS).
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        sampling: SamplingConfig,
+        dtype: str | None = None,
+        stop_strings: tuple[str, ...] = (),
+    ) -> None:
+        self.model = copy.deepcopy(policy).eval()
+        if dtype is not None:
+            self.model.to(resolve_dtype(dtype, "engine_dtype"))
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.stop_strings = tuple(stop_strings)
+        self.version = 0
+        self.scores_with_trainer = False
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, seed: int) -> Generation:
+        s = self.sampling
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            ids, mask, logp = hf_generate(
+                self.model, self.tokenizer, prompt_ids, prompt_mask, num_samples=s.num_samples,
+                max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                stop_strings=self.stop_strings,
+            )
+        version = torch.full(ids.shape[:2], self.version, dtype=torch.long, device=ids.device)
+        return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version)
+
+    @torch.no_grad()
+    def update_weights(self, policy: torch.nn.Module | Mapping[str, Tensor], version: int) -> None:
+        """Copy the policy's weights (a module, or its full state dict with HF names, e.g.
+        gathered from a sharded policy by ``reclight.models.fsdp.full_weights``) into the engine's
+        model, in place. Buffers are copied when the source has them (a state dict holds
+        only persistent ones, e.g. not the rotary ``inv_freq``, which never changes)."""
+        policy = full_weights(policy) if isinstance(policy, torch.nn.Module) else policy
+        if isinstance(policy, torch.nn.Module):
+            src = dict(policy.named_parameters())
+            src.update(dict(policy.named_buffers()))
+        else:
+            src = dict(policy)
+        for name, dst in self.model.named_parameters():  # a tied head is not listed: nothing to map
+            dst.copy_(src[name])  # in place: casts dtype/device, allocates nothing
+        for name, dst in self.model.named_buffers():
+            if name in src:
+                dst.copy_(src[name])
+        self.version = int(version)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "weights": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.version = int(state["version"])

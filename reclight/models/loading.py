@@ -1,0 +1,68 @@
+"""Loading the policy: dtypes, attention kernels, the model-path check, and frozen copies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{field}={name!r} is not valid; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_model_path(name_or_path: str | None, field: str = "model.policy.name_or_path") -> None:
+    """A value that is clearly a local path (absolute, ``./``, ``../``, ``~``, or more than one
+    ``/``) must be a folder with ``config.json``; checked before anything is loaded. Anything
+    else (``org/name``) is a Hugging Face id, resolved by ``from_pretrained`` as usual."""
+    if name_or_path is None:
+        return
+    p = Path(name_or_path).expanduser()
+    local = p.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1 or p.exists()
+    accepted = ("accepted: a folder written by save_pretrained (holding config.json), a Hugging Face model id "
+                "such as 'Qwen/Qwen2.5-0.5B-Instruct', or null for the embedded tiny model")
+    if local and not p.is_dir():
+        raise ValueError(f"{field}={name_or_path!r} is not valid: no such folder; {accepted}")
+    if local and not (p / "config.json").is_file():
+        raise ValueError(f"{field}={name_or_path!r} is not valid: the folder has no config.json; {accepted}")
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32",
+                   attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a Hugging Face causal LM id or local folder.
+
+    ``attn_implementation`` picks the HF attention kernel (None: the transformers default).
+
+    The tokenizer is set to left padding (generation) with a pad token (EOS when it has none).
+    Set ``HF_HUB_OFFLINE=1`` to forbid any network access.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **kw)
+    return model, tokenizer
+
+
+class Frozen:
+    """Holds a module without registering it (not trained, not in the Lightning state dict)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+
+def frozen_copy(policy: torch.nn.Module) -> Frozen:
+    """An unregistered, eval-mode, grad-free copy of ``policy`` (gathered from the shards under
+    FSDP2): the RL-start reference of ``kl/init`` (and of a reference KL)."""
+    from reclight.models.fsdp import unsharded_copy
+
+    return Frozen(unsharded_copy(policy).eval().requires_grad_(False))

@@ -1,0 +1,240 @@
+"""Checkpoint files: atomic, durable saves and a clear error for a file that cannot resume a run.
+
+Why not Lightning's default ``TorchCheckpointIO`` (2.6): its ``_atomic_save`` serialises the
+whole checkpoint into memory, writes it to ``tempfile.mkstemp()`` in the SYSTEM temp folder
+and commits with ``shutil.move``. That is atomic only when the temp folder and the checkpoint
+folder share a file system (``os.rename``). When they do not (``/tmp`` on tmpfs or a local
+disk, checkpoints on a network or scratch mount, common on clusters), ``shutil.move`` falls back
+to copy-then-delete, and a kill during the copy leaves a half-written file under the final
+name. It never calls ``fsync`` either, so a node crash can leave a renamed but empty file, and
+every killed save leaves a checkpoint-sized orphan in the temp folder.
+
+:class:`AtomicCheckpointIO` instead streams ``torch.save`` into a hidden temp file in the SAME
+folder as the target, ``fsync``s it, ``os.replace``s it over the target (atomic on POSIX and
+Windows within one file system) and ``fsync``s the folder so the rename itself is durable. A
+kill at any point leaves either the previous file or the new one under the final name, never a
+mix; the only debris is a ``.<name>.tmp-*`` file in the checkpoint folder (safe to delete).
+Remote URLs (``s3://`` ...) go to Lightning's default path unchanged.
+
+:func:`validate_checkpoint` (and ``AtomicCheckpointIO.load_checkpoint``, which every
+``--ckpt_path`` load goes through) turns a missing, truncated, non-checkpoint or foreign file
+into a :class:`CheckpointError` that names the path, what is wrong, and what is accepted.
+
+:func:`rng_state` / :func:`set_rng_state`: every global RNG (torch CPU and CUDA, Python's
+``random``, NumPy's legacy global one), as plain tensors and tuples the safe loader accepts,
+for a bitwise-exact resume.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+# What a checkpoint needs to continue a reclight run exactly (written by Lightning and RLModule).
+REQUIRED_TOP_LEVEL = ("state_dict", "optimizer_states", "loops", "reclight")
+ACCEPTED = (
+    "a checkpoint written by `reclight fit` (a Lightning .ckpt of reclight.trainer.module.RLModule holding "
+    "'state_dict', 'optimizer_states', 'loops' and the 'reclight' section with the rollout queue and engine)"
+)
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint cannot be used to resume a reclight run."""
+
+
+def _is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` such that ``path`` always holds either its previous content or
+    the complete new content, even if the process is killed at any point (see module doc)."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)  # streamed: no second in-memory copy of the checkpoint
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match what a plain open() would make
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` plugin: atomic + durable local saves, validated loads.
+
+    Use it with ``trainer.plugins`` (the ``reclight`` CLI adds it by default).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or _is_remote(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_remote(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        check_checkpoint_file(path)
+        try:
+            ckpt = torch.load(
+                path, map_location=map_location if map_location is not None else "cpu",
+                weights_only=True if weights_only is None else weights_only,
+            )
+        except Exception as e:  # noqa: BLE001 - re-raised with the path and what is accepted
+            raise _load_error(path, e) from e
+        check_checkpoint_contents(ckpt, path)
+        return ckpt
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Cheap checks of the file itself (exists, is a complete torch zip archive)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"--ckpt_path={str(path)!r} is not valid: no such file; accepted: {ACCEPTED}")
+    if p.is_dir():
+        raise CheckpointError(
+            f"--ckpt_path={str(path)!r} is not valid: it is a directory (sharded/distributed checkpoints are "
+            f"not supported); accepted: {ACCEPTED}"
+        )
+    size = p.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"--ckpt_path={str(path)!r} is not valid: the file is empty (0 bytes); accepted: {ACCEPTED}")
+    if not zipfile.is_zipfile(p):
+        with open(p, "rb") as f:
+            head = f.read(4)
+        what = (
+            f"the file is truncated ({size} bytes, the zip archive's central directory at its end is missing)"
+            if head == b"PK\x03\x04"
+            else f"it is not a torch checkpoint (not a zip archive; first bytes {head!r})"
+        )
+        raise CheckpointError(f"--ckpt_path={str(path)!r} is not valid: {what}; accepted: {ACCEPTED}")
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"--ckpt_path={str(path)!r} is not valid: the zip archive is damaged ({e}); accepted: {ACCEPTED}"
+        ) from e
+    if not any(n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(
+            f"--ckpt_path={str(path)!r} is not valid: it is a zip archive but not a torch checkpoint (no data.pkl "
+            f"among {names[:5]}); accepted: {ACCEPTED}"
+        )
+
+
+def _load_error(path: Any, e: Exception) -> CheckpointError:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        what = f"it holds Python objects that a checkpoint never needs (refused by the safe loader: {msg})"
+    else:
+        what = f"torch.load failed ({type(e).__name__}: {msg}); the file is damaged or truncated"
+    return CheckpointError(f"--ckpt_path={str(path)!r} is not valid: {what}; accepted: {ACCEPTED}")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = list(obj.keys())
+        if keys and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return f"a plain state dict of {len(keys)} tensors (e.g. {keys[0]!r}), not a training checkpoint"
+        return f"a dict with keys {[str(k) for k in keys[:8]]}"
+    return f"a {type(obj).__name__}"
+
+
+def check_checkpoint_contents(ckpt: Any, path: str | os.PathLike) -> None:
+    """Whether a loaded object is a reclight training checkpoint (see ``ACCEPTED``)."""
+    where = f"--ckpt_path={str(path)!r} is not valid"
+    if not isinstance(ckpt, Mapping) or "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"{where}: it is {_describe(ckpt)}, not a Lightning checkpoint; accepted: {ACCEPTED}")
+    missing = [k for k in REQUIRED_TOP_LEVEL if k not in ckpt]
+    if "reclight" in missing:
+        owner = ckpt.get("hparams_name") or "unknown"
+        keys = list(ckpt["state_dict"])[:3]
+        raise CheckpointError(
+            f"{where}: it is a Lightning checkpoint of another module (no 'reclight' section; hparams_name="
+            f"{owner!r}, state_dict keys {keys}); accepted: {ACCEPTED}"
+        )
+    if missing:
+        hint = " (a weights-only checkpoint cannot resume training exactly)" if "optimizer_states" in missing else ""
+        raise CheckpointError(f"{where}: it lacks the sections {missing}{hint}; accepted: {ACCEPTED}")
+    if "rollouts" not in ckpt["reclight"]:
+        raise CheckpointError(
+            f"{where}: its 'reclight' section has no 'rollouts' state (the engine, the queued rollouts and the "
+            f"sync phase; a checkpoint of reclight before the rollout queue was one class keeps them elsewhere); "
+            f"accepted: {ACCEPTED}"
+        )
+
+
+def validate_checkpoint(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` can resume a reclight run. Loads lazily
+    (``mmap``) with the safe loader, so it is cheap even for a large checkpoint."""
+    if _is_remote(path):
+        return
+    check_checkpoint_file(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(path, e) from e
+    check_checkpoint_contents(ckpt, path)
+
+
+# -- RNG state ----------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """All global RNG states of this process (the ones a checkpoint must carry)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned (entries absent from ``state`` are left alone)."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))

@@ -1,0 +1,230 @@
+"""The trainer's typed config groups: ``RLModule``'s arguments, one dataclass per concern.
+
+Every field has a docstring (``reclight fit --help`` shows it), string choices are ``Literal``
+so the parser refuses a misspelt value, and every value is checked in ``__post_init__`` with
+:mod:`reclight.checks`, so a bad config fails when it is parsed, before any model is loaded.
+
+========================  ====================================================================
+group                     what
+========================  ====================================================================
+``model.policy``          which model is trained, its dtype and prompt rendering
+``model.engine``          the rollout engine (:mod:`reclight.engines.config`)
+``model.train_forward``   how the training forward computes log-probs
+``model.optim``           AdamW, gradient clipping, learning-rate warm-up
+``model.guards``          when bad rewards or numerics stop the run
+``model.monitor``         what is measured besides the loss
+``model.sync``            the off-policy schedule (:class:`reclight.sync.SyncConfig`)
+``model.sampling``        K, temperature, top-p, max_new_tokens (:mod:`reclight.engines.base`)
+``model.warmup``          the supervised warm-up (:mod:`reclight.trainer.warmup`)
+========================  ====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
+from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_path
+from reclight.models.tiny import TinyModelConfig
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The trained model."""
+
+    name_or_path: str | None = None
+    """Hugging Face model id or local folder; null builds the embedded tiny Llama (``tiny``)
+    under ``tiny_dir``."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the embedded tiny model (used only when ``name_or_path`` is null)."""
+    tiny_dir: str = "outputs/tiny-model"
+    """Cache folder of the embedded tiny model (reused when it exists)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the trained (master) weights; use trainer precision ``bf16-mixed`` for bf16
+    compute with fp32 master weights."""
+    use_chat_template: bool | None = None
+    """Render prompts through the tokenizer's chat template; null: when it has one."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.policy.dtype", self.dtype, tuple(DTYPES))
+        if self.use_chat_template is not None:
+            check_bool("model.policy.use_chat_template", self.use_chat_template)
+        check_model_path(self.name_or_path, "model.policy.name_or_path")
+
+
+@dataclass(frozen=True)
+class TrainForwardConfig:
+    """The training forward that computes ``logp`` (and the entropy) of the response tokens."""
+
+    impl: Literal["hf", "fused"] = "hf"
+    """``hf``: the model's own forward on the B * K sequences (any causal LM). ``fused``
+    (Llama models, not with FSDP): each prompt run once for its K samples, padded positions
+    skipped, attention written out (:mod:`reclight.kernels.fused_forward`); same values up to
+    float rounding, faster on CPU."""
+    compile: bool = False
+    """``fused`` only: its element-wise chains (norms, RoPE, softmax, SwiGLU) compiled by
+    ``torch.compile`` (~12% faster training pass on CPU in bf16; the first step compiles and
+    needs a C++ compiler, or Triton on GPU)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = None
+    """The HF attention kernel of the policy (null: the transformers default, ``sdpa``);
+    ``eager`` trains faster in bf16 on CPU; no effect on ``fused``."""
+    micro_batch_size: int | None = None
+    """Prompts (whole groups) per forward/backward; null: the whole batch. The gradient is the
+    full batch's exactly (global token counts)."""
+
+    def __post_init__(self) -> None:
+        check_choice("model.train_forward.impl", self.impl, ("hf", "fused"))
+        check_bool("model.train_forward.compile", self.compile)
+        if self.compile and self.impl != "fused":
+            raise invalid("model.train_forward.compile", self.compile,
+                          f"true only with model.train_forward.impl: fused (this run's impl is {self.impl!r})")
+        check_choice("model.train_forward.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        check_int("model.train_forward.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with gradient clipping by hand (manual optimization)."""
+
+    lr: float = 3e-4
+    """Learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's moment decays, each in [0, 1)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many applied updates (0: constant)."""
+
+    def __post_init__(self) -> None:
+        check_float("model.optim.lr", self.lr, gt=0)
+        check_float("model.optim.weight_decay", self.weight_decay, ge=0)
+        betas = tuple(self.betas)
+        try:
+            if len(betas) != 2:
+                raise ValueError
+            for b in betas:
+                check_float("model.optim.betas", b, ge=0, lt=1)
+        except ValueError:
+            raise invalid("model.optim.betas", betas, "two finite numbers in [0, 1)") from None
+        check_float("model.optim.grad_clip", self.grad_clip, ge=0, accepted="grad_clip >= 0 (0 disables)")
+        check_int("model.optim.lr_warmup_steps", self.lr_warmup_steps, minimum=0)
+
+
+@dataclass(frozen=True)
+class GuardsConfig:
+    """When bad rewards or numerics stop the run (``docs/reliability.md``)."""
+
+    max_failed_reward_frac: float = 0.5
+    """Stop when a step has more than this fraction of samples whose reward function raised or
+    returned NaN/inf (they get no gradient and are counted in ``reward/failed``); 1.0 never stops."""
+    max_consecutive_skips: int = 3
+    """A step whose loss or gradient is not finite is skipped (weights and optimizer state
+    untouched, counted in ``train/skipped_steps``); stop after this many in a row."""
+
+    def __post_init__(self) -> None:
+        check_float("model.guards.max_failed_reward_frac", self.max_failed_reward_frac, ge=0, le=1,
+                    accepted="a number in [0, 1]")
+        check_int("model.guards.max_consecutive_skips", self.max_consecutive_skips, minimum=1)
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What is measured besides the loss."""
+
+    log_kl_init: bool = True
+    """Keep a frozen copy of the RL-start policy and log ``kl/init`` (its memory: one more copy
+    of the weights)."""
+    eval_max_new_tokens: int | None = None
+    """Response cap of the greedy evaluation (null: ``sampling.max_new_tokens``)."""
+
+    def __post_init__(self) -> None:
+        check_bool("model.monitor.log_kl_init", self.log_kl_init)
+        check_int("model.monitor.eval_max_new_tokens", self.eval_max_new_tokens, minimum=1, allow_none=True)
+
+
+MOVED_KEYS: dict[str, str] = {
+    "model.model_name_or_path": "model.policy.name_or_path",
+    "model.tiny": "model.policy.tiny",
+    "model.tiny_dir": "model.policy.tiny_dir",
+    "model.dtype": "model.policy.dtype",
+    "model.use_chat_template": "model.policy.use_chat_template",
+    "model.engine_dtype": "model.engine.dtype",
+    "model.engine_options": "model.engine.fast (compile_decode) or model.engine.vllm (gpu_memory_utilization, "
+                            "max_model_len, enforce_eager, recompute_logp_behav)",
+    "model.attn_implementation": "model.train_forward.attn_implementation",
+    "model.micro_batch_size": "model.train_forward.micro_batch_size",
+    "model.lr": "model.optim.lr",
+    "model.weight_decay": "model.optim.weight_decay",
+    "model.betas": "model.optim.betas",
+    "model.grad_clip": "model.optim.grad_clip",
+    "model.lr_warmup_steps": "model.optim.lr_warmup_steps",
+    "model.max_failed_reward_frac": "model.guards.max_failed_reward_frac",
+    "model.max_consecutive_skips": "model.guards.max_consecutive_skips",
+    "model.log_kl_init": "model.monitor.log_kl_init",
+    "model.eval_max_new_tokens": "model.monitor.eval_max_new_tokens",
+    "sync": "model.sync",
+}
+"""Keys of the flat layout (before the typed groups) and where each one lives now."""
+
+GROUP_STRINGS: dict[str, str] = {
+    "model.engine": "model.engine.name: {value}",
+    "model.train_forward": "model.train_forward.impl: {value}",
+}
+"""Keys that were strings and are groups now: ``--model.engine fast`` -> ``model.engine.name``.
+``fused_compiled`` (two switches in one value) is now ``impl: fused`` + ``compile: true``."""
+
+
+def moved_key_message(key: str, value: object = None) -> str | None:
+    """What to write instead of an old ``key`` (None: ``key`` did not move)."""
+    if key in MOVED_KEYS:
+        return f"{key} moved to {MOVED_KEYS[key]}"
+    if key in GROUP_STRINGS and isinstance(value, str):
+        if key == "model.train_forward" and value == "fused_compiled":
+            new = "model.train_forward: {impl: fused, compile: true}"
+        else:
+            new = GROUP_STRINGS[key].format(value=value)
+        return f"{key}={value!r} is a group now; write {new}"
+    return None
+
+
+def _group_types() -> dict[str, type]:
+    """``model.<arg>`` -> its dataclass type, for every typed group of ``RLModule``."""
+    import dataclasses
+    import typing
+
+    from reclight.trainer.module import RLModule
+
+    hints = typing.get_type_hints(RLModule.__init__)
+    out = {}
+    for name, tp in hints.items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            out[f"model.{name}"] = args[0]
+    return out
+
+
+def unknown_field_message(key: str, value: object) -> str | None:
+    """For a key inside a typed group that names no field (``model.engine.vllm.gpu_memory_utilisation``):
+    the message naming the key, the value and the accepted fields of that group (None: fine)."""
+    import dataclasses
+    import typing
+
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "model":
+        return None
+    tp = _group_types().get(".".join(parts[:2]))
+    path = ".".join(parts[:2])
+    for name in parts[2:]:
+        if tp is None or not dataclasses.is_dataclass(tp):
+            return None
+        names = [f.name for f in dataclasses.fields(tp)]
+        if name not in names:
+            return f"{key}={value!r} is not valid: {path} has no field {name!r}; accepted: {', '.join(names)}"
+        hint = typing.get_type_hints(tp)[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        tp = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+        path = f"{path}.{name}"
+    return None

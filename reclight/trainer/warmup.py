@@ -1,0 +1,108 @@
+"""The supervised warm-up that gives RL a partially competent start.
+
+RL from a random model on a sparse 0/1 reward learns nothing (no sample is ever right), so the
+embedded default first trains on gold answers (cross-entropy on the answer tokens and EOS)
+until greedy accuracy on held-out prompts reaches ``target_accuracy``. Stopping on accuracy,
+not on a step count, matters: a fixed count landed anywhere between 20% and 70% depending on
+the seed, and RL from about 25% collapsed in the feasibility probe.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reclight.checks import check_float, check_int
+from reclight.models.forward import response_logprobs
+from reclight.models.tokens import encode_prompts
+from reclight.tasks.base import Task
+from reclight.trainer.evaluation import greedy_eval
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Supervised warm-up on gold answers, run once at the start of ``fit``."""
+
+    target_accuracy: float = 0.4
+    """Stop as soon as greedy accuracy on the check set reaches this (in [0, 1])."""
+    max_steps: int = 3000
+    """Give up (and start RL anyway) after this many steps."""
+    batch_size: int = 128
+    """Examples per supervised step."""
+    lr: float = 2e-3
+    """AdamW learning rate of the warm-up (its own optimizer, discarded afterwards)."""
+    check_every: int = 10
+    """Steps between accuracy checks (accuracy can jump from 20% to 70% within 50 steps once
+    the model "gets" the task, so check often to stop near the target)."""
+    check_size: int = 200
+    """Check on the LAST this-many val examples (greedy)."""
+
+    def __post_init__(self) -> None:
+        check_float("WarmupConfig.target_accuracy", self.target_accuracy, ge=0, le=1, accepted="[0, 1]")
+        for name in ("max_steps", "batch_size", "check_every", "check_size"):
+            check_int(f"WarmupConfig.{name}", getattr(self, name), minimum=1)
+        check_float("WarmupConfig.lr", self.lr, gt=0)
+
+
+def _answer_tokens(tokenizer: Any, answers: Sequence[str]) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def supervised_warmup(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    cfg: WarmupConfig,
+    *,
+    seed: int,
+    max_new_tokens: int,
+    use_chat_template: bool | None = None,
+    log: Callable[[dict[str, float], int], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place on gold answers of the train split until the greedy accuracy
+    on the last ``check_size`` val examples reaches ``target_accuracy`` (checked every
+    ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures."""
+    train = task.examples("train")
+    check = list(task.examples("val"))[-cfg.check_size :]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    start, acc, step, loss = time.perf_counter(), 0.0, 0, torch.tensor(float("nan"))
+    device = next(model.parameters()).device
+    while step < cfg.max_steps:
+        if step % cfg.check_every == 0:
+            acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
+                              use_chat_template=use_chat_template)[0].float().mean().item()
+            if log is not None:  # no loss before the first batch (it would read "nan")
+                log({"warmup/acc": acc, **({"warmup/loss": loss.item()} if step else {})}, step)
+            if acc >= cfg.target_accuracy:
+                break
+        idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
+        batch = [train[i] for i in idx]
+        pid, pmask = encode_prompts(tokenizer, [e.prompt for e in batch], use_chat_template)
+        aid, amask = _answer_tokens(tokenizer, [e.answer for e in batch])
+        logp, _ = response_logprobs(model, pid.to(device), pmask.to(device), aid[:, None].to(device),
+                                    amask[:, None].to(device))
+        loss = -logp.sum() / amask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+    else:  # ran out of steps: one last check so the reported accuracy is current
+        acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
+                          use_chat_template=use_chat_template)[0].float().mean().item()
+    opt.zero_grad(set_to_none=True)
+    return {"warmup/steps": float(step), "warmup/acc": acc, "warmup/seconds": time.perf_counter() - start}

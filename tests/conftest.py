@@ -1,0 +1,97 @@
+"""Shared helpers of the test suite (no tests here); test files import them from ``conftest``.
+
+- ``DigitTask`` gives a dense reward (fraction of response characters that are digits), so even
+  a randomly initialised tiny model gets reward variance within a group and every step has a
+  non-zero policy gradient: the smoke and schedule tests then see weights actually move. The
+  ``reclight fit`` subprocesses of the tests name it ``conftest.DigitTask`` (with ``tests/`` on
+  ``PYTHONPATH``).
+- ``fit_micro``: a few-second in-process fit of the micro model, with a ``Recorder`` of the
+  versions and ratios each step trained on.
+- ``PauseAtStep``: parks a ``reclight fit`` subprocess at a known point so a test can SIGKILL it
+  there (``--trainer.callbacks+=conftest.PauseAtStep``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from reclight.engines.base import SamplingConfig
+from reclight.models.tiny import TinyModelConfig
+from reclight.tasks.arithmetic import Arithmetic
+from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig
+from reclight.trainer.data import RLDataModule
+from reclight.trainer.module import RLModule
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)
+
+
+class DigitTask(Arithmetic):
+    name = "digits"
+
+    def __init__(self) -> None:
+        super().__init__(digits=1, val_size=10, test_size=10)
+
+    def reward(self, response: str, example) -> float:
+        return sum(c.isdigit() for c in response) / max(len(response), 1)
+
+
+class Recorder(pl.Callback):
+    """Records, per step, the rollout versions trained on and the logged ratio stats."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, list[int]] = {}
+        self.ratio: dict[int, tuple[float, float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.versions[trainer.global_step] = batch.version.flatten().tolist()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        self.ratio[trainer.global_step - 1] = (float(m["ratio/min"]), float(m["ratio/max"]))
+
+
+def micro_module(tmp_path, **kwargs) -> RLModule:
+    """The micro model's module (lr 3e-2, K=3, 3 new tokens, no warm-up); ``kwargs`` override
+    RLModule arguments, and ``lr=...`` / ``log_kl_init=...`` the fields of their groups."""
+    optim = OptimConfig(lr=kwargs.pop("lr", 3e-2), **kwargs.pop("optim_kwargs", {}))
+    monitor = MonitorConfig(log_kl_init=kwargs.pop("log_kl_init", True))
+    args = dict(policy=PolicyConfig(tiny=MICRO, tiny_dir=str(tmp_path / "tiny")), optim=optim, monitor=monitor,
+                seed=0, warmup=None, sampling=SamplingConfig(num_samples=3, max_new_tokens=3))
+    args.update(kwargs)
+    return RLModule(**args)
+
+
+def micro_trainer(tmp_path, max_steps: int, callbacks=()) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_steps, callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, default_root_dir=str(tmp_path), accelerator="cpu", devices=1,
+    )
+
+
+def fit_micro(tmp_path, max_steps: int, task=None, callbacks=(), **module_kwargs):
+    """A few-second fit of the micro model on ``task`` (DigitTask); returns (module, recorder)."""
+    rec = Recorder()
+    module = micro_module(tmp_path, **module_kwargs)
+    dm = RLDataModule(task=task or DigitTask(), prompts_per_step=2, eval_size=4, eval_batch_size=4, seed=0)
+    micro_trainer(tmp_path, max_steps, [rec, *callbacks]).fit(module, datamodule=dm)
+    return module, rec
+
+
+class PauseAtStep(pl.Callback):
+    """At the start of step ``step`` (after checkpoint ``step={step}.ckpt`` was written at the end
+    of the previous step), write ``marker`` and sleep until killed."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step = step
+        self.marker = marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            Path(self.marker).write_text(str(self.step))
+            while True:
+                time.sleep(0.05)

@@ -1,0 +1,101 @@
+"""AlgorithmConfig validation and the 14 presets of ALGORITHMS.md section 3."""
+
+import dataclasses
+
+import pytest
+
+from reclight.algorithms import PRESETS, AlgorithmConfig, get_algorithm
+
+# The preset table of ALGORITHMS.md section 3, written out independently of the code:
+# name: (clip_mode, eps_low, eps_high, IS, std, extra fields)
+TABLE = {
+    "reinforce": ("none", None, None, False, False, {}),
+    "grpo": ("one_side", 0.2, 0.2, True, True, {}),
+    "rec_oneside_is": ("one_side", 0.2, 0.2, True, False, {}),
+    "rec_oneside_nois": ("one_side", 0.2, 0.2, False, False, {}),
+    "rec_oneside_is_wide": ("one_side", 0.6, 2.0, True, False, {}),
+    "rec_oneside_nois_wide": ("one_side", 0.6, 2.0, False, False, {}),
+    "rec_twoside_is": ("two_side", 0.2, 0.2, True, False, {}),
+    "rec_twoside_nois": ("two_side", 0.2, 0.2, False, False, {}),
+    "rec_ring_is": ("ring", 0.2, 0.2, True, False, {"eps_low_outer": 0.6, "eps_high_outer": 2.0}),
+    "rec_ring_nois": ("ring", 0.2, 0.2, False, False, {"eps_low_outer": 0.6, "eps_high_outer": 2.0}),
+    "opmd": ("none", None, None, False, False, {"regularizer": "k2", "regularizer_coef": 0.1}),
+    "asymre": ("none", None, None, False, False, {"regularizer": "forward_kl", "regularizer_coef": 0.1}),
+    "red_drop": ("none", None, None, False, False, {"drop": "balance"}),
+    "red_weight": ("none", None, None, False, False, {"advantage_weighting": "exp", "weight_temperature": 1.0}),
+}
+
+
+def test_presets_match_the_spec_table():
+    assert list(PRESETS) == list(TABLE)
+    for name, (mode, lo, hi, is_, std, extra) in TABLE.items():
+        cfg = PRESETS[name]
+        assert cfg.clip_mode == mode, name
+        if lo is not None:
+            assert (cfg.eps_low, cfg.eps_high) == (lo, hi), name
+        assert cfg.importance_sampling is is_ and cfg.std_normalize is std, name
+        assert cfg.loss_agg == "token_mean", name
+        for field, value in extra.items():
+            assert getattr(cfg, field) == value, (name, field)
+        # fields the table does not mention keep their neutral defaults
+        neutral = {"regularizer": "none", "drop": "none", "advantage_weighting": "none"}
+        for field, value in neutral.items():
+            if field not in extra:
+                assert getattr(cfg, field) == value, (name, field)
+
+
+def test_config_is_frozen_and_overridable():
+    cfg = get_algorithm("rec_oneside_nois", eps_high=0.28, loss_agg="seq_mean_token_mean")
+    assert (cfg.eps_low, cfg.eps_high, cfg.loss_agg) == (0.2, 0.28, "seq_mean_token_mean")
+    assert PRESETS["rec_oneside_nois"].eps_high == 0.2  # the preset itself is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.eps_high = 0.5  # type: ignore[misc]
+    assert AlgorithmConfig() == PRESETS["rec_oneside_nois"]  # the paper's recommended default
+
+
+BAD = [
+    ("clip_mode", "both_sides", "none, one_side, two_side, ring"),
+    ("regularizer", "kl", "none, k2, forward_kl"),
+    ("advantage_weighting", "softmax", "none, exp"),
+    ("drop", "random", "none, balance"),
+    ("loss_agg", "sum", "token_mean, seq_mean_token_mean, seq_mean_token_sum"),
+    ("eps_low", 0.0, "0 < eps_low < 1"),
+    ("eps_low", 1.0, "0 < eps_low < 1"),
+    ("eps_low", -0.1, "0 < eps_low < 1"),
+    ("eps_high", 0.0, "eps_high > 0"),
+    ("eps_high", -1.0, "eps_high > 0"),
+    ("eps_high", float("nan"), "eps_high > 0 (a finite number)"),
+    ("eps_high", float("inf"), "eps_high > 0 (a finite number)"),
+    ("eps_high", "0.2", "eps_high > 0 (a finite number)"),
+    ("regularizer_coef", -0.1, "regularizer_coef >= 0"),
+    ("weight_temperature", 0.0, "weight_temperature > 0"),
+    ("weight_temperature", -2.0, "weight_temperature > 0"),
+    ("importance_sampling", "yes", "true or false"),
+    ("std_normalize", 1, "true or false"),
+]
+
+
+@pytest.mark.parametrize("field, value, accepted", BAD)
+def test_invalid_values_name_field_value_and_accepted(field, value, accepted):
+    with pytest.raises(ValueError) as err:
+        AlgorithmConfig(**{field: value})
+    msg = str(err.value)
+    assert f"AlgorithmConfig.{field}={value!r}" in msg
+    assert f"accepted: {accepted}" in msg
+
+
+def test_ring_outer_bounds_checked_only_for_ring():
+    """eps_low_outer must lie in [eps_low, 1) and eps_high_outer >= eps_high for ring; other
+    modes ignore them, so widening a one-side preset's eps_low past 0.6 is fine."""
+    with pytest.raises(ValueError, match=r"eps_low_outer=0.1 .*eps_low \(0.2\) <= eps_low_outer < 1"):
+        AlgorithmConfig(clip_mode="ring", eps_low_outer=0.1)
+    with pytest.raises(ValueError, match=r"eps_high_outer=0.1 .*eps_high_outer >= eps_high \(0.2\)"):
+        AlgorithmConfig(clip_mode="ring", eps_high_outer=0.1)
+    assert get_algorithm("rec_oneside_nois", eps_low=0.8).eps_low == 0.8
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match=r"algorithm preset 'ppo' is unknown; accepted: reinforce, grpo, "):
+        get_algorithm("ppo")
+    with pytest.raises(ValueError, match=r"AlgorithmConfig has no field 'epsilon'; accepted: "):
+        get_algorithm("grpo", epsilon=0.2)

@@ -1,0 +1,317 @@
+"""Hand-derived tests of reclight.losses (ALGORITHMS.md section 2)."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from reclight.algorithms import PRESETS, AlgorithmConfig, get_algorithm
+from reclight.advantages import group_advantages
+from reclight.losses import aggregate, clip_mask, policy_loss
+
+F64 = torch.float64
+
+
+def _batch(B=3, K=4, T=5, seed=0, spread=0.5):
+    """Random [B, K, T] log-probs with ratios spread around 1, mixed-sign advantages and a
+    ragged mask (every sequence keeps at least one token)."""
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, K, T, generator=g, dtype=F64) * 3).requires_grad_()
+    logp_behav = logp.detach() + spread * torch.randn(B, K, T, generator=g, dtype=F64)
+    adv = torch.randn(B, K, generator=g, dtype=F64)
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    mask = torch.arange(T) < lengths[..., None]
+    return logp, logp_behav, adv, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep masks: truth tables
+# ---------------------------------------------------------------------------------------------
+
+# Ratios probed, with eps_low = eps_high = 0.2 and ring outer (0.6, 2.0):
+#   0.3 < 0.4 = 1 - eps_low_outer (boundary) < 0.5 < 0.8 = 1 - eps_low (boundary) < 1.0
+#   < 1.2 = 1 + eps_high (boundary) < 1.5 < 3.0 = 1 + eps_high_outer (boundary) < 3.5
+RATIOS = [0.3, 1 - 0.6, 0.5, 1 - 0.2, 1.0, 1 + 0.2, 1.5, 1 + 2.0, 3.5]
+# Expected keep masks per sign of A (1 keep, 0 masked), column by column as RATIOS.
+TRUTH = {
+    "none": {+1: [1] * 9, 0: [1] * 9, -1: [1] * 9},
+    # A >= 0: keep iff rho <= 1.2;  A <= 0: keep iff rho >= 0.8;  A == 0: either -> always.
+    "one_side": {
+        +1: [1, 1, 1, 1, 1, 1, 0, 0, 0],
+        0: [1] * 9,
+        -1: [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    },
+    # keep iff 0.8 <= rho <= 1.2 whatever the sign.
+    "two_side": {s: [0, 0, 0, 1, 1, 1, 0, 0, 0] for s in (+1, 0, -1)},
+    # band, plus A >= 0 with rho <= 0.4, plus A <= 0 with rho >= 3.0.
+    "ring": {
+        +1: [1, 1, 0, 1, 1, 1, 0, 0, 0],
+        0: [1, 1, 0, 1, 1, 1, 0, 1, 1],
+        -1: [0, 0, 0, 1, 1, 1, 0, 1, 1],
+    },
+}
+
+
+@pytest.mark.parametrize("mode", list(TRUTH))
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_clip_mask_truth_table(mode, dtype):
+    """Each clip mode's keep mask M on every (sign of A, rho) case, boundaries inclusive:
+    one_side keeps (A>=0, rho<=1+eps_high) or (A<=0, rho>=1-eps_low); two_side keeps
+    1-eps_low <= rho <= 1+eps_high; ring adds (A>=0, rho<=1-eps_low_outer) and
+    (A<=0, rho>=1+eps_high_outer) to the band."""
+    cfg = AlgorithmConfig(clip_mode=mode)
+    ratio = torch.tensor(RATIOS, dtype=dtype)
+    for sign, expected in TRUTH[mode].items():
+        adv = torch.full_like(ratio, float(sign))
+        got = clip_mask(ratio, adv, cfg)
+        assert got.tolist() == [bool(e) for e in expected], (mode, sign)
+
+
+def test_clip_frac_counts_valid_tokens_only():
+    """clip/frac = #(valid tokens with M = 0) / #valid tokens. One group, A = [+1, -1],
+    ratios [[1.5, 1.0, 9.9], [0.5, 1.0, 9.9]] with the last token padding: one_side masks the
+    1.5 of the positive and the 0.5 of the negative -> 2 of 4 valid tokens."""
+    ratio = torch.tensor([[[1.5, 1.0, 9.9], [0.5, 1.0, 9.9]]])
+    logp_behav = torch.zeros(1, 2, 3)
+    logp = ratio.log()
+    mask = torch.tensor([[[True, True, False], [True, True, False]]])
+    _, m = policy_loss(logp, logp_behav, torch.tensor([[1.0, -1.0]]), mask, PRESETS["rec_oneside_nois"])
+    assert m["clip/frac"].item() == pytest.approx(0.5, abs=1e-7)
+    assert m["ratio/max"].item() == pytest.approx(1.5, rel=1e-6)  # 9.9 is padding
+    assert m["ratio/min"].item() == pytest.approx(0.5, rel=1e-6)
+    assert m["ratio/mean"].item() == pytest.approx(1.0, rel=1e-6)  # (1.5+1+0.5+1)/4
+    assert m["adv/abs_mean"].item() == pytest.approx(1.0, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient identities
+# ---------------------------------------------------------------------------------------------
+
+
+def _grad(loss, x):
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+@pytest.mark.parametrize("eps", [(0.2, 0.2), (0.6, 2.0), (0.1, 0.28)])
+def test_is_one_side_equals_ppo_clipped_surrogate(eps):
+    """IS + one_side: d/dlogp of -A*rho*M*logp (rho, M detached) equals the gradient of the
+    PPO clipped surrogate -min(rho*A, clip(rho, 1-eps_low, 1+eps_high)*A) with rho =
+    exp(logp - logp_behav) carrying gradient, both token-mean aggregated. PPO's min picks the
+    unclipped (differentiable) branch exactly where M = 1, and d rho / d logp = rho."""
+    eps_low, eps_high = eps
+    cfg = get_algorithm("rec_oneside_is", eps_low=eps_low, eps_high=eps_high)
+    logp, logp_behav, adv, mask = _batch(B=4, K=6, T=7, seed=1, spread=1.2)
+    # spread 1.2 puts some negative-advantage tokens at rho > 5, where IS weights matter most.
+    loss, _ = policy_loss(logp, logp_behav, adv, mask, cfg)
+
+    rho = torch.exp(logp - logp_behav)
+    a = adv[..., None]
+    ppo = -torch.minimum(rho * a, rho.clamp(1 - eps_low, 1 + eps_high) * a)
+    ppo_loss = (ppo * mask).sum() / mask.sum()
+    # No ratio may sit exactly on a clip boundary, where PPO's subgradient is ambiguous.
+    assert ((rho - (1 + eps_high)).abs() > 1e-9).all() and ((rho - (1 - eps_low)).abs() > 1e-9).all()
+    g = _grad(loss, logp)
+    assert_close(g, _grad(ppo_loss, logp), rtol=1e-6, atol=1e-9)
+    # The IS loss value is not the PPO value (it is -A*rho*logp), only the gradient matches;
+    # check the gradient is non-trivial and some tokens are clipped, so the comparison means
+    # something.
+    assert g.abs().sum() > 0.1 and ((g == 0) & mask).any()
+
+
+@pytest.mark.parametrize("mode", ["none", "one_side", "two_side", "ring"])
+def test_nois_gradient_is_minus_a_m_over_n(mode):
+    """NoIS: l = -A*M*logp per token, so d loss / d logp_t = -A*M_t / N_tok on valid tokens
+    and 0 on padding (token_mean)."""
+    cfg = AlgorithmConfig(clip_mode=mode)
+    logp, logp_behav, adv, mask = _batch(seed=2, spread=0.8)
+    loss, _ = policy_loss(logp, logp_behav, adv, mask, cfg)
+    rho = torch.exp(logp.detach() - logp_behav)
+    m = clip_mask(rho, adv[..., None], cfg)
+    expected = -adv[..., None] * (m & mask) / mask.sum()
+    assert_close(_grad(loss, logp), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_asymre_is_reinforce_with_lowered_baseline():
+    """AsymRE adds -coef*logp per token: d/dlogp = -(A + coef)/N, i.e. REINFORCE whose
+    advantage is A + coef (the baseline lowered by coef)."""
+    cfg = PRESETS["asymre"]
+    logp, logp_behav, adv, mask = _batch(seed=3)
+    loss, m = policy_loss(logp, logp_behav, adv, mask, cfg)
+    ref, _ = policy_loss(logp, logp_behav, adv + cfg.regularizer_coef, mask, PRESETS["reinforce"])
+    assert cfg.regularizer_coef == 0.1
+    assert_close(_grad(loss, logp), _grad(ref, logp), rtol=1e-12, atol=1e-15)
+    assert_close(m["loss/reg"], -0.1 * (logp.detach() * mask).sum() / mask.sum())
+
+
+def test_opmd_regularizer_gradient():
+    """OPMD adds coef*(logp - logp_behav)^2 per token, NOT masked by M:
+    d/dlogp = (-A*M + 2*coef*(logp - logp_behav)) / N. With clip_mode none, M = 1."""
+    cfg = PRESETS["opmd"]
+    logp, logp_behav, adv, mask = _batch(seed=4)
+    loss, m = policy_loss(logp, logp_behav, adv, mask, cfg)
+    n = mask.sum()
+    diff = logp.detach() - logp_behav
+    expected = (-adv[..., None] + 2 * 0.1 * diff) * mask / n
+    assert_close(_grad(loss, logp), expected, rtol=1e-12, atol=1e-15)
+    assert_close(m["loss/reg"], 0.1 * (diff.square() * mask).sum() / n)
+    assert_close(m["loss/policy"] + m["loss/reg"], loss.detach())
+
+
+def test_opmd_regularizer_applies_to_clipped_tokens():
+    """The regularizer sits outside the keep mask: with one_side clipping a positive-advantage
+    token at rho = e^1 > 1.2 has M = 0 but still gets 2*coef*(logp - logp_behav)/N = 0.2."""
+    cfg = AlgorithmConfig(clip_mode="one_side", regularizer="k2", regularizer_coef=0.1)
+    logp = torch.tensor([[[0.0]], [[0.0]]], dtype=F64).reshape(1, 2, 1).requires_grad_()
+    logp_behav = torch.tensor([[[-1.0], [0.0]]], dtype=F64)
+    adv = torch.tensor([[1.0, -1.0]], dtype=F64)
+    mask = torch.ones(1, 2, 1, dtype=torch.bool)
+    loss, m = policy_loss(logp, logp_behav, adv, mask, cfg)
+    # token 0: M=0 (A>0, rho=e), reg grad 2*0.1*1/2 = 0.1; token 1: rho=1, M=1, -(-1)/2 = 0.5
+    assert_close(_grad(loss, logp), torch.tensor([[[0.1], [0.5]]], dtype=F64))
+    assert m["clip/frac"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_red_weight_gradient(temperature):
+    """RED-Weight: A~ = A*exp(A/T), so d/dlogp = -A*exp(A/T)/N (no clipping, no IS)."""
+    cfg = get_algorithm("red_weight", weight_temperature=temperature)
+    logp, logp_behav, adv, mask = _batch(seed=5)
+    loss, _ = policy_loss(logp, logp_behav, adv, mask, cfg)
+    expected = -(adv * torch.exp(adv / temperature))[..., None] * mask / mask.sum()
+    assert_close(_grad(loss, logp), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_ratio_and_advantage_never_carry_gradient():
+    """rho, logp_behav and A are detached: the IS loss's gradient w.r.t. logp_behav is None
+    even when logp_behav requires grad, and changing A's graph changes nothing."""
+    logp, logp_behav, adv, mask = _batch(seed=6)
+    logp_behav = logp_behav.clone().requires_grad_()
+    adv = adv.clone().requires_grad_()
+    loss, _ = policy_loss(logp, logp_behav, adv, mask, PRESETS["rec_oneside_is"])
+    g = torch.autograd.grad(loss, [logp, logp_behav, adv], allow_unused=True)
+    assert g[1] is None and g[2] is None and g[0] is not None
+
+
+def test_padding_garbage_does_not_leak():
+    """Padding positions may hold -inf/NaN log-probs (a masked softmax) without NaN reaching
+    the loss or the gradient."""
+    logp, logp_behav, adv, mask = _batch(seed=7)
+    behav_bad = torch.where(mask, logp_behav, torch.tensor(float("nan"), dtype=F64))
+    for name in ("rec_ring_is", "opmd", "asymre", "red_weight"):
+        logp_bad = torch.where(mask, logp, torch.tensor(float("-inf"), dtype=F64))
+        loss, m = policy_loss(logp_bad, behav_bad, adv, mask, PRESETS[name])
+        ref, _ = policy_loss(logp, logp_behav, adv, mask, PRESETS[name])
+        assert_close(loss, ref)
+        g = _grad(loss, logp)
+        assert torch.isfinite(g).all()
+        assert all(torch.isfinite(v) for v in m.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation and micro-batch invariance
+# ---------------------------------------------------------------------------------------------
+
+
+def test_aggregation_modes_by_hand():
+    """Two sequences: l = [1, 2, 3] (3 valid) and [4, pad, pad] (1 valid).
+    token_mean = (1+2+3+4)/4 = 2.5; seq_mean_token_mean = (6/3 + 4/1)/2 = 3;
+    seq_mean_token_sum = (6 + 4)/2 = 5. A third, fully masked sequence counts nowhere."""
+    per_token = torch.tensor([[[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    mask = torch.tensor([[[1, 1, 1], [1, 0, 0], [0, 0, 0]]], dtype=torch.bool)
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(2.5)
+    assert aggregate(per_token, mask, "seq_mean_token_mean").item() == pytest.approx(3.0)
+    assert aggregate(per_token, mask, "seq_mean_token_sum").item() == pytest.approx(5.0)
+    # Explicit global counts replace the local ones.
+    assert aggregate(per_token, mask, "token_mean", num_tokens=8).item() == pytest.approx(1.25)
+    assert aggregate(per_token, mask, "seq_mean_token_sum", num_seqs=5).item() == pytest.approx(2.0)
+
+
+def test_aggregation_through_policy_loss():
+    """REINFORCE with logp = -1 everywhere and A = [2, -1] (one group): per-token loss is
+    -A*logp = A, so l = [2, 2, 2] and [-1] (1 valid token).
+    token_mean = (6 - 1)/4 = 1.25; seq_mean_token_mean = (2 + -1)/2 = 0.5;
+    seq_mean_token_sum = (6 - 1)/2 = 2.5."""
+    logp = torch.full((1, 2, 3), -1.0)
+    mask = torch.tensor([[[1, 1, 1], [1, 0, 0]]], dtype=torch.bool)
+    adv = torch.tensor([[2.0, -1.0]])
+    for agg, want in [("token_mean", 1.25), ("seq_mean_token_mean", 0.5), ("seq_mean_token_sum", 2.5)]:
+        loss, _ = policy_loss(logp, logp, adv, mask, AlgorithmConfig(clip_mode="none", loss_agg=agg))
+        assert loss.item() == pytest.approx(want, abs=1e-7), agg
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+@pytest.mark.parametrize("preset", ["rec_oneside_is", "opmd", "red_weight", "rec_ring_nois"])
+def test_micro_batch_invariance(agg, preset):
+    """Splitting B into micro-batches and passing the FULL batch's num_tokens / num_seqs
+    makes the micro-batch losses (and gradients) sum exactly to the full-batch ones."""
+    cfg = get_algorithm(preset, loss_agg=agg)
+    logp, logp_behav, adv, mask = _batch(B=6, K=3, T=5, seed=8)
+    full, _ = policy_loss(logp, logp_behav, adv, mask, cfg)
+    g_full = _grad(full, logp)
+
+    n_tok, n_seq = mask.sum(), mask.any(-1).sum()
+    total = 0.0
+    for sl in (slice(0, 1), slice(1, 4), slice(4, 6)):
+        part, _ = policy_loss(
+            logp[sl], logp_behav[sl], adv[sl], mask[sl], cfg, num_tokens=n_tok, num_seqs=n_seq
+        )
+        total = total + part
+    assert_close(total, full, rtol=1e-12, atol=1e-14)
+    assert_close(_grad(total, logp), g_full, rtol=1e-12, atol=1e-15)
+
+
+def test_red_drop_samples_leave_the_denominator():
+    """Samples dropped by RED-Drop (keep=False) are removed with mask & keep: they neither
+    contribute a term nor count in the token-mean denominator. Group r = [1, 0, 0, 0]: one
+    positive, three negatives; two negatives are dropped, so S = {0, j}, rbar = 0.5,
+    A = [0.5, -0.5] on S. With logp = -1 and 2 tokens each, loss = (2*0.5 + 2*(-0.5))/4 = 0,
+    and d/dlogp = -A/4 on the kept tokens only."""
+    cfg = PRESETS["red_drop"]
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=F64)
+    adv, keep = group_advantages(rewards, cfg, torch.Generator().manual_seed(0))
+    assert keep.sum().item() == 2 and keep[0, 0]
+    logp = torch.full((1, 4, 2), -1.0, dtype=F64, requires_grad=True)
+    mask = torch.ones(1, 4, 2, dtype=torch.bool) & keep[..., None]
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, cfg)
+    assert loss.item() == pytest.approx(0.0, abs=1e-15)
+    expected = (-adv[..., None] / 4).expand(1, 4, 2) * keep[..., None]
+    assert_close(_grad(loss, logp), expected)
+
+
+def test_shape_errors_are_clear():
+    logp = torch.zeros(2, 3, 4)
+    with pytest.raises(ValueError, match=r"\[B, K, T\]"):
+        policy_loss(logp, logp, torch.zeros(2, 3), torch.ones(2, 3, 5, dtype=torch.bool), PRESETS["grpo"])
+    with pytest.raises(ValueError, match=r"adv must have shape \[B, K\] = \(2, 3\)"):
+        policy_loss(logp, logp, torch.zeros(2, 4), torch.ones(2, 3, 4, dtype=torch.bool), PRESETS["grpo"])
+
+
+def test_kl_estimate_k3_importance_weighted_by_hand():
+    """kl/init's estimator. Two valid tokens and one padded one holding garbage (inf):
+    logp = log[.5, .25], logp_ref = log[.25, .5], logp_behav = log[.25, .5] (rho = [2, .5]).
+    d = logp_ref - logp = [-log 2, log 2], so k3 = exp(d) - d - 1
+    = [0.5 + log2 - 1, 2 - log2 - 1] = [log2 - 0.5, 1 - log2].
+    Unweighted token mean: ((log2 - .5) + (1 - log2)) / 2 = 0.25 exactly.
+    Weighted: (2 (log2 - .5) + .5 (1 - log2)) / 2 = 0.75 log2 - 0.25.
+    Gradient wrt logp of the weighted estimate: rho (1 - exp(d)) / 2 = [2 * .5, .5 * (-1)] / 2
+    = [0.5, -0.25] (rho detached); the padded token gets 0.
+    k1 = -d: mean 0; k2 = d^2 / 2: mean (log 2)^2 / 2."""
+    import math
+
+    from reclight.losses import kl_estimate, kl_terms
+
+    inf = float("inf")
+    logp = torch.tensor([[[math.log(0.5), math.log(0.25), inf]]], dtype=torch.float64, requires_grad=True)
+    logp_ref = torch.tensor([[[math.log(0.25), math.log(0.5), -inf]]], dtype=torch.float64)
+    logp_behav = torch.tensor([[[math.log(0.25), math.log(0.5), 0.0]]], dtype=torch.float64)
+    mask = torch.tensor([[[True, True, False]]])
+    plain = kl_estimate(logp, logp_ref, mask)
+    assert plain.item() == pytest.approx(0.25, abs=1e-12)
+    weighted = kl_estimate(logp, logp_ref, mask, logp_behav=logp_behav)
+    assert weighted.item() == pytest.approx(0.75 * math.log(2) - 0.25, abs=1e-12)
+    (grad,) = torch.autograd.grad(weighted, logp)
+    assert_close(grad, torch.tensor([[[0.5, -0.25, 0.0]]], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert kl_estimate(logp, logp_ref, mask, estimator="k1").item() == pytest.approx(0.0, abs=1e-12)
+    assert kl_estimate(logp, logp_ref, mask, estimator="k2").item() == pytest.approx(math.log(2) ** 2 / 2, abs=1e-12)
+    with pytest.raises(ValueError, match="estimator='k4' is not valid; accepted: k1, k2, k3"):
+        kl_terms(logp, logp_ref, "k4")

@@ -1,0 +1,353 @@
+"""Bad input never corrupts a run (issue #5, item 3). Every case of docs/reliability.md:
+
+- configs and data: the real ``reclight fit`` entry point fails with a message naming the
+  field, the value and what is accepted, BEFORE any model is loaded (the tiny model's folder is
+  never created);
+- rewards, numerics and degenerate rollouts: short in-process fits of the micro model; the
+  documented fallback is applied, logged as a metric, and the run stops past its limit.
+"""
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+import reclight.trainer.module as module_lib
+from conftest import DigitTask, micro_module, micro_trainer
+from reclight.models.tokens import eos_ids
+from reclight.tasks import DataError
+from reclight.trainer.checkpoint import CheckpointError
+from reclight.trainer.cli import main
+from reclight.trainer.config import GuardsConfig
+from reclight.trainer.data import RLDataModule
+from reclight.trainer.guards import NonFiniteGuard
+from reclight.trainer.metrics import rollout_health
+from reclight.trainer.module import RLModule
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "configs" / "smoke_test.yaml"
+
+
+def fit_args(tmp_path, *extra):
+    return ["fit", "--config", str(SMOKE), "--model.policy.tiny_dir", str(tmp_path / "tiny"), "--trainer.logger", "false",
+            "--data.task", "conftest.DigitTask", *extra]
+
+
+# -- configs ------------------------------------------------------------------------------------
+CONFIG_CASES = {
+    "unknown preset": (["--model.algorithm", "rec_typo"],
+                       "algorithm preset 'rec_typo' is unknown; accepted: reinforce, grpo, rec_oneside_is"),
+    "unknown algorithm field": (["--model.algorithm_overrides", "{eps_hi: 0.3}"],
+                                "AlgorithmConfig has no field 'eps_hi'; accepted: advantage_weighting, clip_mode"),
+    "eps_low": (["--model.algorithm_overrides", "{eps_low: 1.5}"],
+                "AlgorithmConfig.eps_low=1.5 is not valid; accepted: 0 < eps_low < 1"),
+    "eps_high": (["--model.algorithm_overrides", "{eps_high: 0}"],
+                 "AlgorithmConfig.eps_high=0 is not valid; accepted: eps_high > 0"),
+    "coefficient": (["--model.algorithm", "opmd", "--model.algorithm_overrides", "{regularizer_coef: -1}"],
+                    "AlgorithmConfig.regularizer_coef=-1 is not valid; accepted: regularizer_coef >= 0"),
+    "weight temperature": (["--model.algorithm", "red_weight", "--model.algorithm_overrides", "{weight_temperature: 0}"],
+                           "AlgorithmConfig.weight_temperature=0 is not valid; accepted: weight_temperature > 0"),
+    "sampling temperature": (["--model.sampling.temperature", "0"],
+                             "SamplingConfig.temperature=0.0 is not valid; accepted: a number > 0"),
+    "K=1": (["--model.sampling.num_samples", "1"],
+            "SamplingConfig.num_samples=1 is not valid; accepted: an integer >= 2 (K, the group size"),
+    "K=1 with grpo": (["--model.algorithm", "grpo", "--model.sampling.num_samples", "1"],
+                      "SamplingConfig.num_samples=1 is not valid; accepted: an integer >= 2"),
+    "negative sync_offset": (["--model.sync.sync_offset", "-1"],
+                             "sync.sync_offset=-1 is not valid; accepted: an integer >= 0"),
+    "zero sync_interval": (["--model.sync.sync_interval", "0"],
+                           "sync.sync_interval=0 is not valid; accepted: an integer >= 1"),
+    "micro_batch_size": (["--model.train_forward.micro_batch_size", "0"],
+                         "model.train_forward.micro_batch_size=0 is not valid; accepted: None or an integer >= 1"),
+    "prompts_per_step 0": (["--data.prompts_per_step", "0"],
+                           "prompts_per_step=0 is not valid; accepted: 1 <= prompts_per_step <= "),
+    "prompts_per_step > data": (["--data.prompts_per_step", "100000"],
+                                "prompts_per_step=100000 is not valid; accepted: 1 <= prompts_per_step <= "),
+    "model path": (["--model.policy.name_or_path", "/nonexistent/reclight-model"],
+                   "model.policy.name_or_path='/nonexistent/reclight-model' is not valid: no such folder; "
+                   "accepted: a folder written by save_pretrained"),
+    "lr": (["--model.optim.lr", "0"], "model.optim.lr=0.0 is not valid; accepted: lr > 0"),
+    "max_failed_reward_frac": (["--model.guards.max_failed_reward_frac", "1.5"],
+                               "model.guards.max_failed_reward_frac=1.5 is not valid; accepted: a number in [0, 1]"),
+    "max_consecutive_skips": (["--model.guards.max_consecutive_skips", "0"],
+                              "model.guards.max_consecutive_skips=0 is not valid; accepted: an integer >= 1"),
+    "lr_warmup_steps": (["--model.optim.lr_warmup_steps", "-1"],
+                        "model.optim.lr_warmup_steps=-1 is not valid; accepted: an integer >= 0"),
+    "weight_decay": (["--model.optim.weight_decay", "-0.1"],
+                     "model.optim.weight_decay=-0.1 is not valid; accepted: weight_decay >= 0"),
+    "betas": (["--model.optim.betas", "[0.9, 1.0]"], "model.optim.betas=(0.9, 1.0) is not valid; accepted: two finite numbers in [0, 1)"),
+    "grad_clip": (["--model.optim.grad_clip", "-1"],
+                  "model.optim.grad_clip=-1.0 is not valid; accepted: grad_clip >= 0 (0 disables)"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_bad_config_fails_before_any_model_load(tmp_path, case):
+    extra, expected = CONFIG_CASES[case]
+    with pytest.raises(ValueError) as e:
+        main(fit_args(tmp_path, *extra))
+    assert expected in str(e.value)
+    assert not (tmp_path / "tiny").exists()  # the model was never built nor loaded
+
+
+def test_model_folder_without_config_json(tmp_path):
+    folder = tmp_path / "empty_model"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"name_or_path='.*empty_model' is not valid: the folder has no config.json"):
+        main(fit_args(tmp_path, "--model.policy.name_or_path", str(folder)))
+
+
+def test_unknown_field_on_the_command_line_and_in_yaml(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(fit_args(tmp_path, "--model.learning_rate", "0.1"))
+    assert e.value.code == 2 and "unrecognized arguments: --model.learning_rate 0.1" in capsys.readouterr().err
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("model:\n  learning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as e:
+        main(fit_args(tmp_path, "--config", str(cfg)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: Subcommand 'fit' does not accept option 'model.learning_rate'" in err, err
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_prompts_per_step_must_divide_by_the_ranks():
+    class FakeTrainer:
+        world_size, global_rank, max_steps = 3, 0, 5
+
+    dm = RLDataModule(task=DigitTask(), prompts_per_step=4)
+    dm.trainer = FakeTrainer()
+    with pytest.raises(ValueError, match=r"RLDataModule.prompts_per_step=4 is not valid with 3 data-parallel ranks; "
+                                         r"accepted: a multiple of 3"):
+        dm.setup("fit")
+
+
+# -- data through the CLI (the loaders' own cases: tests/tasks/test_data.py) --------------------
+def gsm8k_args(tmp_path, lines):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    (data / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    return data, fit_args(tmp_path, "--data.task", "reclight.tasks.GSM8K", "--data.task.init_args.data_dir", str(data),
+                          "--data.task.init_args.val_size", "1")
+
+
+GOOD = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
+
+
+@pytest.mark.parametrize("lines, expected", [
+    ([GOOD, GOOD, '{"question": "x", "answer": '], "train.jsonl:3: malformed JSON"),
+    ([GOOD, json.dumps({"question": "q"}), GOOD], "train.jsonl:2: missing required field 'answer'; fields present: ['question']"),
+    ([], "empty data set: "),
+])
+def test_bad_data_file_through_the_cli(tmp_path, lines, expected):
+    data, args = gsm8k_args(tmp_path, lines)
+    with pytest.raises(DataError) as e:
+        main(args)
+    assert expected in str(e.value) and str(data / "train.jsonl") in str(e.value)
+    assert not (tmp_path / "tiny").exists()
+
+
+# -- checkpoints through the CLI (the file checks themselves: tests/trainer/test_checkpoint.py) ---------
+def test_bad_ckpt_path_through_the_cli(tmp_path):
+    bad = tmp_path / "model.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), bad)
+    with pytest.raises(CheckpointError, match=r"--ckpt_path='.*model.pt' is not valid: it is a plain state dict of 2 "
+                                              r"tensors .*; accepted: a checkpoint written by `reclight fit`"):
+        main(fit_args(tmp_path, "--ckpt_path", str(bad)))
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"the file is truncated \(100 bytes"):
+        main(fit_args(tmp_path, "--ckpt_path", str(cut)))
+    assert not (tmp_path / "tiny").exists()
+
+
+# -- in-process fits of the micro model ---------------------------------------------------------
+class Probe(pl.Callback):
+    """Per step: the rollout, the weights and optimizer state before/after, the logged metrics."""
+
+    def __init__(self):
+        self.rollouts, self.before, self.after, self.opt_before, self.opt_after, self.metrics = {}, {}, {}, {}, {}, {}
+
+    @staticmethod
+    def _opt(trainer):
+        state = trainer.optimizers[0].state_dict()["state"]
+        return {k: {n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()} for k, v in state.items()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.rollouts[step] = batch
+        self.before[step] = {n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}
+        self.opt_before[step] = self._opt(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        self.after[step] = {n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}
+        self.opt_after[step] = self._opt(trainer)
+        self.metrics[step] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def fit(tmp_path, task, max_steps, **module_kwargs):
+    probe = Probe()
+    module_kwargs.setdefault("log_kl_init", False)
+    module = micro_module(tmp_path, **module_kwargs)
+    dm = RLDataModule(task=task, prompts_per_step=2, eval_size=4, eval_batch_size=4, seed=0)
+    micro_trainer(tmp_path, max_steps, [probe]).fit(module, datamodule=dm)
+    return module, probe
+
+
+def same(a, b):
+    return set(a) == set(b) and all(
+        same(a[k], b[k]) if isinstance(a[k], dict) else (torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k])
+        for k in a)
+
+
+class FlakyReward(DigitTask):
+    """Raises for responses that start with a digit, returns NaN for those that start with a
+    space, inf for empty ones; the digit fraction otherwise."""
+
+    def reward(self, response, example):
+        if response[:1].isdigit():
+            raise ZeroDivisionError("flaky reward")
+        if response[:1] == " ":
+            return float("nan")
+        if response == "":
+            return float("inf")
+        return super().reward(response, example)
+
+
+class BrokenReward(DigitTask):
+    def reward(self, response, example):
+        raise KeyError("no such field")
+
+
+def test_failed_rewards_are_counted_and_get_no_gradient_then_stop_past_the_limit(tmp_path):
+    module, probe = fit(tmp_path, FlakyReward(), max_steps=4, guards=GuardsConfig(max_failed_reward_frac=1.0))
+    failed = {s: int((~r.reward_valid).sum()) for s, r in probe.rollouts.items()}
+    assert sum(failed.values()) > 0  # the task did fail on some samples
+    for s in failed:
+        assert probe.metrics[s]["reward/failed"] == failed[s]
+        assert torch.isfinite(probe.rollouts[s].rewards).all()
+    for p in module.policy.parameters():
+        assert torch.isfinite(p).all()
+
+    # All samples fail, limit 1.0 (never stop): no sample has a gradient, the weights stay put.
+    module, probe = fit(tmp_path, BrokenReward(), max_steps=2, guards=GuardsConfig(max_failed_reward_frac=1.0))
+    assert probe.metrics[1]["reward/failed"] == 6
+    for s in (0, 1):
+        assert same(probe.before[s], probe.after[s])
+
+    with pytest.raises(RuntimeError) as e:
+        fit(tmp_path, BrokenReward(), max_steps=2)  # default max_failed_reward_frac=0.5
+    assert ("step 0: the reward function failed (raised, or returned NaN/inf) for 6 of 6 samples (100%), more than "
+            "model.guards.max_failed_reward_frac=0.5") in str(e.value)
+
+
+class NanGrad(torch.autograd.Function):
+    """Identity forward; NaN gradient backward (a finite loss with a non-finite gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+def poison(monkeypatch, holder, steps, kind):
+    real = module_lib.policy_loss
+
+    def policy_loss(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        if holder["module"].global_step in steps:
+            loss = loss * float("nan") if kind == "loss" else NanGrad.apply(loss)
+        return loss, metrics
+
+    monkeypatch.setattr(module_lib, "policy_loss", policy_loss)
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_non_finite_step_is_skipped_with_weights_and_optimizer_untouched(tmp_path, monkeypatch, kind):
+    holder = {}
+    real_init = RLModule.on_fit_start
+
+    def on_fit_start(self):
+        holder["module"] = self
+        real_init(self)
+
+    monkeypatch.setattr(RLModule, "on_fit_start", on_fit_start)
+    poison(monkeypatch, holder, {1, 3}, kind)
+    module, probe = fit(tmp_path, DigitTask(), max_steps=5, guards=GuardsConfig(max_consecutive_skips=2),
+                        optim_kwargs=dict(lr_warmup_steps=3))
+    skipped = [0, 1, 1, 2, 2]  # cumulative train/skipped_steps after steps 0..4
+    for s in range(5):
+        assert probe.metrics[s]["train/skipped_steps"] == skipped[s]
+        if s in (1, 3):
+            assert same(probe.before[s], probe.after[s]) and same(probe.opt_before[s], probe.opt_after[s])
+        else:
+            assert not same(probe.before[s], probe.after[s]) and not same(probe.opt_before[s], probe.opt_after[s])
+    # The LR schedule counts applied updates only: steps 0, 2, 4 are updates 1, 2, 3 of the 3-update
+    # warm-up (lr x 1/3, 2/3, 1); a skipped step shows the LR it would have used.
+    assert [probe.metrics[s]["train/lr"] for s in range(5)] == pytest.approx([0.01, 0.02, 0.02, 0.03, 0.03])
+    assert module.trainer.global_step == 5
+
+
+def test_consecutive_non_finite_steps_stop_the_run(tmp_path, monkeypatch):
+    holder = {}
+    real_init = RLModule.on_fit_start
+    monkeypatch.setattr(RLModule, "on_fit_start", lambda self: (holder.setdefault("module", self), real_init(self)))
+    poison(monkeypatch, holder, {1, 2, 3, 4}, "loss")
+    with pytest.raises(RuntimeError) as e:
+        fit(tmp_path, DigitTask(), max_steps=6, guards=GuardsConfig(max_consecutive_skips=3))
+    msg = str(e.value)
+    assert msg.startswith("step 3: 3 steps in a row had a non-finite loss or gradient (this one: loss=nan")
+    assert "stopping at model.guards.max_consecutive_skips=3" in msg
+
+
+def test_guard_counts_and_resets():
+    g = NonFiniteGuard(max_consecutive=2)
+    assert [g.update(b, s, 0.0, 0.0) for s, b in enumerate([False, True, False, True])] == [False, True, False, True]
+    assert g.state_dict() == {"total": 2, "consecutive": 1}
+    with pytest.raises(RuntimeError, match="step 4: 2 steps in a row"):
+        g.update(True, 4, float("inf"), 1.0)
+
+
+# -- degenerate rollouts ------------------------------------------------------------------------
+def test_rollout_health_by_hand():
+    """EOS id 2, max_new_tokens 4. Group 0: (0,0) is EOS only -> empty; (0,1) four tokens, no
+    EOS -> truncated; (0,2) one token + EOS. Group 1: (1,0) no token at all (mask all false) ->
+    empty, not truncated; (1,1) two tokens, no EOS, shorter than 4 (a stop string) -> neither.
+    Rewards: group 0 [0, 1, 0] varies; group 1 [0.5, 0.5, invalid] uniform among valid ones.
+    So empty 2/6, truncated 1/6, uniform groups 1/2."""
+    ids = torch.tensor([[[2, 0, 0, 0], [5, 6, 7, 8], [5, 2, 0, 0]],
+                        [[0, 0, 0, 0], [5, 6, 0, 0], [5, 6, 2, 0]]])
+    mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]],
+                         [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]], dtype=torch.bool)
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    h = rollout_health(ids, mask, rewards, valid, eos_ids=[2], max_new_tokens=4)
+    assert h["response/empty_frac"].item() == pytest.approx(2 / 6)
+    assert h["response/truncated_frac"].item() == pytest.approx(1 / 6)
+    assert h["reward/uniform_groups_frac"].item() == 0.5
+    # A group with a single valid reward has no baseline: counted as uniform (advantage 0).
+    h = rollout_health(ids, mask, rewards, torch.tensor([[True, False, False], [True, True, True]]), [2], 4)
+    assert h["reward/uniform_groups_frac"].item() == 0.5
+
+
+class ConstantReward(DigitTask):
+    def reward(self, response, example):
+        return 0.5
+
+
+def test_identical_rewards_give_zero_advantage_and_leave_the_weights(tmp_path):
+    module, probe = fit(tmp_path, ConstantReward(), max_steps=2)
+    for s in (0, 1):
+        m = probe.metrics[s]
+        assert m["reward/uniform_groups_frac"] == 1.0 and m["adv/abs_mean"] == 0.0 and m["loss/policy"] == 0.0
+        assert same(probe.before[s], probe.after[s])
+        r = probe.rollouts[s]
+        h = rollout_health(r.response_ids, r.response_mask, r.rewards, r.reward_valid, eos_ids(module.tokenizer), 3)
+        assert m["response/truncated_frac"] == h["response/truncated_frac"].item()
+        assert m["response/empty_frac"] == h["response/empty_frac"].item()
