@@ -30,6 +30,9 @@ REGULARIZERS = ("none", "k2", "forward_kl")
 ADVANTAGE_WEIGHTINGS = ("none", "exp")
 DROP_MODES = ("none", "balance")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+RATIO_ANCHORS = ("behavior", "proximal")
+BEHAVIOR_CORRECTIONS = ("none", "truncate", "mask")
+CORRECTION_LEVELS = ("token", "sequence")
 MIN_GROUP_SIZE = 2
 
 
@@ -71,6 +74,19 @@ class AlgorithmConfig:
     """``none`` or ``balance`` (RED-Drop: drop negatives until #neg == #pos per group)."""
     loss_agg: str = "token_mean"
     """``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``."""
+    ratio_anchor: str = "behavior"
+    """What the ratio rho (mask and IS factor) is measured against (ALGORITHMS.md 6.2):
+    ``behavior`` (mu, the policy that sampled: the paper) or ``proximal`` (theta_t, the trainer's
+    weights at the start of the step, AReaL's decoupled PPO); ``proximal`` also weights the
+    advantage by w = pi_t / mu (detached), corrected by ``behavior_correction``."""
+    behavior_correction: str = "none"
+    """``proximal`` only: ``none`` (A *= w), ``truncate`` (TIS: A *= min(w, cap)) or ``mask``
+    (MIS: tokens or sequences with w > cap or w < 1/cap get M = 0, the others A *= w)."""
+    behavior_correction_level: str = "token"
+    """``token``: w per token; ``sequence``: w = exp(sum_t (logp_prox - logp_behav)) for every
+    token of the sequence."""
+    behavior_correction_cap: float = 2.0
+    """C > 1 of ``truncate`` / ``mask``."""
 
     def __post_init__(self) -> None:
         f = "AlgorithmConfig."
@@ -91,6 +107,19 @@ class AlgorithmConfig:
             raise invalid(f + "eps_high_outer", self.eps_high_outer, f"eps_high_outer >= eps_high ({eps_high})")
         check_float(f + "regularizer_coef", self.regularizer_coef, ge=0.0)
         check_float(f + "weight_temperature", self.weight_temperature, gt=0.0)
+        check_choice(f + "ratio_anchor", self.ratio_anchor, RATIO_ANCHORS)
+        check_choice(f + "behavior_correction", self.behavior_correction, BEHAVIOR_CORRECTIONS)
+        check_choice(f + "behavior_correction_level", self.behavior_correction_level, CORRECTION_LEVELS)
+        check_float(f + "behavior_correction_cap", self.behavior_correction_cap, gt=1.0)
+        if self.behavior_correction != "none" and self.ratio_anchor == "behavior":
+            raise invalid(f + "behavior_correction", self.behavior_correction,
+                          "'none' with ratio_anchor 'behavior' (the ratio is already measured against mu: a "
+                          "correction would count the behaviour ratio twice); set ratio_anchor: proximal")
+
+    @property
+    def needs_proximal(self) -> bool:
+        """Whether the loss needs ``logp_prox`` (the trainer then computes it once per batch)."""
+        return self.ratio_anchor == "proximal"
 
     def replace(self, **overrides: Any) -> "AlgorithmConfig":
         """A copy with ``overrides`` applied (and validated); unknown fields are rejected."""

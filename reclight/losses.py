@@ -2,12 +2,15 @@
 
 Per token (b, k, t), with A = adv[b, k] broadcast over t::
 
-    rho = exp(logp - logp_behav)                    detached: never carries gradient
+    rho = exp(logp - logp_anchor)                   detached: never carries gradient
     M   = clip_mask(rho, A)                         zeroes gradient, never clamps values
-    A~  = A * (rho if importance_sampling) * (exp(A / T) if RED-Weight)
+    A~  = A * (rho if importance_sampling) * (exp(A / T) if RED-Weight) * (w if proximal)
     l   = -A~ * M * logp + R                        R = regularizer, NOT masked by M
 
-then aggregated over valid tokens by ``cfg.loss_agg``.
+then aggregated over valid tokens by ``cfg.loss_agg``. The anchor is ``logp_behav`` (the
+paper), or with ``ratio_anchor: proximal`` (section 6.2) ``logp_prox``, the trainer's own
+log-probs at the start of the step, and w = pi_t / mu the (corrected) behaviour weight of
+:func:`behavior_weight`. The regularizers keep measuring against mu (``logp_behav``).
 
 Departures from the textbook PPO/GRPO loss, listed up front:
 
@@ -146,6 +149,50 @@ def kl_estimate(
     return torch.where(mask, terms, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def behavior_weight(
+    logp_prox: Tensor,  # [B, K, T], log pi_theta_t (the trainer at the start of the step)
+    logp_behav: Tensor,  # [B, K, T], log mu
+    mask: Tensor,  # [B, K, T] bool
+    cfg: AlgorithmConfig,
+) -> tuple[Tensor, Tensor, Tensor]:  # weight [B, K, T], keep [B, K, T] bool, corrected [B, K, T] bool
+    """The behaviour correction of the decoupled objective (ALGORITHMS.md 6.2), detached::
+
+        token:    w_t = exp(logp_prox_t - logp_behav_t)
+        sequence: w   = exp(sum_t (logp_prox_t - logp_behav_t)) for every token of the sequence
+        none:     A~ *= w
+        truncate: A~ *= min(w, C)                                   (TIS)
+        mask:     M = 0 where w > C or w < 1/C, else A~ *= w        (MIS)
+
+    Returns the factor on the advantage, the keep mask of ``mask`` mode (all true otherwise) and
+    the tokens the correction changed (truncated or masked), for ``mismatch/corrected_frac``.
+    Comparisons with the cap are made in log space, so a sequence weight that overflows fp32
+    still truncates to C or is masked (never inf * 0).
+
+    Followed: AReaL's ``areal/utils/functional.py::ppo_actor_loss_fn`` (``behav_imp_weight_cap``:
+    weights above the cap are dropped) and verl's ``verl/trainer/ppo/rollout_corr_helper.py``
+    (token / sequence levels; truncation; rejection below ``1/threshold`` and above it). reclight
+    differs: the mask is two-sided (AReaL's drops only w > C), and the sequence weight is the plain
+    product of token ratios, without verl's exp(+-20) safety clamp (truncate and mask are exact in
+    log space; with ``none`` a huge sequence weight is the user's choice and the non-finite-step
+    guard catches an overflow)."""
+    log_w = torch.where(mask, logp_prox.detach() - logp_behav.detach(), 0.0)
+    if cfg.behavior_correction_level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+    log_cap = torch.log(torch.tensor(cfg.behavior_correction_cap, dtype=log_w.dtype, device=log_w.device))
+    keep = torch.ones_like(mask, dtype=torch.bool)
+    if cfg.behavior_correction == "truncate":
+        corrected = mask & (log_w > log_cap)
+        weight = torch.where(corrected, cfg.behavior_correction_cap, log_w.exp())
+    elif cfg.behavior_correction == "mask":
+        keep = (log_w <= log_cap) & (log_w >= -log_cap)
+        corrected = mask & ~keep
+        weight = torch.where(keep, log_w, 0.0).exp()
+    else:
+        corrected = torch.zeros_like(keep)
+        weight = log_w.exp()
+    return weight, keep, corrected
+
+
 def policy_loss(
     logp: Tensor,  # [B, K, T], log pi_theta of the response tokens, with grad
     logp_behav: Tensor,  # [B, K, T], log mu recorded at sampling time
@@ -153,15 +200,21 @@ def policy_loss(
     mask: Tensor,  # [B, K, T] bool, valid response tokens (and kept samples)
     cfg: AlgorithmConfig,
     *,
+    logp_prox: Tensor | None = None,  # [B, K, T], log pi_theta_t: needed by ratio_anchor "proximal"
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The REC/REP/RED loss of ALGORITHMS.md section 2 (see the module docstring).
+    """The REC/REP/RED loss of ALGORITHMS.md section 2 (see the module docstring), with the
+    ratio anchor of section 6.2.
 
     Args:
         logp, logp_behav, adv, mask: see shapes above. ``logp_behav`` and ``adv`` are
             detached here. Pass ``mask & keep[..., None]`` to drop RED-Drop's samples.
         cfg: the algorithm.
+        logp_prox: the trainer's own log-probs of the sampled tokens at the start of the step
+            (before its first update, no grad). ``ratio_anchor: proximal`` measures rho against
+            it and weights the advantage by :func:`behavior_weight`; then ``mismatch/*`` metrics
+            are returned too.
         num_tokens, num_seqs: the full batch's counts when this call sees one micro-batch or
             one data-parallel rank (so the pieces sum to the full-batch loss).
 
@@ -170,7 +223,9 @@ def policy_loss(
         detached scalars: ``loss/policy`` and ``loss/reg`` (the two terms, which sum to
         ``loss``), ``clip/frac`` (valid tokens with M = 0), ``ratio/mean``, ``ratio/max``,
         ``ratio/min`` (over valid tokens) and ``adv/abs_mean`` (over sequences with a valid
-        token).
+        token); with ``logp_prox``: ``mismatch/logp_diff_mean``, ``mismatch/logp_diff_max``
+        (|logp_behav - logp_prox| over valid tokens), ``mismatch/weight_mean`` (w before
+        correction) and ``mismatch/corrected_frac`` (valid tokens truncated or masked).
     """
     if not (logp.shape == logp_behav.shape == mask.shape) or logp.dim() != 3:
         raise ValueError(
@@ -179,12 +234,18 @@ def policy_loss(
         )
     if adv.shape != logp.shape[:2]:
         raise ValueError(f"adv must have shape [B, K] = {tuple(logp.shape[:2])}; got {tuple(adv.shape)}")
+    if cfg.needs_proximal and logp_prox is None:
+        raise ValueError("AlgorithmConfig.ratio_anchor='proximal' needs logp_prox (the trainer's log-probs at the "
+                         "start of the step); accepted: pass logp_prox, or ratio_anchor 'behavior'")
+    if logp_prox is not None and logp_prox.shape != logp.shape:
+        raise ValueError(f"logp_prox must have the [B, K, T] shape {tuple(logp.shape)}; got {tuple(logp_prox.shape)}")
     mask = mask.bool()
     logp_behav = logp_behav.detach()
     adv_tok = adv.detach()[..., None].to(logp.dtype)  # [B, K, 1]
+    anchor = logp_prox.detach() if cfg.needs_proximal else logp_behav
 
     # Padding may hold garbage (inf - inf = NaN); zero it before exp().
-    log_ratio = torch.where(mask, logp.detach() - logp_behav, 0.0)
+    log_ratio = torch.where(mask, logp.detach() - anchor, 0.0)
     ratio = log_ratio.exp()
     keep = clip_mask(ratio, adv_tok, cfg)
 
@@ -193,6 +254,10 @@ def policy_loss(
         weight = weight * ratio
     if cfg.advantage_weighting == "exp":
         weight = weight * torch.exp(adv_tok / cfg.weight_temperature)
+    if cfg.needs_proximal:
+        w_behav, keep_behav, corrected = behavior_weight(logp_prox, logp_behav, mask, cfg)
+        weight = weight * w_behav
+        keep = keep & keep_behav
     coef = torch.where(mask & keep, adv_tok * weight, 0.0)
     logp_valid = torch.where(mask, logp, 0.0)
     pg_tok = -coef * logp_valid
@@ -226,4 +291,14 @@ def policy_loss(
             "ratio/min": torch.where(mask, ratio, torch.inf).amin().clamp(max=1e30),
             "adv/abs_mean": (adv.detach().abs() * has_tok).sum() / has_tok.sum().clamp(min=1),
         }
+        if logp_prox is not None:
+            diff = torch.where(mask, (logp_behav - logp_prox.detach()).abs(), 0.0)
+            metrics["mismatch/logp_diff_mean"] = diff.sum() / n_valid
+            metrics["mismatch/logp_diff_max"] = diff.amax()
+            w_raw = torch.where(mask, logp_prox.detach() - logp_behav, 0.0)
+            if cfg.behavior_correction_level == "sequence":
+                w_raw = w_raw.sum(-1, keepdim=True).expand_as(w_raw)
+            metrics["mismatch/weight_mean"] = torch.where(mask, w_raw.exp(), 0.0).sum() / n_valid
+            if cfg.needs_proximal:
+                metrics["mismatch/corrected_frac"] = corrected.sum() / n_valid
     return loss, metrics

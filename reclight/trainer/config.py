@@ -14,6 +14,7 @@ group                     what
 ``model.guards``          when bad rewards or numerics stop the run
 ``model.monitor``         what is measured besides the loss
 ``model.sync``            the off-policy schedule (:class:`reclight.sync.SyncConfig`)
+``model.updates``         optimizer updates per rollout batch (epochs x mini-batches)
 ``model.sampling``        K, temperature, top-p, max_new_tokens (:mod:`reclight.engines.base`)
 ``model.warmup``          the supervised warm-up (:mod:`reclight.trainer.warmup`)
 ========================  ====================================================================
@@ -84,6 +85,31 @@ class TrainForwardConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Several optimizer updates per rollout batch (ALGORITHMS.md 6.1): the step's B prompts are
+    split into ``mini_batches`` mini-batches of whole groups, iterated ``epochs`` times, so one
+    batch makes U = epochs x mini_batches updates. A version, a step (``trainer.max_steps``,
+    the sync schedule) and the rollout queue all count batches, not updates."""
+
+    epochs: int = 1
+    """E: passes over the batch."""
+    mini_batches: int = 1
+    """M: mini-batches per pass; must divide the per-rank number of prompts. Mini-batch m holds
+    the prompts m, m + M, m + 2M, ... of each rank's block, so on any number of ranks the union
+    of mini-batch m is the single-process mini-batch m (data-parallel runs give the same
+    updates)."""
+
+    def __post_init__(self) -> None:
+        check_int("model.updates.epochs", self.epochs, minimum=1)
+        check_int("model.updates.mini_batches", self.mini_batches, minimum=1)
+
+    @property
+    def count(self) -> int:
+        """U, the optimizer updates per rollout batch."""
+        return self.epochs * self.mini_batches
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with gradient clipping by hand (manual optimization)."""
 
@@ -139,9 +165,13 @@ class MonitorConfig:
     of the weights)."""
     eval_max_new_tokens: int | None = None
     """Response cap of the greedy evaluation (null: ``sampling.max_new_tokens``)."""
+    log_mismatch: bool = False
+    """Log ``mismatch/*`` (|logp_behav - logp_prox|, the behaviour weight) even when the loss does
+    not need ``logp_prox`` (one extra no-grad forward per step; the proximal anchor computes it anyway)."""
 
     def __post_init__(self) -> None:
         check_bool("model.monitor.log_kl_init", self.log_kl_init)
+        check_bool("model.monitor.log_mismatch", self.log_mismatch)
         check_int("model.monitor.eval_max_new_tokens", self.eval_max_new_tokens, minimum=1, allow_none=True)
 
 

@@ -59,7 +59,14 @@ from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.queue import RolloutQueue
 from reclight.sync import SyncConfig
 from reclight.trainer.checkpoint import rng_state, set_rng_state
-from reclight.trainer.config import GuardsConfig, MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
+from reclight.trainer.config import (
+    GuardsConfig,
+    MonitorConfig,
+    OptimConfig,
+    PolicyConfig,
+    TrainForwardConfig,
+    UpdatesConfig,
+)
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
 from reclight.trainer.metrics import rollout_health
@@ -81,6 +88,7 @@ class RLModule(LightningModule):
         sampling: K, temperature, top_p and max_new_tokens of the behaviour policy.
         sync: the off-policy schedule: weights pushed every ``sync_interval`` steps, the engine
             ``sync_offset`` steps ahead, or ``offline``.
+        updates: optimizer updates per rollout batch, ``epochs`` x ``mini_batches`` (``model.updates``).
         engine: the rollout engine and its options (``model.engine``).
         train_forward: how the training forward computes log-probs (``model.train_forward``).
         optim: AdamW, gradient clipping, learning-rate warm-up (``model.optim``).
@@ -97,6 +105,7 @@ class RLModule(LightningModule):
         algorithm_overrides: dict[str, Any] | None = None,
         sampling: SamplingConfig = SamplingConfig(),
         sync: SyncConfig = SyncConfig(),
+        updates: UpdatesConfig = UpdatesConfig(),
         engine: EngineConfig = EngineConfig(),
         train_forward: TrainForwardConfig = TrainForwardConfig(),
         optim: OptimConfig = OptimConfig(),
@@ -114,6 +123,7 @@ class RLModule(LightningModule):
         if engine.name == "fast" and sampling.top_p != 1.0:
             raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
+        self.updates_cfg = updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
         self.guards_cfg, self.monitor_cfg = guards, monitor
         self.policy: torch.nn.Module | None = None
@@ -135,6 +145,19 @@ class RLModule(LightningModule):
     @property
     def eval_max_new_tokens(self) -> int:
         return self.monitor_cfg.eval_max_new_tokens or self.sampling.max_new_tokens
+
+    def setup(self, stage: str) -> None:
+        """Checks that need the data module and the number of ranks, before the model loads
+        (Lightning calls this after the data module's setup and before configure_model)."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        m = self.updates_cfg.mini_batches
+        if dm is not None and m > 1:
+            world = self.trainer.world_size
+            per_rank = dm.prompts_per_step // world
+            if per_rank % m:
+                raise invalid("model.updates.mini_batches", m, f"a divisor of the {per_rank} prompts per rank "
+                              f"(data.prompts_per_step={dm.prompts_per_step} over {world} rank(s)): each mini-batch "
+                              "holds whole groups")
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -257,18 +280,35 @@ class RLModule(LightningModule):
         drop_rng = torch.Generator(device=batch.rewards.device).manual_seed(self.rollouts.seed_for(batch.step))
         adv, keep = group_advantages(batch.rewards, self.algo, drop_rng, valid=batch.reward_valid)  # [B, K]
         mask = batch.response_mask & keep[..., None]  # [B, K, T]: the tokens that are trained on
+        logp_prox = self._logprobs_no_grad(self.policy, batch) if self._needs_prox else None  # theta_t's
         logp = torch.zeros_like(batch.logp_behav)  # [B, K, T], filled by each update (detached)
         entropy = torch.zeros_like(batch.logp_behav)
-        for rows in self._mini_batches(batch):
+        updates = []
+        for i, rows in enumerate(self._mini_batches(batch)):
             counts = self._global_counts(mask[rows])
-            loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy)
-            grad_norm = self._clip_and_step(loss, batch.step)
-        self._log_step(batch, metrics, logp, entropy, grad_norm, time.perf_counter() - start)
-        return metrics["loss/policy"] + metrics["loss/reg"]
+            loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy, logp_prox)
+            metrics["grad/norm"] = self._clip_and_step(loss, batch.step, last=i == self.updates_cfg.count - 1)
+            updates.append(metrics)
+        self._log_step(batch, _merge_updates(updates), logp, entropy, time.perf_counter() - start)
+        return updates[-1]["loss/policy"] + updates[-1]["loss/reg"]
 
-    def _mini_batches(self, batch: RolloutBatch) -> list[slice]:
-        """The prompt rows of each optimizer update of this batch (one update: all rows)."""
-        return [slice(0, batch.rewards.shape[0])]
+    @property
+    def _needs_prox(self) -> bool:
+        return self.algo.needs_proximal or self.monitor_cfg.log_mismatch
+
+    def _mini_batches(self, batch: RolloutBatch) -> list[slice | Tensor]:
+        """The prompt rows of each of the batch's epochs x mini_batches updates, in order. One
+        mini-batch: all rows (a slice: no copy). M > 1: mini-batch m is rows m, m + M, ... (whole
+        groups), the same every epoch; strided, not contiguous, so that the union over ranks of
+        each rank's mini-batch m is the single-process mini-batch m (contiguous blocks would mix
+        differently on different numbers of ranks). verl (``ppo_mini_batch_size``,
+        ``ppo_epochs``) splits each rank's batch contiguously, and TRL's ``num_iterations``
+        re-uses the whole batch: neither promises the same updates on any number of ranks."""
+        B, u = batch.rewards.shape[0], self.updates_cfg
+        if u.mini_batches == 1:
+            return [slice(0, B)] * u.epochs
+        parts = [torch.arange(m, B, u.mini_batches, device=batch.rewards.device) for m in range(u.mini_batches)]
+        return parts * u.epochs
 
     def _check_rewards(self, batch: RolloutBatch) -> None:
         """Stop the run past ``guards.max_failed_reward_frac`` (same decision on every rank)."""
@@ -285,37 +325,58 @@ class RLModule(LightningModule):
         n = self._all_reduce_sum(torch.stack([mask.sum(), mask.any(-1).sum()]).float())
         return {"num_tokens": n[0].clamp(min=1), "num_seqs": n[1].clamp(min=1)}
 
-    def _backward(self, batch: RolloutBatch, rows: slice, adv: Tensor, mask: Tensor, counts: dict[str, Tensor],
-                  logp_out: Tensor, entropy_out: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def _backward(self, batch: RolloutBatch, rows: slice | Tensor, adv: Tensor, mask: Tensor,
+                  counts: dict[str, Tensor], logp_out: Tensor, entropy_out: Tensor,
+                  logp_prox: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Gradients of the loss of ``rows``, accumulated over micro-batches of whole groups;
         writes the detached log-probs and entropies into ``logp_out``/``entropy_out``."""
         self.optimizers().zero_grad(set_to_none=True)
         world = self.trainer.world_size
-        mb = self.forward_cfg.micro_batch_size or (rows.stop - rows.start)
+        prox = (lambda r: None) if logp_prox is None else (lambda r: logp_prox[r])
         loss_sum = torch.zeros((), device=self.device)
-        for s in range(rows.start, rows.stop, mb):
-            sl = slice(s, min(s + mb, rows.stop))
+        micro = self._micro_batches(rows)
+        for sl in micro:
             logp, ent = self._logprobs(self.policy, batch, sl, return_entropy=True)
-            loss, metrics = policy_loss(logp, batch.logp_behav[sl], adv[sl], mask[sl], self.algo, **counts)
+            loss, metrics = policy_loss(logp, batch.logp_behav[sl], adv[sl], mask[sl], self.algo,
+                                        logp_prox=prox(sl), **counts)
             # DDP averages gradients over ranks; x world turns that mean into the union's sum.
             self.manual_backward(loss * world if world > 1 else loss)
             loss_sum = loss_sum + loss.detach()
             logp_out[sl], entropy_out[sl] = logp.detach(), ent.detach()
-        if mb < rows.stop - rows.start:  # metrics of the whole update (the loss value is the same sum)
-            _, metrics = policy_loss(logp_out[rows], batch.logp_behav[rows], adv[rows], mask[rows], self.algo, **counts)
-        metrics["loss/total"] = loss_sum
+        if len(micro) > 1:  # metrics of the whole update (the loss value is the same sum)
+            _, metrics = policy_loss(logp_out[rows], batch.logp_behav[rows], adv[rows], mask[rows], self.algo,
+                                     logp_prox=prox(rows), **counts)
         return loss_sum, metrics
 
-    def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice,
+    def _micro_batches(self, rows: slice | Tensor) -> list[slice | Tensor]:
+        """``rows`` cut into ``train_forward.micro_batch_size`` prompts each (whole groups)."""
+        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+        mb = self.forward_cfg.micro_batch_size or n
+        if isinstance(rows, slice):
+            return [slice(s, min(s + mb, rows.stop)) for s in range(rows.start, rows.stop, mb)]
+        return list(rows.split(mb))
+
+    def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice | Tensor,
                   return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         f = self.forward_cfg
         return response_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.response_ids[rows],
                                  batch.response_mask[rows], temperature=self.sampling.temperature,
                                  return_entropy=return_entropy, impl=f.impl, compile_pointwise=f.compile)
 
-    def _clip_and_step(self, loss: Tensor, step: int) -> Tensor:
+    @torch.no_grad()
+    def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:  # [B, K, T]
+        """``model``'s log-probs of the batch's tokens, in the training forward's micro-batches."""
+        out = torch.zeros_like(batch.logp_behav)
+        for sl in self._micro_batches(slice(0, batch.rewards.shape[0])):
+            out[sl] = self._logprobs(model, batch, sl)[0]
+        return out
+
+    def _clip_and_step(self, loss: Tensor, step: int, last: bool = True) -> Tensor:
         """Clip the global gradient norm, skip the update if anything is not finite (guard),
-        step AdamW and the LR schedule. Returns the gradient norm before clipping."""
+        step AdamW and the LR schedule (both per applied update). Returns the gradient norm
+        before clipping. Only the batch's ``last`` update goes through Lightning's optimizer
+        wrapper, which counts it: ``global_step`` (and ``trainer.max_steps``) count rollout
+        batches, however many updates each one makes."""
         opt = self.optimizers()
         params = [p for p in self.policy.parameters() if p.grad is not None]
         clip = self.optim_cfg.grad_clip
@@ -327,7 +388,8 @@ class RLModule(LightningModule):
         if skip:  # with no gradients AdamW leaves weights and state untouched; the step still counts
             opt.zero_grad(set_to_none=True)
         self._lr_used = float(opt.param_groups[0]["lr"])
-        opt.step()
+        # The raw torch optimizer for the earlier updates: the same step without Lightning's count.
+        opt.step() if last else opt.optimizer.step()
         sched = self.lr_schedulers()
         if sched is not None and not skip:
             sched.step()
@@ -335,13 +397,13 @@ class RLModule(LightningModule):
 
     @torch.no_grad()
     def _log_step(self, batch: RolloutBatch, metrics: dict[str, Tensor], logp: Tensor, entropy: Tensor,
-                  grad_norm: Tensor, train_seconds: float) -> None:
+                  train_seconds: float) -> None:
         m = batch.response_mask
         n_tok = m.sum().clamp(min=1)
         staleness = (batch.step - batch.version).float()
         valid = batch.reward_valid
         out = {
-            **{k: v for k, v in metrics.items() if k != "loss/total"},
+            **metrics,
             "reward/mean": (batch.rewards * valid).sum() / valid.sum().clamp(min=1),
             "reward/acc": batch.correct.float().mean(),
             "reward/failed": (~valid).sum().float(),
@@ -351,7 +413,6 @@ class RLModule(LightningModule):
             "rollout/staleness_mean": staleness.mean(),
             "rollout/staleness_max": staleness.max(),
             "rollout/wait_s": torch.tensor(self.rollouts.last_wait_s),
-            "grad/norm": grad_norm.float(),
             "train/skipped_steps": torch.tensor(float(self._skip_guard.total)),
             "train/lr": torch.tensor(self._lr_used),  # the LR of this step's update
             **rollout_health(batch.response_ids, m, batch.rewards, valid, eos_ids(self.tokenizer),
@@ -360,7 +421,7 @@ class RLModule(LightningModule):
             "throughput/train_tok_s": n_tok / max(train_seconds, 1e-9),
         }
         if self._init_policy is not None:
-            logp_init, _ = self._logprobs(self._init_policy.model, batch, slice(None))
+            logp_init = self._logprobs_no_grad(self._init_policy.model, batch)
             out["kl/init"] = kl_estimate(logp, logp_init, m, logp_behav=batch.logp_behav, estimator="k3")
         bar = {"reward/mean", "reward/acc"}
         for k, v in out.items():
@@ -412,3 +473,16 @@ class RLModule(LightningModule):
         if "init_policy" in state and self.policy is not None:
             self._init_policy = frozen_copy(self.policy)
             self._init_policy.model.load_state_dict(state["init_policy"])
+
+
+def _merge_updates(updates: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One step's metrics from its updates' (each the metrics of one mini-batch update): the
+    mean over updates, except maxima and minima (``*/max``, ``*/min``), which are the max / min
+    over updates. One update: its own metrics, unchanged."""
+    if len(updates) == 1:
+        return updates[0]
+    out = {}
+    for key in updates[0]:
+        values = torch.stack([u[key].float() for u in updates])
+        out[key] = values.amax() if key.endswith("max") else values.amin() if key.endswith("min") else values.mean()
+    return out

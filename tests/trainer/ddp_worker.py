@@ -5,7 +5,7 @@ the script for every extra rank). Every process builds the same global rollout b
 fixed generator and trains on its rank's share, chosen by ``RLDataModule.prompts_for_step``;
 after the step each rank saves its gradients and parameters to ``OUT/rank{r}.pt``.
 
-    python tests/trainer/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY]]]
+    python tests/trainer/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY [EPOCHSxMINI_BATCHES]]]]
 
 STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through Lightning's ``ModelParallelStrategy``,
 the policy sharded by ``RLModule.configure_model``); the saved gradients and parameters are the
@@ -23,7 +23,7 @@ from reclight.models.tiny import TinyModelConfig
 from reclight.models.tokens import encode_prompts
 from reclight.rollout.batch import RolloutBatch
 from reclight.tasks.arithmetic import Arithmetic
-from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig
+from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig, UpdatesConfig
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 
@@ -81,13 +81,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg: str = "token_mean",
-         strategy: str = "ddp") -> None:
+         strategy: str = "ddp", updates: str = "1x1") -> None:
+    epochs, mini_batches = (int(x) for x in updates.split("x"))
     module = FixedRolloutModule(
         policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
                             tiny_dir=tiny_dir),
         algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
         sampling=SamplingConfig(num_samples=K, max_new_tokens=T), optim=OptimConfig(grad_clip=0.0),
         monitor=MonitorConfig(log_kl_init=False), seed=0,
+        updates=UpdatesConfig(epochs=epochs, mini_batches=mini_batches),
     )
     data = RLDataModule(task=Arithmetic(val_size=8, test_size=8), prompts_per_step=B, eval_size=4, seed=0)
     trainer = Trainer(

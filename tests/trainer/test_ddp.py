@@ -53,20 +53,26 @@ def _run(world, out, tiny_dir, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm, loss_agg", [("grpo", "token_mean"), ("opmd", "seq_mean_token_mean")])
-def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg):
+@pytest.mark.parametrize("algorithm, loss_agg, updates", [
+    ("grpo", "token_mean", "1x1"),
+    ("opmd", "seq_mean_token_mean", "2x2"),  # 4 updates per batch: mini-batches {0, 2} and {1, 3} of 4 prompts
+])
+def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, updates):
     """One step with strategy=ddp on 2 CPU processes (gloo) equals one step of a single process
     on the union of the ranks' data: every gradient and every parameter within 1e-6. This holds
     only because each rank normalises by the all-reduced GLOBAL token/sequence counts and scales
     its loss by the world size (DDP averages gradients): with local counts the two ranks' uneven
     token counts would weight tokens differently, and without the scale the gradient is halved.
-    Gradient clipping is off so the raw gradients are compared."""
+    Gradient clipping is off so the raw gradients are compared. With 2 epochs x 2 mini-batches
+    each rank's mini-batch m is its rows m, m + 2, ..., so the union over the ranks is the
+    single process's mini-batch m, and the 4 updates agree as well (the gradients compared are
+    the last update's)."""
     tiny = tmp_path / "tiny"
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    _run(1, single, tiny, algorithm, loss_agg)
-    _run(2, ddp, tiny, algorithm, loss_agg)
+    _run(1, single, tiny, algorithm, loss_agg, "ddp", updates)
+    _run(2, ddp, tiny, algorithm, loss_agg, "ddp", updates)
     ref = torch.load(single / "rank0.pt")
     for rank in (0, 1):
         got = torch.load(ddp / f"rank{rank}.pt")
