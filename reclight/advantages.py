@@ -55,6 +55,42 @@ def balance_drop(
     return valid & ~dropped
 
 
+def uniform_groups(rewards: Tensor, valid: Tensor) -> Tensor:  # [B, K], [B, K] bool -> [B] bool
+    """Groups whose valid rewards are all equal (or that have fewer than 2 valid rewards): their
+    group-relative advantages are exactly 0, so they carry no policy gradient."""
+    r_max = torch.where(valid, rewards, -torch.inf).amax(-1)
+    r_min = torch.where(valid, rewards, torch.inf).amin(-1)
+    return (valid.sum(-1) < 2) | (r_max <= r_min)
+
+
+def kl_reward_penalty(
+    logp_behav: Tensor,  # [B, K, T]
+    logp_ref: Tensor,  # [B, K, T]
+    mask: Tensor,  # [B, K, T] bool
+    kl_coef: float,
+) -> Tensor:  # [B, K]
+    """``kl_in: reward`` (ALGORITHMS.md 6.3): beta * sum_t (logp_behav - logp_ref) over each
+    sequence's valid tokens, the k1 estimate of KL(mu || ref) on the sample, to SUBTRACT from the
+    reward before the group advantages (no gradient flows through it)."""
+    return kl_coef * torch.where(mask.bool(), logp_behav.detach() - logp_ref.detach(), 0.0).sum(-1)
+
+
+def overlong_penalty(lengths: Tensor, length: int, cache: int) -> Tensor:  # [B, K] -> [B, K]
+    """DAPO's soft overlong punishment, added to the reward (ALGORITHMS.md 6.6)::
+
+        0                      if |y| <= L - C
+        ((L - C) - |y|) / C    if L - C < |y| <= L      (from 0 down to -1, linearly)
+        -1                     if |y| > L
+
+    Followed: DAPO's reward shaping as in verl's ``verl/workers/reward_manager/dapo.py``
+    (``overlong_buffer``: expected length L - C, penalty factor 1); reclight states the third
+    region (|y| > L, which an engine capped at L cannot produce) explicitly."""
+    y = lengths.to(torch.float64)
+    pen = ((length - cache) - y) / cache
+    out = torch.where(y <= length - cache, 0.0, torch.where(y <= length, pen, -1.0))
+    return out.to(torch.get_default_dtype())
+
+
 def group_advantages(
     rewards: Tensor,  # [B, K]
     cfg: AlgorithmConfig,
@@ -77,7 +113,9 @@ def group_advantages(
 
     Args:
         rewards: float rewards, one row per prompt group. Must be finite where ``valid``.
-        cfg: the algorithm; reads ``std_normalize`` and ``drop``.
+        cfg: the algorithm; reads ``std_normalize``, ``drop`` and ``filter_uniform_groups``
+            (groups whose valid rewards are all equal, or with fewer than 2 valid rewards, get
+            ``keep = False`` for every sample).
         generator: seeds RED-Drop's random choice (must live on ``rewards.device``).
         valid: samples allowed in the baseline (default: all). Non-finite rewards must be
             marked invalid here; they are an error otherwise.
@@ -108,13 +146,13 @@ def group_advantages(
     rewards = torch.where(valid, rewards, 0.0)
 
     keep = balance_drop(rewards, valid, generator) if cfg.drop == "balance" else valid
+    if cfg.filter_uniform_groups:  # DAPO's dynamic sampling: uniform groups leave the loss and the counts
+        keep = keep & ~uniform_groups(rewards, valid)[:, None]
     rbar = _masked_mean(rewards, keep)
     centered = torch.where(keep, rewards - rbar, 0.0)
     if cfg.std_normalize:
         sigma = _masked_mean(centered.square(), keep).sqrt()
         centered = centered / (sigma + STD_EPS)
-    r_max = torch.where(keep, rewards, -torch.inf).amax(-1, keepdim=True)
-    r_min = torch.where(keep, rewards, torch.inf).amin(-1, keepdim=True)
-    all_equal = r_max <= r_min  # also true for groups with 0 or 1 kept samples
+    all_equal = uniform_groups(rewards, keep)[:, None]  # also true for groups with 0 or 1 kept samples
     adv = torch.where(all_equal, 0.0, centered)
     return adv, keep

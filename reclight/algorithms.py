@@ -23,13 +23,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from reclight.checks import check_bool, check_choice, check_float, invalid
+from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
 
 CLIP_MODES = ("none", "one_side", "two_side", "ring")
 REGULARIZERS = ("none", "k2", "forward_kl")
 ADVANTAGE_WEIGHTINGS = ("none", "exp")
 DROP_MODES = ("none", "balance")
-LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+KL_IN = ("loss", "reward")
+RATIO_LEVELS = ("token", "sequence")
 RATIO_ANCHORS = ("behavior", "proximal")
 BEHAVIOR_CORRECTIONS = ("none", "truncate", "mask")
 CORRECTION_LEVELS = ("token", "sequence")
@@ -73,7 +76,10 @@ class AlgorithmConfig:
     drop: str = "none"
     """``none`` or ``balance`` (RED-Drop: drop negatives until #neg == #pos per group)."""
     loss_agg: str = "token_mean"
-    """``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``."""
+    """``token_mean``, ``seq_mean_token_mean``, ``seq_mean_token_sum`` or
+    ``seq_mean_token_sum_norm`` (Dr. GRPO: sum(l) / (N_seq * L), a constant normalizer)."""
+    norm_length: int | None = None
+    """L of ``seq_mean_token_sum_norm``; None: the caller's (the trainer passes max_new_tokens)."""
     ratio_anchor: str = "behavior"
     """What the ratio rho (mask and IS factor) is measured against (ALGORITHMS.md 6.2):
     ``behavior`` (mu, the policy that sampled: the paper) or ``proximal`` (theta_t, the trainer's
@@ -87,6 +93,41 @@ class AlgorithmConfig:
     token of the sequence."""
     behavior_correction_cap: float = 2.0
     """C > 1 of ``truncate`` / ``mask``."""
+    kl_coef: float = 0.0
+    """beta >= 0 of a KL penalty to the reference policy (the policy at the start of RL); 0 = off
+    (ALGORITHMS.md 6.3)."""
+    kl_estimator: str = "k3"
+    """``k1`` (-d), ``k2`` (d^2 / 2) or ``k3`` (exp(d) - d - 1), d = logp_ref - logp."""
+    kl_in: str = "loss"
+    """``loss``: beta * k per token in the loss (gradient through logp, not masked by M);
+    ``reward``: r_i -= beta * sum_t (logp_behav - logp_ref) before the group advantages."""
+    kl_importance_weighted: bool = False
+    """``loss`` only: multiply the KL term by rho = pi_theta / mu (detached, per token)."""
+    entropy_coef: float = 0.0
+    """>= 0: adds -entropy_coef * H_t per token (the full-vocabulary entropy of pi_theta,
+    differentiable)."""
+    ratio_level: str = "token"
+    """``token`` or ``sequence`` (GSPO): rho_i = exp(mean over the sequence's valid tokens of
+    (logp - logp_anchor)) for every token of sequence i, in the mask and the IS factor."""
+    is_clip: tuple[float, float] | None = None
+    """[low, high]: the IS factor becomes clamp(rho, 1 - low, 1 + high), detached (CISPO: every
+    token keeps its gradient, with a bounded weight). Needs ``importance_sampling``."""
+    dual_clip: float | None = None
+    """c > 1: also M = 0 where A < 0 and rho > c (dual-clip PPO). Needs ``importance_sampling``."""
+    filter_uniform_groups: bool = False
+    """Groups whose valid rewards are all equal leave the loss and every count (keep = False;
+    DAPO's dynamic sampling without refill)."""
+    overlong_filter: bool = False
+    """Trainer side: truncated samples (no end token within max_new_tokens) get keep = False."""
+    overlong_penalty: bool = False
+    """Trainer side (DAPO's soft overlong punishment): add 0 if |y| <= L - C, ((L - C) - |y|) / C
+    if L - C < |y| <= L, and -1 if |y| > L to the reward, L = ``overlong_length``, C =
+    ``overlong_cache``."""
+    overlong_length: int | None = None
+    """L of ``overlong_penalty``; None: the trainer's max_new_tokens."""
+    overlong_cache: int | None = None
+    """C of ``overlong_penalty``, 1 <= C <= L; None: 20% of L rounded down, at least 1 (DAPO's
+    4096 of 20480)."""
 
     def __post_init__(self) -> None:
         f = "AlgorithmConfig."
@@ -111,6 +152,41 @@ class AlgorithmConfig:
         check_choice(f + "behavior_correction", self.behavior_correction, BEHAVIOR_CORRECTIONS)
         check_choice(f + "behavior_correction_level", self.behavior_correction_level, CORRECTION_LEVELS)
         check_float(f + "behavior_correction_cap", self.behavior_correction_cap, gt=1.0)
+        check_int(f + "norm_length", self.norm_length, minimum=1, allow_none=True)
+        check_float(f + "kl_coef", self.kl_coef, ge=0.0)
+        check_choice(f + "kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_choice(f + "kl_in", self.kl_in, KL_IN)
+        check_bool(f + "kl_importance_weighted", self.kl_importance_weighted)
+        if self.kl_importance_weighted and self.kl_in != "loss":
+            raise invalid(f + "kl_importance_weighted", True, "false with kl_in 'reward' (the reward penalty has "
+                          "no gradient to weight)")
+        check_float(f + "entropy_coef", self.entropy_coef, ge=0.0)
+        check_choice(f + "ratio_level", self.ratio_level, RATIO_LEVELS)
+        if self.is_clip is not None:
+            bounds, accepted = self.is_clip, "null or [low, high] with 0 <= low <= 1 and high >= 0"
+            try:
+                if isinstance(bounds, (str, bytes)) or len(bounds) != 2:
+                    raise ValueError
+                low = check_float(f + "is_clip", bounds[0], ge=0.0, le=1.0)
+                high = check_float(f + "is_clip", bounds[1], ge=0.0)
+            except (ValueError, TypeError):
+                raise invalid(f + "is_clip", bounds, accepted) from None
+            object.__setattr__(self, "is_clip", (low, high))
+            if not self.importance_sampling:
+                raise invalid(f + "is_clip", self.is_clip, "null without importance_sampling (it clips the IS factor)")
+        if self.dual_clip is not None:
+            check_float(f + "dual_clip", self.dual_clip, gt=1.0, accepted="null or a number > 1")
+            if not self.importance_sampling:
+                raise invalid(f + "dual_clip", self.dual_clip, "null without importance_sampling (dual-clip PPO "
+                              "bounds the IS-weighted loss of negative advantages)")
+        for name in ("filter_uniform_groups", "overlong_filter", "overlong_penalty"):
+            check_bool(f + name, getattr(self, name))
+        check_int(f + "overlong_length", self.overlong_length, minimum=1, allow_none=True)
+        check_int(f + "overlong_cache", self.overlong_cache, minimum=1, allow_none=True)
+        if self.overlong_length is not None and self.overlong_cache is not None and \
+                self.overlong_cache > self.overlong_length:
+            raise invalid(f + "overlong_cache", self.overlong_cache,
+                          f"an integer in [1, overlong_length={self.overlong_length}]")
         if self.behavior_correction != "none" and self.ratio_anchor == "behavior":
             raise invalid(f + "behavior_correction", self.behavior_correction,
                           "'none' with ratio_anchor 'behavior' (the ratio is already measured against mu: a "
@@ -120,6 +196,21 @@ class AlgorithmConfig:
     def needs_proximal(self) -> bool:
         """Whether the loss needs ``logp_prox`` (the trainer then computes it once per batch)."""
         return self.ratio_anchor == "proximal"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss or the rewards need ``logp_ref`` (the reference policy's log-probs)."""
+        return self.kl_coef > 0
+
+    def overlong_bounds(self, max_new_tokens: int) -> tuple[int, int]:
+        """(L, C) of the overlong penalty for a run sampling at most ``max_new_tokens``; raises
+        naming the field when the cache does not fit the length."""
+        length = self.overlong_length or max_new_tokens
+        cache = self.overlong_cache if self.overlong_cache is not None else max(1, length // 5)
+        if cache > length:
+            raise invalid("AlgorithmConfig.overlong_cache", cache, f"an integer in [1, overlong_length={length}] "
+                          f"(the length is max_new_tokens={max_new_tokens} unless overlong_length is set)")
+        return length, cache
 
     def replace(self, **overrides: Any) -> "AlgorithmConfig":
         """A copy with ``overrides`` applied (and validated); unknown fields are rejected."""
@@ -163,7 +254,32 @@ PRESETS: dict[str, AlgorithmConfig] = {
         **_NO_CLIP, advantage_weighting="exp", weight_temperature=1.0
     ),
 }
-"""The 14 presets of ALGORITHMS.md section 3 (all ``token_mean``, no reference KL)."""
+PRESETS.update({
+    # DeepSeekMath's GRPO: the k3 estimator of KL(pi || ref) in the loss, beta 0.04 (as TRL's beta).
+    "grpo_kl": PRESETS["grpo"].replace(kl_coef=0.04, kl_estimator="k3", kl_in="loss"),
+    # Dr. GRPO: no std normalisation and a constant normalizer (no length bias).
+    "dr_grpo": AlgorithmConfig(clip_mode="one_side", importance_sampling=True, loss_agg="seq_mean_token_sum_norm"),
+    # DAPO: clip-higher (0.2, 0.28), dynamic sampling (uniform groups filtered, no refill), soft overlong
+    # punishment (L = max_new_tokens, C = 20% of L unless set).
+    "dapo": AlgorithmConfig(clip_mode="one_side", eps_high=0.28, importance_sampling=True, std_normalize=True,
+                            filter_uniform_groups=True, overlong_penalty=True),
+    # GSPO (Qwen3): length-normalised sequence ratio, its tiny clip range, one loss per sequence.
+    "gspo": AlgorithmConfig(clip_mode="one_side", eps_low=3e-4, eps_high=4e-4, importance_sampling=True,
+                            std_normalize=True, ratio_level="sequence", loss_agg="seq_mean_token_mean"),
+    # CISPO (MiniMax-M1): no mask; the IS weight clamped to [0, 1 + 5] and detached, so every token keeps
+    # its gradient. Lower bound: none (MiniMax-M1 sets eps_low^IS "large"); upper: SkyRL's CISPOConfig
+    # default cispo_eps_clip_high = 5 (MiniMax-M1 does not publish its eps_high^IS).
+    "cispo": AlgorithmConfig(clip_mode="none", importance_sampling=True, is_clip=(1.0, 5.0), std_normalize=True),
+    # AReaL's decoupled PPO with token-level TIS: rec_oneside_is measured against the proximal policy,
+    # the advantage weighted by min(pi_t / mu, 2).
+    "decoupled_tis": PRESETS["rec_oneside_is"].replace(ratio_anchor="proximal", behavior_correction="truncate",
+                                                       behavior_correction_level="token",
+                                                       behavior_correction_cap=2.0),
+})
+"""The 14 presets of ALGORITHMS.md section 3 (all ``token_mean``, no reference KL), then the six
+of section 6.7: ``grpo_kl``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``decoupled_tis``."""
+PAPER_PRESETS = tuple(list(PRESETS)[:14])
+"""The paper's 14 presets (the bandit bench's default set)."""
 
 
 def get_algorithm(name: str, **overrides: Any) -> AlgorithmConfig:

@@ -73,22 +73,36 @@ def aggregate(
     *,
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
+    num_samples: Tensor | float | None = None,
+    norm_length: int | None = None,
 ) -> Tensor:  # scalar
     """Reduce a per-token loss over valid tokens::
 
-        token_mean:          sum_{b,k,t} l / N_tok
-        seq_mean_token_mean: sum_{b,k} (sum_t l / |y_bk|) / N_seq
-        seq_mean_token_sum:  sum_{b,k} (sum_t l) / N_seq
+        token_mean:              sum_{b,k,t} l / N_tok
+        seq_mean_token_mean:     sum_{b,k} (sum_t l / |y_bk|) / N_seq
+        seq_mean_token_sum:      sum_{b,k} (sum_t l) / N_seq
+        seq_mean_token_sum_norm: sum_{b,k,t} l / (N_all * L)            (Dr. GRPO)
 
     N_tok defaults to the number of valid tokens, N_seq to the number of sequences with at
-    least one valid token. Passing the full batch's counts makes micro-batch losses sum
-    exactly to the full-batch loss. Length bias: ``token_mean`` weights every token equally
-    (long responses weigh more); ``seq_mean_token_mean`` weights every sequence equally;
-    ``seq_mean_token_sum`` scales with length (the REINFORCE sum over a trajectory).
+    least one valid token, N_all (``num_samples``) to ALL B * K sequences (before any drop or
+    filter), L (``norm_length``) is a fixed constant: no term of that normalizer depends on the
+    sampled lengths. Passing the full batch's counts makes micro-batch losses sum exactly to the
+    full-batch loss. Length bias: ``token_mean`` weights every token equally (long responses weigh
+    more); ``seq_mean_token_mean`` weights every sequence equally; ``seq_mean_token_sum`` and
+    ``seq_mean_token_sum_norm`` scale with length (the REINFORCE sum over a trajectory).
+    Followed for the last: TRL's ``loss_type="dr_grpo"`` (``trl/trainer/grpo_trainer.py``: the
+    masked sum over the local batch divided by batch size x ``max_completion_length``);
+    reclight differs in taking N_all over the whole batch (all ranks, all micro-batches).
     """
     if loss_agg == "token_mean":
         n = mask.sum() if num_tokens is None else num_tokens
         return per_token.sum() / torch.as_tensor(n, dtype=per_token.dtype).clamp(min=1)
+    if loss_agg == "seq_mean_token_sum_norm":
+        if norm_length is None:
+            raise ValueError("loss_agg='seq_mean_token_sum_norm' needs norm_length (L, e.g. max_new_tokens); "
+                             "accepted: an integer >= 1")
+        n = mask.shape[0] * mask.shape[1] if num_samples is None else num_samples
+        return per_token.sum() / (torch.as_tensor(n, dtype=per_token.dtype).clamp(min=1) * norm_length)
     seq_len = mask.sum(-1)  # [B, K]
     n = (seq_len > 0).sum() if num_seqs is None else num_seqs
     n = torch.as_tensor(n, dtype=per_token.dtype).clamp(min=1)
@@ -193,6 +207,16 @@ def behavior_weight(
     return weight, keep, corrected
 
 
+def sequence_log_ratio(
+    log_ratio: Tensor,  # [B, K, T], zero off-mask
+    mask: Tensor,  # [B, K, T] bool
+) -> Tensor:  # [B, K, T]
+    """GSPO's length-normalised sequence log-ratio, broadcast to every token of the sequence:
+    mean over the sequence's valid tokens of (logp - logp_anchor)."""
+    n = mask.sum(-1, keepdim=True).clamp(min=1)
+    return (log_ratio.sum(-1, keepdim=True) / n).expand_as(log_ratio)
+
+
 def policy_loss(
     logp: Tensor,  # [B, K, T], log pi_theta of the response tokens, with grad
     logp_behav: Tensor,  # [B, K, T], log mu recorded at sampling time
@@ -201,11 +225,26 @@ def policy_loss(
     cfg: AlgorithmConfig,
     *,
     logp_prox: Tensor | None = None,  # [B, K, T], log pi_theta_t: needed by ratio_anchor "proximal"
+    logp_ref: Tensor | None = None,  # [B, K, T], log pi_ref: needed by kl_coef > 0 with kl_in "loss"
+    entropy: Tensor | None = None,  # [B, K, T], H of pi_theta per position, with grad: entropy_coef > 0
     num_tokens: Tensor | float | None = None,
     num_seqs: Tensor | float | None = None,
+    num_samples: Tensor | float | None = None,
+    norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The REC/REP/RED loss of ALGORITHMS.md section 2 (see the module docstring), with the
-    ratio anchor of section 6.2.
+    GRPO-family knobs of section 6: the ratio anchor (6.2), the reference KL and the entropy
+    bonus (6.3), the sequence-level ratio, the clipped IS weight and the dual clip (6.4), the
+    constant normalizer (6.5).
+
+    Per token, with rho against the anchor (token level, or GSPO's sequence level)::
+
+        M   = clip_mask(rho, A) and not (dual_clip and A < 0 and rho > c) [and MIS's keep]
+        A~  = A * IS * RED-Weight * w_behav,   IS = rho, or clamp(rho, 1 - lo, 1 + hi) (is_clip)
+        l   = -A~ M logp  +  R  +  beta k(logp, logp_ref) (x rho_mu if kl_importance_weighted)
+              -  entropy_coef H
+
+    (R, the KL and the entropy terms are not masked by M.)
 
     Args:
         logp, logp_behav, adv, mask: see shapes above. ``logp_behav`` and ``adv`` are
@@ -215,15 +254,20 @@ def policy_loss(
             (before its first update, no grad). ``ratio_anchor: proximal`` measures rho against
             it and weights the advantage by :func:`behavior_weight`; then ``mismatch/*`` metrics
             are returned too.
-        num_tokens, num_seqs: the full batch's counts when this call sees one micro-batch or
-            one data-parallel rank (so the pieces sum to the full-batch loss).
+        logp_ref: the reference policy's log-probs (no grad), for ``kl_coef > 0`` in the loss.
+        entropy: the per-position entropy of pi_theta WITH its gradient, for ``entropy_coef > 0``.
+        num_tokens, num_seqs, num_samples: the full batch's counts (valid tokens, sequences with a
+            valid token, all sequences) when this call sees one micro-batch or one data-parallel
+            rank (so the pieces sum to the full-batch loss).
+        norm_length: L of ``seq_mean_token_sum_norm`` when ``cfg.norm_length`` is None.
 
     Returns:
         ``(loss, metrics)``; ``loss`` is the scalar to backpropagate, and ``metrics`` holds
-        detached scalars: ``loss/policy`` and ``loss/reg`` (the two terms, which sum to
-        ``loss``), ``clip/frac`` (valid tokens with M = 0), ``ratio/mean``, ``ratio/max``,
-        ``ratio/min`` (over valid tokens) and ``adv/abs_mean`` (over sequences with a valid
-        token); with ``logp_prox``: ``mismatch/logp_diff_mean``, ``mismatch/logp_diff_max``
+        detached scalars: ``loss/policy``, ``loss/reg``, ``loss/kl``, ``loss/entropy`` (the terms,
+        which sum to ``loss``), ``clip/frac`` (valid tokens with M = 0), ``ratio/mean``,
+        ``ratio/max``, ``ratio/min`` (over valid tokens) and ``adv/abs_mean`` (over sequences with a
+        valid token); with ``logp_ref``: ``kl/ref`` (token mean of the estimator, without beta);
+        with ``logp_prox``: ``mismatch/logp_diff_mean``, ``mismatch/logp_diff_max``
         (|logp_behav - logp_prox| over valid tokens), ``mismatch/weight_mean`` (w before
         correction) and ``mismatch/corrected_frac`` (valid tokens truncated or masked).
     """
@@ -234,11 +278,15 @@ def policy_loss(
         )
     if adv.shape != logp.shape[:2]:
         raise ValueError(f"adv must have shape [B, K] = {tuple(logp.shape[:2])}; got {tuple(adv.shape)}")
-    if cfg.needs_proximal and logp_prox is None:
-        raise ValueError("AlgorithmConfig.ratio_anchor='proximal' needs logp_prox (the trainer's log-probs at the "
-                         "start of the step); accepted: pass logp_prox, or ratio_anchor 'behavior'")
-    if logp_prox is not None and logp_prox.shape != logp.shape:
-        raise ValueError(f"logp_prox must have the [B, K, T] shape {tuple(logp.shape)}; got {tuple(logp_prox.shape)}")
+    for name, t, needed, why in (
+        ("logp_prox", logp_prox, cfg.needs_proximal, "ratio_anchor='proximal'"),
+        ("logp_ref", logp_ref, cfg.kl_coef > 0 and cfg.kl_in == "loss", "kl_coef > 0 with kl_in='loss'"),
+        ("entropy", entropy, cfg.entropy_coef > 0, "entropy_coef > 0"),
+    ):
+        if needed and t is None:
+            raise ValueError(f"AlgorithmConfig {why} needs {name}; accepted: pass {name} [B, K, T]")
+        if t is not None and t.shape != logp.shape:
+            raise ValueError(f"{name} must have the [B, K, T] shape {tuple(logp.shape)}; got {tuple(t.shape)}")
     mask = mask.bool()
     logp_behav = logp_behav.detach()
     adv_tok = adv.detach()[..., None].to(logp.dtype)  # [B, K, 1]
@@ -246,12 +294,16 @@ def policy_loss(
 
     # Padding may hold garbage (inf - inf = NaN); zero it before exp().
     log_ratio = torch.where(mask, logp.detach() - anchor, 0.0)
+    if cfg.ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(log_ratio, mask)
     ratio = log_ratio.exp()
     keep = clip_mask(ratio, adv_tok, cfg)
+    if cfg.dual_clip is not None:
+        keep = keep & ~((adv_tok < 0) & (ratio > cfg.dual_clip))
 
     weight = torch.ones_like(ratio)
     if cfg.importance_sampling:
-        weight = weight * ratio
+        weight = weight * (ratio if cfg.is_clip is None else ratio.clamp(1.0 - cfg.is_clip[0], 1.0 + cfg.is_clip[1]))
     if cfg.advantage_weighting == "exp":
         weight = weight * torch.exp(adv_tok / cfg.weight_temperature)
     if cfg.needs_proximal:
@@ -260,37 +312,42 @@ def policy_loss(
         keep = keep & keep_behav
     coef = torch.where(mask & keep, adv_tok * weight, 0.0)
     logp_valid = torch.where(mask, logp, 0.0)
-    pg_tok = -coef * logp_valid
+    terms = {"loss/policy": -coef * logp_valid}
 
     if cfg.regularizer == "k2":
-        diff = torch.where(mask, logp - logp_behav, 0.0)
-        reg_tok = cfg.regularizer_coef * diff.square()
+        terms["loss/reg"] = cfg.regularizer_coef * torch.where(mask, logp - logp_behav, 0.0).square()
     elif cfg.regularizer == "forward_kl":
-        reg_tok = -cfg.regularizer_coef * logp_valid
-    else:
-        reg_tok = None
+        terms["loss/reg"] = -cfg.regularizer_coef * logp_valid
+    kl_tok = None
+    if logp_ref is not None:
+        kl_tok = torch.where(mask, kl_terms(logp_valid, torch.where(mask, logp_ref.detach(), 0.0), cfg.kl_estimator), 0.0)
+    if cfg.kl_coef > 0 and cfg.kl_in == "loss":
+        kl_loss = cfg.kl_coef * kl_tok
+        if cfg.kl_importance_weighted:  # rho against mu, per token: the estimate is then under pi_theta
+            kl_loss = kl_loss * torch.where(mask, logp.detach() - logp_behav, 0.0).exp()
+        terms["loss/kl"] = kl_loss
+    if cfg.entropy_coef > 0:
+        terms["loss/entropy"] = -cfg.entropy_coef * torch.where(mask, entropy, 0.0)
 
-    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs)
-    pg_loss = aggregate(pg_tok, mask, cfg.loss_agg, **counts)
-    reg_loss = (
-        aggregate(reg_tok, mask, cfg.loss_agg, **counts)
-        if reg_tok is not None
-        else pg_loss.new_zeros(())
-    )
-    loss = pg_loss + reg_loss
+    counts = dict(num_tokens=num_tokens, num_seqs=num_seqs, num_samples=num_samples,
+                  norm_length=cfg.norm_length or norm_length)
+    parts = {k: aggregate(v, mask, cfg.loss_agg, **counts) for k, v in terms.items()}
+    loss = sum(parts.values())
 
     with torch.no_grad():
         n_valid = mask.sum().clamp(min=1)
         has_tok = mask.any(-1)
+        zero = loss.detach().new_zeros(())
         metrics = {
-            "loss/policy": pg_loss.detach(),
-            "loss/reg": reg_loss.detach(),
+            **{k: parts.get(k, zero).detach() for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy")},
             "clip/frac": (mask & ~keep).sum() / n_valid,
             "ratio/mean": torch.where(mask, ratio, 0.0).sum() / n_valid,
             "ratio/max": torch.where(mask, ratio, -torch.inf).amax().clamp(min=0.0),
             "ratio/min": torch.where(mask, ratio, torch.inf).amin().clamp(max=1e30),
             "adv/abs_mean": (adv.detach().abs() * has_tok).sum() / has_tok.sum().clamp(min=1),
         }
+        if kl_tok is not None:
+            metrics["kl/ref"] = kl_tok.sum() / n_valid
         if logp_prox is not None:
             diff = torch.where(mask, (logp_behav - logp_prox.detach()).abs(), 0.0)
             metrics["mismatch/logp_diff_mean"] = diff.sum() / n_valid

@@ -31,6 +31,8 @@ class RolloutBatch:
     reward_valid: Tensor  # [B, K] bool: the reward function returned a finite number
     correct: Tensor  # [B, K] bool
     gen_seconds: float = 0.0  # wall time of generation + scoring (for throughput)
+    sampled_groups: int = 0  # oversampling: groups sampled for this step (0: no oversampling)
+    informative_groups: int = 0  # ... of which informative (rewards not all equal)
 
     def to(self, device: torch.device | str, **kwargs: Any) -> "RolloutBatch":
         """Every tensor moved to ``device`` (Lightning's ``batch_to_device`` calls this)."""

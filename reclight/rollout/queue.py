@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from reclight.advantages import uniform_groups
 from reclight.engines.base import RolloutEngine
 from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.scoring import collect_rollout
@@ -44,6 +45,22 @@ from reclight.tasks.base import Example, Task
 
 PromptsForStep = Callable[[int], tuple[Sequence[int], Sequence[Example]]]
 """step -> (indices into the train split, examples) of this rank's prompts."""
+
+
+def keep_informative(batch: RolloutBatch, n: int) -> RolloutBatch:
+    """The ``n`` groups of an oversampled batch that a step trains on: the informative ones
+    (valid rewards not all equal) first, then the others, each in sampling order; the batch
+    records how many of the sampled groups were informative (``data/informative_frac``).
+
+    Followed: DAPO's dynamic sampling (AReaL's ``areal/utils/functional.py::dynamic_sampling``
+    drops the uniform groups); reclight keeps the batch size fixed (``n`` groups) instead of
+    sampling until enough groups are informative, so a step's cost is bounded."""
+    informative = ~uniform_groups(batch.rewards, batch.reward_valid)  # [B]
+    rows = torch.argsort((~informative).to(torch.int8), stable=True)[:n]
+    state = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in batch.state_dict().items()}
+    out = RolloutBatch.from_state_dict(state)
+    out.sampled_groups, out.informative_groups = int(informative.numel()), int(informative.sum())
+    return out.to(batch.rewards.device)
 
 
 def rollout_seed(run_seed: int, step: int, rank: int = 0) -> int:
@@ -65,6 +82,9 @@ class RolloutQueue:
         seed: the run seed (rollout seeds are ``rollout_seed(seed, step, rank)``).
         rank: data-parallel rank.
         use_chat_template: how prompts are rendered (None: the tokenizer's template if any).
+        keep_groups: oversampling (DAPO's dynamic sampling): ``prompts(step)`` gives more prompts
+            than a step trains on; keep this many groups, the informative ones (rewards not all
+            equal) first, each set in sampling order (None: keep all).
     """
 
     def __init__(
@@ -79,6 +99,7 @@ class RolloutQueue:
         seed: int,
         rank: int = 0,
         use_chat_template: bool | None = None,
+        keep_groups: int | None = None,
     ) -> None:
         self.engine = engine
         self.prompts = prompts
@@ -89,6 +110,7 @@ class RolloutQueue:
         self.seed = int(seed)
         self.rank = int(rank)
         self.use_chat_template = use_chat_template
+        self.keep_groups = keep_groups
         self.eager = bool(getattr(engine, "scores_with_trainer", False))
         self.queue: dict[int, RolloutBatch] = {}
         self.next_step = 0  # first step whose batch has not been generated
@@ -134,10 +156,11 @@ class RolloutQueue:
 
     def _generate(self, step: int) -> None:
         idx, examples = self.prompts(step)
-        self.queue[step] = collect_rollout(
+        batch = collect_rollout(
             self.engine, self.tokenizer, self.task, examples, idx, step=step, seed=self.seed_for(step),
             use_chat_template=self.use_chat_template,
         )
+        self.queue[step] = batch if self.keep_groups is None else keep_informative(batch, self.keep_groups)
         self.next_step = step + 1
         self.max_queue_len = max(self.max_queue_len, len(self.queue))
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from reclight.checks import check_int
+from reclight.checks import check_float, check_int
 from reclight.rollout.sampler import PromptSampler
 from reclight.tasks.arithmetic import Arithmetic
 from reclight.tasks.base import Example, Task
@@ -57,6 +57,10 @@ class RLDataModule(LightningDataModule):
         eval_batch_size: prompts per greedy-evaluation batch.
         eval_size: evaluate on the first this-many examples of val/test (None: all).
         seed: seeds the order of training prompts (None: the run's ``seed_everything``).
+        oversample: f >= 1 (DAPO's dynamic sampling): each rank samples ceil(f x its prompts)
+            prompts per step and the rollout queue keeps the first of its prompts' groups that are
+            informative (rewards not all equal), then the others in order; ``data/informative_frac``
+            logs how many were.
     """
 
     def __init__(
@@ -66,8 +70,10 @@ class RLDataModule(LightningDataModule):
         eval_batch_size: int = 250,
         eval_size: int | None = None,
         seed: int | None = None,
+        oversample: float = 1.0,
     ) -> None:
         super().__init__()
+        check_float("data.oversample", oversample, ge=1.0)
         check_int("data.eval_batch_size", eval_batch_size, minimum=1)
         check_int("data.eval_size", eval_size, minimum=1, allow_none=True)
         check_int("data.seed", seed, minimum=0, allow_none=True)
@@ -77,6 +83,7 @@ class RLDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.eval_size = eval_size
         self.seed = seed
+        self.oversample = float(oversample)
         self.sampler: PromptSampler | None = None
 
     def setup(self, stage: str) -> None:
@@ -85,13 +92,26 @@ class RLDataModule(LightningDataModule):
 
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
             self.train_examples = self.task.examples("train")
-            self.sampler = PromptSampler(len(self.train_examples), self.prompts_per_step, seed)
+            world, _ = self._world()
+            self.sampler = PromptSampler(len(self.train_examples), world * self.sampled_per_rank, seed)
         world, _ = self._world()
         if self.prompts_per_step % world:
             raise ValueError(
                 f"RLDataModule.prompts_per_step={self.prompts_per_step} is not valid with {world} "
                 f"data-parallel ranks; accepted: a multiple of {world}, so every rank samples whole groups"
             )
+
+    @property
+    def kept_per_rank(self) -> int:
+        """Prompts (groups) per rank that a step trains on."""
+        return self.prompts_per_step // self._world()[0]
+
+    @property
+    def sampled_per_rank(self) -> int:
+        """Prompts per rank that a step samples: ceil(oversample x kept_per_rank)."""
+        import math
+
+        return math.ceil(self.oversample * self.kept_per_rank - 1e-9)
 
     def _world(self) -> tuple[int, int]:
         """(number of data-parallel ranks, this rank)."""

@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from reclight.advantages import uniform_groups
+
+
+@torch.no_grad()
+def truncated_responses(
+    response_ids: Tensor,  # [B, K, T] long
+    response_mask: Tensor,  # [B, K, T] bool
+    eos_ids: list[int],
+    max_new_tokens: int,
+) -> Tensor:  # [B, K] bool
+    """Responses cut at ``max_new_tokens`` without an end token (DAPO's "overlong" samples)."""
+    has_eos = (torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)) & response_mask).any(-1)
+    return ~has_eos & (response_mask.sum(-1) >= max_new_tokens)
+
 
 @torch.no_grad()
 def rollout_health(
@@ -28,11 +42,8 @@ def rollout_health(
     eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)) & response_mask
     has_eos = eos.any(-1)  # [B, K]
     empty = (lengths - has_eos.long()) <= 0
-    truncated = ~has_eos & (lengths >= max_new_tokens)
-    big = torch.finfo(rewards.dtype).max
-    r_max = torch.where(reward_valid, rewards, -big).amax(-1)
-    r_min = torch.where(reward_valid, rewards, big).amin(-1)
-    uniform = (reward_valid.sum(-1) < 2) | (r_max == r_min)  # [B]
+    truncated = truncated_responses(response_ids, response_mask, eos_ids, max_new_tokens)
+    uniform = uniform_groups(rewards, reward_valid)  # [B]
     return {
         "response/empty_frac": empty.float().mean(),
         "response/truncated_frac": truncated.float().mean(),

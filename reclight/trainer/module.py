@@ -44,7 +44,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from reclight.advantages import group_advantages
+from reclight.advantages import group_advantages, kl_reward_penalty, overlong_penalty
 from reclight.algorithms import get_algorithm
 from reclight.checks import check_int, invalid
 from reclight.engines import build_engine
@@ -69,7 +69,7 @@ from reclight.trainer.config import (
 )
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
-from reclight.trainer.metrics import rollout_health
+from reclight.trainer.metrics import rollout_health, truncated_responses
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 # Lightning warns that the module's on_before_batch_transfer takes precedence over the data
@@ -120,6 +120,8 @@ class RLModule(LightningModule):
         # Everything cheap is validated here, before any model is loaded.
         self.algo = get_algorithm(algorithm, **(algorithm_overrides or {}))
         check_int("model.seed", seed, minimum=0, allow_none=True)
+        if self.algo.overlong_penalty:
+            self.algo.overlong_bounds(sampling.max_new_tokens)  # the cache must fit the length
         if engine.name == "fast" and sampling.top_p != 1.0:
             raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
@@ -240,11 +242,12 @@ class RLModule(LightningModule):
             engine, dm.prompts_for_step, dm.task, self.tokenizer, sync=self.sync_cfg,
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
             use_chat_template=self.policy_cfg.use_chat_template,
+            keep_groups=dm.kept_per_rank if getattr(dm, "oversample", 1.0) > 1 else None,
         )
         if self._pending_rollouts is not None:
             self.rollouts.load_state_dict(self._pending_rollouts)
             self._pending_rollouts = None
-        if self.monitor_cfg.log_kl_init and self._init_policy is None:
+        if (self.monitor_cfg.log_kl_init or self.algo.needs_reference) and self._init_policy is None:
             self._init_policy = frozen_copy(self.policy)
 
     def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
@@ -277,8 +280,9 @@ class RLModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
         start = time.perf_counter()
         self._check_rewards(batch)
-        drop_rng = torch.Generator(device=batch.rewards.device).manual_seed(self.rollouts.seed_for(batch.step))
-        adv, keep = group_advantages(batch.rewards, self.algo, drop_rng, valid=batch.reward_valid)  # [B, K]
+        ref = self._init_policy  # the RL-start policy: the reference of the KL terms and of kl/init
+        logp_ref = self._logprobs_no_grad(ref.model, batch) if ref is not None else None  # [B, K, T]
+        adv, keep = self._advantages(batch, logp_ref)  # [B, K]
         mask = batch.response_mask & keep[..., None]  # [B, K, T]: the tokens that are trained on
         logp_prox = self._logprobs_no_grad(self.policy, batch) if self._needs_prox else None  # theta_t's
         logp = torch.zeros_like(batch.logp_behav)  # [B, K, T], filled by each update (detached)
@@ -286,11 +290,32 @@ class RLModule(LightningModule):
         updates = []
         for i, rows in enumerate(self._mini_batches(batch)):
             counts = self._global_counts(mask[rows])
-            loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy, logp_prox)
+            loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy, logp_prox, logp_ref)
             metrics["grad/norm"] = self._clip_and_step(loss, batch.step, last=i == self.updates_cfg.count - 1)
             updates.append(metrics)
-        self._log_step(batch, _merge_updates(updates), logp, entropy, time.perf_counter() - start)
-        return updates[-1]["loss/policy"] + updates[-1]["loss/reg"]
+        self._log_step(batch, _merge_updates(updates), logp, entropy, logp_ref, time.perf_counter() - start)
+        return sum(updates[-1][k] for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy"))
+
+    def _advantages(self, batch: RolloutBatch, logp_ref: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Group advantages and ``keep`` [B, K] of the batch's rewards, after the algorithm's
+        trainer-side shaping (ALGORITHMS.md 6.3, 6.6): DAPO's overlong penalty and filter, and the
+        KL penalty in the reward. RED-Drop's random choice is seeded by (seed, step, rank)."""
+        a, rewards = self.algo, batch.rewards
+        truncated = None
+        if a.overlong_penalty or a.overlong_filter:
+            truncated = truncated_responses(batch.response_ids, batch.response_mask, eos_ids(self.tokenizer),
+                                            self.sampling.max_new_tokens)
+        if a.overlong_penalty:
+            length, cache = a.overlong_bounds(self.sampling.max_new_tokens)
+            penalty = overlong_penalty(batch.response_mask.sum(-1), length, cache).to(rewards)
+            rewards = rewards + torch.where(batch.reward_valid, penalty, 0.0)
+        if a.kl_coef > 0 and a.kl_in == "reward":
+            rewards = rewards - kl_reward_penalty(batch.logp_behav, logp_ref, batch.response_mask, a.kl_coef)
+        drop_rng = torch.Generator(device=rewards.device).manual_seed(self.rollouts.seed_for(batch.step))
+        adv, keep = group_advantages(rewards, a, drop_rng, valid=batch.reward_valid)
+        if a.overlong_filter:
+            keep = keep & ~truncated
+        return adv, keep
 
     @property
     def _needs_prox(self) -> bool:
@@ -320,32 +345,36 @@ class RLModule(LightningModule):
         return self.trainer.strategy.reduce(x, reduce_op="sum") if self.trainer.world_size > 1 else x
 
     def _global_counts(self, mask: Tensor) -> dict[str, Tensor]:
-        """Token and sequence counts of the union batch over data-parallel ranks: every rank's
-        loss is then its share of the union batch's loss (and micro-batches shares of the batch)."""
-        n = self._all_reduce_sum(torch.stack([mask.sum(), mask.any(-1).sum()]).float())
-        return {"num_tokens": n[0].clamp(min=1), "num_seqs": n[1].clamp(min=1)}
+        """Token, sequence and sample counts of the union batch over data-parallel ranks: every
+        rank's loss is then its share of the union batch's loss (and micro-batches shares of the
+        batch). ``num_samples`` counts every sequence, dropped or not (Dr. GRPO's N)."""
+        samples = torch.tensor(mask.shape[0] * mask.shape[1], device=mask.device)
+        n = self._all_reduce_sum(torch.stack([mask.sum(), mask.any(-1).sum(), samples]).float())
+        return {"num_tokens": n[0].clamp(min=1), "num_seqs": n[1].clamp(min=1), "num_samples": n[2].clamp(min=1)}
 
     def _backward(self, batch: RolloutBatch, rows: slice | Tensor, adv: Tensor, mask: Tensor,
                   counts: dict[str, Tensor], logp_out: Tensor, entropy_out: Tensor,
-                  logp_prox: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+                  logp_prox: Tensor | None, logp_ref: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """Gradients of the loss of ``rows``, accumulated over micro-batches of whole groups;
         writes the detached log-probs and entropies into ``logp_out``/``entropy_out``."""
         self.optimizers().zero_grad(set_to_none=True)
         world = self.trainer.world_size
-        prox = (lambda r: None) if logp_prox is None else (lambda r: logp_prox[r])
+        extra = lambda r: dict(logp_prox=None if logp_prox is None else logp_prox[r],  # noqa: E731
+                               logp_ref=None if logp_ref is None else logp_ref[r],
+                               norm_length=self.sampling.max_new_tokens, **counts)
         loss_sum = torch.zeros((), device=self.device)
         micro = self._micro_batches(rows)
         for sl in micro:
             logp, ent = self._logprobs(self.policy, batch, sl, return_entropy=True)
             loss, metrics = policy_loss(logp, batch.logp_behav[sl], adv[sl], mask[sl], self.algo,
-                                        logp_prox=prox(sl), **counts)
+                                        entropy=ent if self.algo.entropy_coef > 0 else None, **extra(sl))
             # DDP averages gradients over ranks; x world turns that mean into the union's sum.
             self.manual_backward(loss * world if world > 1 else loss)
             loss_sum = loss_sum + loss.detach()
             logp_out[sl], entropy_out[sl] = logp.detach(), ent.detach()
         if len(micro) > 1:  # metrics of the whole update (the loss value is the same sum)
             _, metrics = policy_loss(logp_out[rows], batch.logp_behav[rows], adv[rows], mask[rows], self.algo,
-                                     logp_prox=prox(rows), **counts)
+                                     entropy=entropy_out[rows] if self.algo.entropy_coef > 0 else None, **extra(rows))
         return loss_sum, metrics
 
     def _micro_batches(self, rows: slice | Tensor) -> list[slice | Tensor]:
@@ -397,7 +426,7 @@ class RLModule(LightningModule):
 
     @torch.no_grad()
     def _log_step(self, batch: RolloutBatch, metrics: dict[str, Tensor], logp: Tensor, entropy: Tensor,
-                  train_seconds: float) -> None:
+                  logp_ref: Tensor | None, train_seconds: float) -> None:
         m = batch.response_mask
         n_tok = m.sum().clamp(min=1)
         staleness = (batch.step - batch.version).float()
@@ -417,12 +446,13 @@ class RLModule(LightningModule):
             "train/lr": torch.tensor(self._lr_used),  # the LR of this step's update
             **rollout_health(batch.response_ids, m, batch.rewards, valid, eos_ids(self.tokenizer),
                              self.sampling.max_new_tokens),
+            **({"data/informative_frac": torch.tensor(batch.informative_groups / batch.sampled_groups)}
+               if batch.sampled_groups else {}),
             "throughput/rollout_tok_s": n_tok / max(batch.gen_seconds, 1e-9),
             "throughput/train_tok_s": n_tok / max(train_seconds, 1e-9),
         }
-        if self._init_policy is not None:
-            logp_init = self._logprobs_no_grad(self._init_policy.model, batch)
-            out["kl/init"] = kl_estimate(logp, logp_init, m, logp_behav=batch.logp_behav, estimator="k3")
+        if logp_ref is not None and self.monitor_cfg.log_kl_init:
+            out["kl/init"] = kl_estimate(logp, logp_ref, m, logp_behav=batch.logp_behav, estimator="k3")
         bar = {"reward/mean", "reward/acc"}
         for k, v in out.items():
             self.log(k, v.float(), on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=1)

@@ -117,3 +117,47 @@ def test_bad_inputs_are_rejected_clearly():
         group_advantages(torch.zeros(4), PRESETS["grpo"])
     with pytest.raises(ValueError, match=r"rewards\[0, 2\]=inf is not finite"):
         group_advantages(torch.tensor([[0.0, 1.0, float("inf")]]), PRESETS["grpo"])
+
+
+def test_filter_uniform_groups_removes_whole_groups_from_the_loss_and_the_counts():
+    """DAPO's dynamic sampling without refill. Groups: [1, 1, 1] (uniform), [0, 1, 0],
+    [0.5, 0.5, invalid] (uniform among valid), [2, invalid, invalid] (one valid reward: no
+    baseline). Only group 1 keeps its samples; its advantages are r - 1/3; the kept mask drives
+    every count (tokens, sequences) of the loss."""
+    from reclight.losses import policy_loss
+
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [2.0, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 3, [True] * 3, [True, True, False], [True, False, False]])
+    cfg = get_algorithm("rec_oneside_nois", filter_uniform_groups=True)
+    adv, keep = group_advantages(rewards, cfg, valid=valid)
+    assert keep.tolist() == [[False] * 3, [True] * 3, [False] * 3, [False] * 3]
+    assert_close(adv[1], torch.tensor([-1 / 3, 2 / 3, -1 / 3]))
+    assert (adv[[0, 2, 3]] == 0).all()
+    unfiltered_adv, unfiltered_keep = group_advantages(rewards, get_algorithm("rec_oneside_nois"), valid=valid)
+    assert unfiltered_keep.sum() == 9 and keep.sum() == 3
+    # the loss of the filtered batch is the loss of group 1 alone (its own token count)
+    logp = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    mask = torch.ones(4, 3, 2, dtype=torch.bool) & keep[..., None]
+    full, _ = policy_loss(logp, logp.detach(), adv, mask, cfg)
+    alone, _ = policy_loss(logp[1:2], logp[1:2].detach(), adv[1:2], mask[1:2], cfg)
+    assert_close(full, alone, rtol=0, atol=1e-7)
+
+
+def test_overlong_penalty_three_regions_and_their_boundaries():
+    """L = 10, C = 4 (expected length 6): |y| <= 6 -> 0; 6 < |y| <= 10 -> (6 - |y|) / 4,
+    linear from -0.25 at 7 to -1 at 10; |y| > 10 -> -1."""
+    from reclight.advantages import overlong_penalty
+
+    lengths = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    expected = torch.tensor([[0.0, 0.0, 0.0, -0.25], [-0.5, -0.75, -1.0, -1.0]])
+    assert_close(overlong_penalty(lengths, 10, 4), expected, rtol=0, atol=0)
+    assert_close(overlong_penalty(lengths, 10, 10), torch.tensor([[0.0, -0.5, -0.6, -0.7], [-0.8, -0.9, -1.0, -1.0]]),
+                 rtol=0, atol=1e-7)  # C = L: the ramp starts at |y| = 0
+
+
+def test_overlong_bounds_default_cache_and_config_errors():
+    cfg = get_algorithm("dapo")
+    assert cfg.overlong_bounds(1024) == (1024, 204) and cfg.overlong_bounds(5) == (5, 1) and cfg.overlong_bounds(1) == (1, 1)
+    assert cfg.replace(overlong_length=20, overlong_cache=4).overlong_bounds(5) == (20, 4)
+    with pytest.raises(ValueError, match=r"overlong_cache=8 is not valid; accepted: an integer in \[1, overlong_length=5\]"):
+        cfg.replace(overlong_cache=8).overlong_bounds(5)

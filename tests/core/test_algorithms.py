@@ -1,10 +1,10 @@
-"""AlgorithmConfig validation and the 14 presets of ALGORITHMS.md section 3."""
+"""AlgorithmConfig validation, the 14 presets of ALGORITHMS.md section 3 and the six of 6.7."""
 
 import dataclasses
 
 import pytest
 
-from reclight.algorithms import PRESETS, AlgorithmConfig, get_algorithm
+from reclight.algorithms import PAPER_PRESETS, PRESETS, AlgorithmConfig, get_algorithm
 
 # The preset table of ALGORITHMS.md section 3, written out independently of the code:
 # name: (clip_mode, eps_low, eps_high, IS, std, extra fields)
@@ -26,8 +26,28 @@ TABLE = {
 }
 
 
+# ALGORITHMS.md section 6.7, every field that differs from AlgorithmConfig()'s defaults.
+TABLE_6_7 = {
+    "grpo_kl": dict(importance_sampling=True, std_normalize=True, kl_coef=0.04, kl_estimator="k3", kl_in="loss"),
+    "dr_grpo": dict(importance_sampling=True, loss_agg="seq_mean_token_sum_norm"),
+    "dapo": dict(eps_high=0.28, importance_sampling=True, std_normalize=True, filter_uniform_groups=True,
+                 overlong_penalty=True),
+    "gspo": dict(eps_low=3e-4, eps_high=4e-4, importance_sampling=True, std_normalize=True, ratio_level="sequence",
+                 loss_agg="seq_mean_token_mean"),
+    "cispo": dict(clip_mode="none", importance_sampling=True, is_clip=(1.0, 5.0), std_normalize=True),
+    "decoupled_tis": dict(importance_sampling=True, ratio_anchor="proximal", behavior_correction="truncate",
+                          behavior_correction_level="token", behavior_correction_cap=2.0),
+}
+
+
+def test_section_6_7_presets_differ_from_the_default_exactly_as_the_table_says():
+    assert list(PRESETS) == list(TABLE) + list(TABLE_6_7) and PAPER_PRESETS == tuple(TABLE)
+    for name, fields in TABLE_6_7.items():
+        assert PRESETS[name] == AlgorithmConfig(**fields), name
+
+
 def test_presets_match_the_spec_table():
-    assert list(PRESETS) == list(TABLE)
+    assert list(PAPER_PRESETS) == list(TABLE)
     for name, (mode, lo, hi, is_, std, extra) in TABLE.items():
         cfg = PRESETS[name]
         assert cfg.clip_mode == mode, name

@@ -315,3 +315,229 @@ def test_kl_estimate_k3_importance_weighted_by_hand():
     assert kl_estimate(logp, logp_ref, mask, estimator="k2").item() == pytest.approx(math.log(2) ** 2 / 2, abs=1e-12)
     with pytest.raises(ValueError, match="estimator='k4' is not valid; accepted: k1, k2, k3"):
         kl_terms(logp, logp_ref, "k4")
+
+
+# -- the proximal anchor and behaviour correction (ALGORITHMS.md 6.2) ---------------------------
+def _decoupled_case():
+    """B=1 prompt, K=2 samples, T=2 tokens, A = [+1, -1], NoIS, no clipping, token_mean (N=4).
+    logp_prox - logp_behav per token: sample 0 [log 3, log 1/4], sample 1 [log 1.5, log 2], so the
+    token weights are w = [[3, 1/4], [1.5, 2]] and the sequence weights 3/4 and 3. logp equals
+    logp_prox (the first update of a batch), so rho = 1 against the proximal anchor."""
+    import math
+
+    logp_behav = torch.tensor([[[-1.0, -2.0], [-1.5, -0.5]]], dtype=torch.float64)
+    log_w = torch.tensor([[[math.log(3), math.log(0.25)], [math.log(1.5), math.log(2.0)]]], dtype=torch.float64)
+    logp_prox = logp_behav + log_w
+    logp = logp_prox.clone().requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, 2, dtype=torch.bool)
+    return logp, logp_behav, logp_prox, adv, mask
+
+
+@pytest.mark.parametrize("mode, level, grad, corrected", [
+    # dl/dlogp_t = -A w_t M_t / 4 (l = -A w M logp, token mean over 4 tokens)
+    ("none", "token", [[-0.75, -0.0625], [0.375, 0.5]], 0.0),
+    ("truncate", "token", [[-0.5, -0.0625], [0.375, 0.5]], 0.25),       # 3 -> 2; 2 is not > 2
+    ("mask", "token", [[0.0, 0.0], [0.375, 0.5]], 0.5),                # 3 > 2 and 1/4 < 1/2 masked
+    ("none", "sequence", [[-0.1875, -0.1875], [0.75, 0.75]], 0.0),     # w = 3/4 and 3 per sequence
+    ("truncate", "sequence", [[-0.1875, -0.1875], [0.5, 0.5]], 0.5),   # 3 -> 2
+    ("mask", "sequence", [[-0.1875, -0.1875], [0.0, 0.0]], 0.5),       # sequence 1 (w = 3) masked
+])
+def test_behavior_correction_gradients_by_hand(mode, level, grad, corrected):
+    logp, logp_behav, logp_prox, adv, mask = _decoupled_case()
+    cfg = AlgorithmConfig(clip_mode="none", ratio_anchor="proximal", behavior_correction=mode,
+                          behavior_correction_level=level, behavior_correction_cap=2.0)
+    loss, m = policy_loss(logp, logp_behav, adv, mask, cfg, logp_prox=logp_prox)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert_close(g, torch.tensor([grad], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert m["mismatch/corrected_frac"].item() == pytest.approx(corrected)
+    assert m["ratio/max"].item() == 1.0 and m["ratio/min"].item() == 1.0  # rho against the proximal anchor
+    import math
+
+    diffs = [math.log(3), math.log(4), math.log(1.5), math.log(2)]
+    assert m["mismatch/logp_diff_mean"].item() == pytest.approx(sum(diffs) / 4)
+    assert m["mismatch/logp_diff_max"].item() == pytest.approx(math.log(4))
+    raw = [3, 0.25, 1.5, 2] if level == "token" else [0.75, 0.75, 3, 3]
+    assert m["mismatch/weight_mean"].item() == pytest.approx(sum(raw) / 4)
+
+
+def test_proximal_anchor_is_what_the_mask_and_is_factor_see():
+    """One-side clip (0.2, 0.2) with IS. Against mu the first token's rho is 3 (A > 0: masked
+    by the behaviour anchor), against the proximal policy rho = exp(0.1) (kept). With the
+    proximal anchor: grad = -A * rho * w / N, rho = exp(logp - logp_prox) = exp(0.1) for that
+    token and 1 elsewhere; w = [[3, 1/4], [1.5, 2]] (no correction)."""
+    import math
+
+    logp, logp_behav, logp_prox, adv, mask = _decoupled_case()
+    shift = torch.tensor([[[0.1, 0.0], [0.0, 0.0]]], dtype=torch.float64)
+    logp = (logp_prox + shift).requires_grad_(True)
+    behav = AlgorithmConfig(clip_mode="one_side", importance_sampling=True)
+    _, mb = policy_loss(logp, logp_behav, adv, mask, behav)
+    assert mb["clip/frac"].item() > 0  # the behaviour anchor sees rho = 3 exp(0.1) and masks it
+    prox = behav.replace(ratio_anchor="proximal")
+    loss, mp = policy_loss(logp, logp_behav, adv, mask, prox, logp_prox=logp_prox)
+    (g,) = torch.autograd.grad(loss, logp)
+    expected = -torch.tensor([[[1.0 * math.exp(0.1) * 3, 1.0 * 0.25], [-1.0 * 1.5, -1.0 * 2.0]]],
+                             dtype=torch.float64) / 4
+    assert mp["clip/frac"].item() == 0.0
+    assert_close(g, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["none", "truncate", "mask"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_every_correction_is_a_no_op_when_logp_prox_equals_logp_behav(mode, level):
+    """On-policy with the same numerics (logp_prox == logp_behav), w = 1: the decoupled loss is
+    the behaviour-anchored loss, value and gradient, for every mode and level."""
+    logp, logp_behav, _, adv, mask = _decoupled_case()
+    logp = (logp_behav + 0.05 * torch.randn(logp_behav.shape, generator=torch.Generator().manual_seed(0),
+                                            dtype=torch.float64)).requires_grad_(True)
+    base = AlgorithmConfig(clip_mode="one_side", importance_sampling=True)
+    loss_b, _ = policy_loss(logp, logp_behav, adv, mask, base)
+    cfg = base.replace(ratio_anchor="proximal", behavior_correction=mode, behavior_correction_level=level)
+    loss_p, m = policy_loss(logp, logp_behav, adv, mask, cfg, logp_prox=logp_behav.clone())
+    g_b, g_p = (torch.autograd.grad(x, logp, retain_graph=True)[0] for x in (loss_b, loss_p))
+    assert_close(loss_p, loss_b, rtol=0, atol=1e-15)
+    assert_close(g_p, g_b, rtol=0, atol=1e-15)
+    assert m["mismatch/weight_mean"].item() == 1.0 and m["mismatch/corrected_frac"].item() == 0.0
+
+
+def test_proximal_anchor_config_rules():
+    with pytest.raises(ValueError, match=r"behavior_correction='mask' is not valid; accepted: 'none' with "
+                                         r"ratio_anchor 'behavior'"):
+        AlgorithmConfig(behavior_correction="mask")
+    with pytest.raises(ValueError, match=r"behavior_correction_cap=1.0 is not valid; accepted: behavior_correction_cap > 1"):
+        AlgorithmConfig(ratio_anchor="proximal", behavior_correction_cap=1.0)
+    with pytest.raises(ValueError, match=r"ratio_anchor='proximal' needs logp_prox"):
+        logp, logp_behav, _, adv, mask = _decoupled_case()
+        policy_loss(logp, logp_behav, adv, mask, AlgorithmConfig(ratio_anchor="proximal"))
+
+
+# -- the rest of the GRPO family (ALGORITHMS.md 6.3-6.5) -----------------------------------------
+def _two_tokens():
+    """B=1, K=2, T=2, all valid; A = [+1, -1] (zero-mean); fp64."""
+    logp = torch.tensor([[[-1.0, -2.0], [-0.5, -1.5]]], dtype=torch.float64, requires_grad=True)
+    logp_behav = logp.detach().clone()
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    return logp, logp_behav, adv, torch.ones(1, 2, 2, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_reference_kl_in_the_loss_gradients_by_hand(estimator, weighted):
+    """d = logp_ref - logp. d/dlogp of beta * k, per token, over N = 4 tokens (token mean):
+    k1 = -d -> beta; k2 = d^2/2 -> -beta d; k3 = exp(d) - d - 1 -> beta (1 - exp(d)); the
+    importance-weighted term is multiplied by rho = exp(logp - logp_behav), detached. The policy
+    term is switched off (A = 0) so the gradient is the KL term's alone."""
+    logp, logp_behav, _, mask = _two_tokens()
+    logp_behav = logp_behav + torch.tensor([[[0.3, -0.2], [0.0, 0.1]]], dtype=torch.float64)  # rho != 1
+    logp_ref = logp.detach() + torch.tensor([[[0.5, -0.4], [0.2, -1.0]]], dtype=torch.float64)
+    beta = 0.04
+    cfg = AlgorithmConfig(clip_mode="none", kl_coef=beta, kl_estimator=estimator, kl_importance_weighted=weighted)
+    loss, m = policy_loss(logp, logp_behav, torch.zeros(1, 2, dtype=torch.float64), mask, cfg, logp_ref=logp_ref)
+    (g,) = torch.autograd.grad(loss, logp)
+    d = logp_ref - logp.detach()
+    per_tok = {"k1": torch.ones_like(d), "k2": -d, "k3": 1 - d.exp()}[estimator] * beta / 4
+    if weighted:
+        per_tok = per_tok * (logp.detach() - logp_behav).exp()
+    assert_close(g, per_tok, rtol=0, atol=1e-14)
+    k = {"k1": -d, "k2": d**2 / 2, "k3": d.exp() - d - 1}[estimator]
+    assert m["kl/ref"].item() == pytest.approx(k.mean().item(), abs=1e-14)
+    assert m["loss/policy"].item() == 0.0 and m["loss/kl"].item() == pytest.approx(loss.item(), abs=1e-14)
+
+
+def test_kl_in_the_reward_by_hand():
+    """kl_in: reward subtracts beta * sum_t (logp_behav - logp_ref) over valid tokens: sample 0
+    (2 tokens): 0.1 * ((-1 - -1.5) + (-2 - -1)) = 0.1 * (0.5 - 1) = -0.05; sample 1, one valid
+    token (the padded one holds garbage): 0.1 * (-0.5 - 0) = -0.05."""
+    from reclight.advantages import kl_reward_penalty
+
+    logp_behav = torch.tensor([[[-1.0, -2.0], [-0.5, float("nan")]]])
+    logp_ref = torch.tensor([[[-1.5, -1.0], [0.0, 3.0]]])
+    mask = torch.tensor([[[True, True], [True, False]]])
+    assert_close(kl_reward_penalty(logp_behav, logp_ref, mask, 0.1), torch.tensor([[-0.05, -0.05]]), rtol=0, atol=1e-7)
+
+
+def test_entropy_bonus_gradient_by_hand():
+    """-entropy_coef * H_t per token, token mean over 3 valid tokens: dL/dH_t = -c / 3 on valid
+    tokens, 0 on the padded one; the loss term is -c * mean H."""
+    logp = torch.zeros(1, 2, 2, dtype=torch.float64, requires_grad=True)
+    ent = torch.tensor([[[1.0, 2.0], [3.0, 9.0]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[[True, True], [True, False]]])
+    cfg = AlgorithmConfig(clip_mode="none", entropy_coef=0.01)
+    loss, m = policy_loss(logp, logp.detach(), torch.zeros(1, 2, dtype=torch.float64), mask, cfg, entropy=ent)
+    (g,) = torch.autograd.grad(loss, ent)
+    assert_close(g, torch.tensor([[[-0.01 / 3, -0.01 / 3], [-0.01 / 3, 0.0]]], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert m["loss/entropy"].item() == pytest.approx(-0.01 * 2.0)
+
+
+def test_clipped_is_weight_and_dual_clip_by_hand():
+    """Three tokens of one sample with A = +1 and three with A = -1 (K = 2, T = 3), rho =
+    [0.5, 1.5, 4.0] in both. CISPO's is_clip [0.2, 0.2] makes the IS factor [0.8, 1.2, 1.2]
+    and keeps every token: grad = -A w / 6. Dual clip c = 3 with one-side IS (0.2, 0.2):
+    A > 0 keeps rho <= 1.2 (tokens 1, 2: weights rho), A < 0 keeps rho >= 0.8 and rho <= 3
+    (token 2 only: rho 1.5; token 3 has rho 4 > 3: masked by the dual clip)."""
+    import math
+
+    rho = torch.tensor([0.5, 1.5, 4.0], dtype=torch.float64).log()
+    logp_behav = torch.tensor([[[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]]], dtype=torch.float64)
+    logp = (logp_behav + rho).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 2, 3, dtype=torch.bool)
+    cispo = AlgorithmConfig(clip_mode="none", importance_sampling=True, is_clip=(0.2, 0.2))
+    loss, m = policy_loss(logp, logp_behav, adv, mask, cispo)
+    (g,) = torch.autograd.grad(loss, logp)
+    w = torch.tensor([0.8, 1.2, 1.2], dtype=torch.float64)
+    assert_close(g, torch.stack([-w, w])[None] / 6, rtol=0, atol=1e-14)
+    assert m["clip/frac"].item() == 0.0
+    dual = AlgorithmConfig(clip_mode="one_side", importance_sampling=True, dual_clip=3.0)
+    loss, m = policy_loss(logp, logp_behav, adv, mask, dual)
+    (g,) = torch.autograd.grad(loss, logp)
+    r = [0.5, 1.5, 4.0]
+    expected = torch.tensor([[[-r[0] / 6, 0.0, 0.0], [0.0, r[1] / 6, 0.0]]], dtype=torch.float64)
+    assert_close(g, expected, rtol=0, atol=1e-14)
+    plain = AlgorithmConfig(clip_mode="one_side", importance_sampling=True)
+    (g_plain,) = torch.autograd.grad(policy_loss(logp, logp_behav, adv, mask, plain)[0], logp)
+    assert g_plain[0, 1, 2].item() == pytest.approx(r[2] / 6) and not math.isclose(g_plain[0, 1, 2].item(), 0.0)
+
+
+def test_constant_normalizer_dr_grpo_by_hand():
+    """seq_mean_token_sum_norm: sum(l) / (N_all * L). K = 2 samples of lengths 3 and 1 (+ a
+    third sample dropped by RED-Drop: still counted in N_all = 3), L = 8: d loss / d logp_t =
+    -A / 24 on every valid token, whatever the lengths. num_samples = 6 with L = 4 (a batch's
+    counts passed to one piece of it) gives the same normalizer, 24."""
+    logp = torch.zeros(1, 3, 3, dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[0.5, -0.5, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[[True, True, True], [True, False, False], [False, False, False]]])
+    cfg = AlgorithmConfig(clip_mode="none", loss_agg="seq_mean_token_sum_norm")
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, cfg, norm_length=8)
+    (g,) = torch.autograd.grad(loss, logp)
+    expected = torch.tensor([[[-0.5, -0.5, -0.5], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64) / 24
+    assert_close(g, expected, rtol=0, atol=1e-15)
+    loss2, _ = policy_loss(logp, logp.detach(), adv, mask, cfg.replace(norm_length=4), num_samples=6)
+    assert_close(torch.autograd.grad(loss2, logp)[0], expected, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="needs norm_length"):
+        policy_loss(logp, logp.detach(), adv, mask, cfg)
+
+
+def test_gspo_gradient_equals_an_independent_sequence_level_clipped_surrogate():
+    """GSPO (Zheng et al. 2025), written here independently: s_i = exp(mean_t (logp - logp_old))
+    WITH gradient, J = mean_i min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i). Its autograd
+    gradient equals policy_loss's with the gspo preset (detached rho_i x the per-token logp,
+    sequence-mean aggregation) for random sequences of different lengths, some clipped."""
+    g = torch.Generator().manual_seed(3)
+    B, K, T = 3, 4, 5
+    logp_old = -torch.rand(B, K, T, generator=g, dtype=torch.float64) * 3
+    logp = (logp_old + (torch.rand(B, K, T, generator=g, dtype=torch.float64) - 0.5) * 4e-3).requires_grad_(True)
+    lengths = torch.randint(1, T + 1, (B, K), generator=g)
+    mask = torch.arange(T) < lengths[..., None]
+    adv = torch.randn(B, K, generator=g, dtype=torch.float64)
+    cfg = PRESETS["gspo"]
+    loss, m = policy_loss(logp, logp_old, adv, mask, cfg)
+    (ours,) = torch.autograd.grad(loss, logp)
+
+    diff = torch.where(mask, logp - logp_old, 0.0)
+    s = (diff.sum(-1) / mask.sum(-1)).exp()  # [B, K], with gradient
+    surrogate = torch.minimum(s * adv, s.clamp(1 - 3e-4, 1 + 4e-4) * adv)
+    (ref,) = torch.autograd.grad(-surrogate.mean(), logp)
+    assert 0 < m["clip/frac"].item() < 1  # some sequences clipped, some not: both branches tested
+    assert_close(ours, ref, rtol=1e-9, atol=1e-12)

@@ -40,7 +40,7 @@ CONFIG_CASES = {
     "unknown preset": (["--model.algorithm", "rec_typo"],
                        "algorithm preset 'rec_typo' is unknown; accepted: reinforce, grpo, rec_oneside_is"),
     "unknown algorithm field": (["--model.algorithm_overrides", "{eps_hi: 0.3}"],
-                                "AlgorithmConfig has no field 'eps_hi'; accepted: advantage_weighting, clip_mode"),
+                                "AlgorithmConfig has no field 'eps_hi'; accepted: advantage_weighting, behavior_correction"),
     "eps_low": (["--model.algorithm_overrides", "{eps_low: 1.5}"],
                 "AlgorithmConfig.eps_low=1.5 is not valid; accepted: 0 < eps_low < 1"),
     "eps_high": (["--model.algorithm_overrides", "{eps_high: 0}"],
