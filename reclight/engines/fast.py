@@ -139,10 +139,12 @@ class FastLlamaEngine:
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
         """Attention written out (q [N, H, L, D], k/v [N, Hkv, S, D], additive fp32 ``bias``
         [N, 1, L, S], -inf where masked): for one query token, CPU ``scaled_dot_product_attention``
-        costs several times these ops. Softmax in fp32, as HF's eager attention."""
+        costs several times these ops. Softmax in fp32, as HF's eager attention, then cast to the
+        cache's dtype: with a bf16 cache (GPU) the fp32 bias makes the scores fp32, and a matmul
+        of fp32 probabilities with bf16 values is refused."""
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # grouped-query attention
         scores = torch.matmul(q.to(k.dtype), k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
-        return torch.matmul(torch.softmax(scores, dim=-1), v).to(q.dtype)
+        return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).to(q.dtype)
 
     def _forward(self, ids: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor], values: list[Tensor],
                  start: int, bias: Tensor) -> Tensor:
