@@ -45,6 +45,9 @@ The arms:
   ``train_forward.compile=true``, ``engine.fast.compile_decode=true``: values are JSON) or,
   prefixed ``trainer.``, to the Trainer (``trainer.precision=bf16-mixed``). Compilation (of
   either framework) happens in the first steps: give ``--warmup`` enough of them.
+  ``src=DIR`` runs the reclight of another checkout (e.g. an older commit:
+  ``git worktree add DIR COMMIT``) through that checkout's own copy of this file's runner, with
+  that checkout's option spelling: an interleaved A/B of two versions in one run.
 """
 
 from __future__ import annotations
@@ -354,8 +357,23 @@ def _worker(framework: str, spec: Spec, conn: Any) -> None:
 
     warnings.filterwarnings("ignore")
     gate = Gate(conn, spec.steps)
+    runner = RUNNERS[framework]
+    src = spec.options.pop("src", None)
+    if src is not None:  # this arm runs another checkout's reclight through that checkout's runner
+        import importlib.util
+
+        sys.path.insert(0, str(src))
+        import reclight
+
+        if not os.path.realpath(reclight.__file__).startswith(os.path.realpath(src)):
+            raise RuntimeError(f"src={src}: imported reclight from {reclight.__file__}, not from that checkout")
+        bench = importlib.util.spec_from_file_location("rl_step_bench_src", os.path.join(src, "benchmarks", "rl_step_bench.py"))
+        module = importlib.util.module_from_spec(bench)
+        sys.modules[bench.name] = module  # dataclasses look their module up while it is executed
+        bench.loader.exec_module(module)
+        runner = module.RUNNERS[framework]
     try:
-        RUNNERS[framework](spec, gate)
+        runner(spec, gate)
     except BaseException as e:  # report, so the coordinator does not hang
         import traceback
 
