@@ -15,7 +15,8 @@ One training step t, for every row at once:
    ``token_mean`` denominator, exactly as if it were trained alone.
 4. The sum over rows of the per-row losses is backpropagated (row r's logits only receive
    row r's gradient) and Adam or SGD steps every row (both act elementwise, so batching rows
-   changes nothing).
+   changes nothing). With ``epochs`` x ``mini_batches`` > 1 this is repeated per mini-batch of
+   whole groups (groups m, m + M, ...), the ratio recomputed from the current logits each time.
 
 Departures from an LLM run, on purpose: the policy is tabular (no generalisation between
 contexts), the reward is exact Bernoulli(p) of the outcome, and the metrics ``reward/expected``,
@@ -34,7 +35,7 @@ from torch.func import vmap
 from bandits.problems import TabularProblem
 from reclight.advantages import group_advantages
 from reclight.algorithms import AlgorithmConfig
-from reclight.checks import check_choice
+from reclight.checks import check_choice, check_int
 from reclight.losses import policy_loss
 from reclight.sync import behavior_version, version_needed
 
@@ -81,14 +82,14 @@ def per_row_policy_loss(
     adv: Tensor,  # [R, B, K]
     mask: Tensor,  # [R, B, K, T] bool
     cfg: AlgorithmConfig,
+    logp_prox: Tensor | None = None,  # [R, B, K, T]: the policy at the start of the step
 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss [R], metrics {key: [R]}
     """``reclight.losses.policy_loss`` applied to each row separately (vmapped), so each row's
     ``token_mean`` divides by its own count of kept tokens, as a run of that seed alone would."""
-
-    def one_row(lp: Tensor, lb: Tensor, a: Tensor, m: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return policy_loss(lp, lb, a, m, cfg)
-
-    return vmap(one_row)(logp, logp_behav, adv, mask)
+    if logp_prox is None:
+        return vmap(lambda lp, lb, a, m: policy_loss(lp, lb, a, m, cfg))(logp, logp_behav, adv, mask)
+    return vmap(lambda lp, lb, a, m, lx: policy_loss(lp, lb, a, m, cfg, logp_prox=lx))(
+        logp, logp_behav, adv, mask, logp_prox)
 
 
 @dataclass
@@ -114,10 +115,20 @@ def run_preset(
     lr: float,
     optimizer: str = "adam",
     seed: int = 0,
+    epochs: int = 1,
+    mini_batches: int = 1,
 ) -> RunResult:
     """Train ``preset`` under every setting ``{name: (sync_interval, sync_offset)}`` for
-    ``steps`` steps, all seeds at once. See the module docstring for one step."""
+    ``steps`` steps, all seeds at once. See the module docstring for one step.
+
+    ``epochs`` x ``mini_batches`` optimizer updates per sampled batch (ALGORITHMS.md 6.1), as the
+    trainer makes them: mini-batch m holds the groups m, m + M, ... of the step, the ratio is
+    recomputed from the current logits at every update, advantages once per batch; versions and
+    ``steps`` count batches. ``ratio_anchor: proximal`` measures rho against the logits at the
+    start of the step (the trainer's ``logp_prox``)."""
     check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_int("epochs", epochs, minimum=1)
+    check_int("mini_batches", mini_batches, minimum=1)
     n_set, seeds = len(settings), logits_init.shape[0]
     generator = torch.Generator().manual_seed(seed)
     problem = problem.repeat_rows(n_set)
@@ -139,12 +150,24 @@ def run_preset(
         adv, keep = group_advantages(rewards.flatten(0, 1), cfg, generator)
         adv, keep = adv.view(rows, n_groups, -1), keep.view(rows, n_groups, -1)
         logp_behav = problem.token_logp(logits_behav, outcomes, prompts)  # [R, B, K, T]
-        logp = problem.token_logp(logits, outcomes, prompts)
-        mask = keep[..., None].expand_as(logp)
-        loss, metrics = per_row_policy_loss(logp, logp_behav, adv, mask, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
-        opt.step()
+        logp_prox = problem.token_logp(logits.detach(), outcomes, prompts) if cfg.needs_proximal else None
+        mask = keep[..., None].expand_as(logp_behav)
+        if n_groups % mini_batches:
+            raise ValueError(f"mini_batches={mini_batches} is not valid; accepted: a divisor of the {n_groups} "
+                             "groups sampled per step")
+        updates = []
+        for _ in range(epochs):
+            for m in range(mini_batches):
+                g = torch.arange(m, n_groups, mini_batches)  # whole groups, as in the trainer
+                logp = problem.token_logp(logits, outcomes[:, g], prompts[g])
+                loss, metrics = per_row_policy_loss(logp, logp_behav[:, g], adv[:, g], mask[:, g], cfg,
+                                                    None if logp_prox is None else logp_prox[:, g])
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                updates.append(metrics)
+        metrics = {k: torch.stack([u[k] for u in updates]).amax(0) if k.endswith("max")
+                   else torch.stack([u[k] for u in updates]).mean(0) for k in updates[0]}
         ring.record(step + 1, logits)
         metrics["rollout/staleness"] = stale
         for key in STEP_KEYS:
