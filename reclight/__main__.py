@@ -1,5 +1,5 @@
-"""``python -m reclight``: the ``reclight`` command (:mod:`reclight.trainer.cli`)."""
+"""``python -m reclight``: the ``reclight`` command (:mod:`reclight.trainer.launch`)."""
 
-from reclight.trainer.cli import entrypoint
+from reclight.trainer.launch import entrypoint
 
 entrypoint()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -121,3 +122,20 @@ def check_subset(field: str, values: Any, choices: Iterable[str], *, nonempty: b
     if dup:
         raise invalid(field, values, f"distinct entries (repeated: {', '.join(dup)})")
     return values
+
+
+def check_out_dir(field: str, value: Any) -> str:
+    """A folder to write into: a non-empty path that is not a file and has no file among its
+    parents (``mkdir`` would fail there with a bare ``NotADirectoryError``). It need not exist."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise invalid(field, value, "a folder path (a non-empty string)")
+    path = os.path.abspath(os.path.expanduser(os.fspath(value)))
+    probe = path
+    while True:
+        if os.path.exists(probe) and not os.path.isdir(probe):
+            where = "is a file" if probe == path else f"is under the file {probe!r}"
+            raise invalid(field, value, f"a folder path (this one {where})")
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return os.fspath(value)
+        probe = parent

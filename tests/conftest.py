@@ -9,6 +9,8 @@
   versions and ratios each step trained on.
 - ``PauseAtStep``: parks a ``reclight fit`` subprocess at a known point so a test can SIGKILL it
   there (``--trainer.callbacks+=conftest.PauseAtStep``).
+- ``SigtermAt``: the process sends itself SIGTERM at a known point (during a step's update, or
+  when the next rollout starts), for the exact-resume-after-SIGTERM tests.
 """
 
 from __future__ import annotations
@@ -95,3 +97,35 @@ class PauseAtStep(pl.Callback):
             Path(self.marker).write_text(str(self.step))
             while True:
                 time.sleep(0.05)
+
+
+class SigtermAt(pl.Callback):
+    """SIGTERM to this process at step ``step``: ``where="update"``: at its start (after its
+    rollout, before its update); ``where="rollout"``: when the engine starts the first
+    generation after step ``step - 1`` (a rollout in progress is then abandoned)."""
+
+    def __init__(self, step: int, where: str) -> None:
+        self.step = step
+        self.where = where
+
+    def _kill(self) -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.where == "update" and trainer.global_step == self.step:
+            self._kill()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.where == "rollout" and trainer.global_step == self.step:
+            engine = pl_module.rollouts.engine
+            real = engine.generate
+
+            def generate(*args, **kwargs):
+                engine.generate = real
+                self._kill()
+                return real(*args, **kwargs)
+
+            engine.generate = generate

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reclight.engines.base import Generation, SamplingConfig
+from reclight.engines.stop import check_stop
 from reclight.kernels.llama import (
     LlamaDims,
     additive_mask,
@@ -240,6 +241,7 @@ class FastLlamaEngine:
         steps = 0
         decode = self._decoder()
         for t in range(T):
+            check_stop("FastLlamaEngine.generate")  # a SIGTERM is honoured within one token (reclight.engines.stop)
             tok = self._sample(logp_next, gen, vocab)  # [n]
             tok = torch.where(done, self.pad_id, tok)
             out_ids[rows, t] = tok

@@ -23,11 +23,22 @@ import torch
 from torch import Tensor
 
 from reclight.engines.base import Generation, SamplingConfig
+from reclight.engines.stop import check_stop, stop_requested
 from reclight.kernels.masks import response_mask_from_ids
 from reclight.models.fsdp import full_weights, is_sharded
 from reclight.models.loading import resolve_dtype
 from reclight.models.tokens import eos_ids as tokenizer_eos_ids
 from reclight.models.tokens import pad_id as tokenizer_pad_id
+
+
+class _StopOnRequest:
+    """Stopping criterion: ends ``generate`` at the next token once a stop was requested
+    (:mod:`reclight.engines.stop`); :func:`hf_generate` then raises instead of returning the
+    cut responses."""
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        return torch.full((input_ids.shape[0],), stop_requested() is not None, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class _RecordLogprobs:
@@ -67,7 +78,13 @@ def hf_generate(
     stop_strings: tuple[str, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # ids [B, K, T], mask [B, K, T], logp [B, K, T] | None
     """Sample (or greedy-decode) ``num_samples`` responses per prompt with the KV cache."""
-    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import (
+        GenerationConfig,
+        LogitsProcessorList,
+        StoppingCriteriaList,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     B, P = prompt_ids.shape
     eos_ids, pad_id = tokenizer_eos_ids(tokenizer), tokenizer_pad_id(tokenizer)
@@ -89,8 +106,10 @@ def hf_generate(
     with torch.no_grad() if is_sharded(model) else torch.inference_mode():
         seqs = model.generate(
             input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device).long(),
-            generation_config=gen_cfg, logits_processor=processors, **extra,
+            generation_config=gen_cfg, logits_processor=processors,
+            stopping_criteria=StoppingCriteriaList([_StopOnRequest()]), **extra,
         )
+    check_stop("hf_generate")  # a SIGTERM (reclight.engines.stop) ended it early: never return cut responses
     response = seqs[:, P:]
     mask = response_mask_from_ids(response, eos_ids, pad_id)
     T = response.shape[1]

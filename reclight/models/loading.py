@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,39 @@ def check_model_path(name_or_path: str | None, field: str = "model.policy.name_o
         raise ValueError(f"{field}={name_or_path!r} is not valid: the folder has no config.json; {accepted}")
 
 
+def check_finite_weights(model: torch.nn.Module, name_or_path: str, field: str = "model.policy.name_or_path") -> None:
+    """Raise naming the first parameter or buffer holding NaN or inf (a damaged or badly
+    converted checkpoint): otherwise sampling fails later with "probability tensor contains
+    either inf, nan" (HF engine) or every step is skipped as non-finite (fast engine)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise ValueError(
+                f"{field}={name_or_path!r} is not valid: its weights are not finite (tensor {name!r} {list(t.shape)} "
+                f"holds {n_nan} NaN and {n_inf} inf of {t.numel()} values); accepted: a model whose every weight is "
+                "finite (re-download or re-convert it)"
+            )
+
+
+def check_dtype_for_device(dtype: str, device: torch.device, field: str = "model.policy.dtype") -> None:
+    """float16 MASTER weights on the CPU are refused. AdamW then keeps its moments in float16:
+    squared gradients below 6e-8 (float16's smallest value) and Adam's eps (1e-8) round to 0,
+    updates below the weights' resolution (1e-3 relative) round away, and reclight's manual
+    optimization has no loss scaling: the weights drift instead of training. On a GPU the same
+    holds and a warning says so (``trainer.precision: 16-mixed`` with float32 weights is the way
+    to float16 compute)."""
+    if dtype == "float16" and device.type == "cpu":
+        raise ValueError(
+            f"{field}='float16' is not valid on the CPU: float16 master weights make AdamW round small updates away "
+            "and its squared-gradient moment and eps to 0 (no loss scaling), so the weights drift; accepted: float32 "
+            "(with trainer.precision bf16-mixed for 16-bit compute) or bfloat16"
+        )
+    if dtype == "float16":
+        warnings.warn(f"{field}='float16' on {device.type}: float16 master weights make AdamW round small updates "
+                      "away and its squared-gradient moment to 0 (no loss scaling); prefer float32 weights with "
+                      "trainer.precision 16-mixed or bf16-mixed", stacklevel=2)
+
+
 def load_causal_lm(name_or_path: str, dtype: str = "float32",
                    attn_implementation: str | None = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a Hugging Face causal LM id or local folder.
@@ -40,6 +74,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32",
     ``attn_implementation`` picks the HF attention kernel (None: the transformers default).
 
     The tokenizer is set to left padding (generation) with a pad token (EOS when it has none).
+    Every weight is checked to be finite (:func:`check_finite_weights`).
     Set ``HF_HUB_OFFLINE=1`` to forbid any network access.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,6 +85,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32",
         tokenizer.pad_token = tokenizer.eos_token
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **kw)
+    check_finite_weights(model, name_or_path)
     return model, tokenizer
 
 

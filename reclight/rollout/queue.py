@@ -39,7 +39,7 @@ import torch
 from reclight.advantages import uniform_groups
 from reclight.engines.base import RolloutEngine
 from reclight.rollout.batch import RolloutBatch
-from reclight.rollout.scoring import collect_rollout
+from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD, collect_rollout
 from reclight.sync import SyncConfig, version_needed
 from reclight.tasks.base import Example, Task
 
@@ -85,6 +85,7 @@ class RolloutQueue:
         keep_groups: oversampling (DAPO's dynamic sampling): ``prompts(step)`` gives more prompts
             than a step trains on; keep this many groups, the informative ones (rewards not all
             equal) first, each set in sampling order (None: keep all).
+        max_abs_reward: rewards of larger magnitude fail their sample (``model.guards.max_abs_reward``).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class RolloutQueue:
         rank: int = 0,
         use_chat_template: bool | None = None,
         keep_groups: int | None = None,
+        max_abs_reward: float = DEFAULT_MAX_ABS_REWARD,
     ) -> None:
         self.engine = engine
         self.prompts = prompts
@@ -111,6 +113,7 @@ class RolloutQueue:
         self.rank = int(rank)
         self.use_chat_template = use_chat_template
         self.keep_groups = keep_groups
+        self.max_abs_reward = max_abs_reward
         self.eager = bool(getattr(engine, "scores_with_trainer", False))
         self.queue: dict[int, RolloutBatch] = {}
         self.next_step = 0  # first step whose batch has not been generated
@@ -158,7 +161,7 @@ class RolloutQueue:
         idx, examples = self.prompts(step)
         batch = collect_rollout(
             self.engine, self.tokenizer, self.task, examples, idx, step=step, seed=self.seed_for(step),
-            use_chat_template=self.use_chat_template,
+            use_chat_template=self.use_chat_template, max_abs_reward=self.max_abs_reward,
         )
         self.queue[step] = batch if self.keep_groups is None else keep_informative(batch, self.keep_groups)
         self.next_step = step + 1

@@ -9,7 +9,9 @@ Departures from the usual GSM8K harnesses, all on purpose:
   that ignores the format is not zeroed for that alone.
 - Numbers compare exactly as decimals: ``18.0 == 18``, ``1,000 == 1000``; ``$``, ``%``, units
   and a trailing period around the number are ignored. Fractions (``3/4``) and scientific
-  notation are not read as one number (GSM8K gold answers are all integers).
+  notation are not read as one number (GSM8K gold answers are all integers); a gold answer
+  written that way (or with two numbers after its ``####``) is refused at load time, naming
+  the file and line, rather than read as its first number.
 - ``val`` is a seeded random slice of the train file, disjoint from ``train``; ``test`` is
   the published test file.
 """
@@ -56,6 +58,20 @@ def extract_answer(response: str) -> Decimal | None:
             return value
     numbers = _NUMBER.findall(text)
     return Decimal(numbers[-1].replace(",", "")) if numbers else None
+
+
+def _ambiguous_gold(final: str) -> str | None:
+    """Why the text after a gold answer's last ``####`` is not one plain number (None: it is).
+    A fraction (``3/4``) or scientific notation (``1e3``) would be read as its first number (3,
+    1), and a second number (``2 or 3``) leaves the gold value ambiguous."""
+    line = _normalise(final).strip().split("\n", 1)[0]
+    if re.search(r"\d\s*/\s*\d", line):
+        return "a fraction, which would be read as its numerator"
+    if re.search(r"\d[eE][-+]?\d", line):
+        return "scientific notation, which would be read as its mantissa"
+    if len(_NUMBER.findall(line)) > 1:
+        return f"{len(_NUMBER.findall(line))} numbers on one line (the gold value is ambiguous)"
+    return None
 
 
 def _normalise(text: str) -> str:
@@ -140,6 +156,11 @@ class GSM8K(Task):
             raise DataError(
                 f"{source}:{row.line}: field 'answer' must end with '#### <number>', "
                 f"got ...{gold[-60:]!r}"
+            )
+        if problem := _ambiguous_gold(final):
+            raise DataError(
+                f"{source}:{row.line}: field 'answer' ends with {_MARKER + final.rstrip()!r}, {problem}; accepted: "
+                f"'#### <number>' with one integer or decimal (e.g. '#### 0.75'), as every GSM8K gold answer is"
             )
         return Example(
             prompt=self.prompt_template.format(question=row.record["question"]),

@@ -83,8 +83,8 @@ def read_jsonl(
 
     Raises:
         FileNotFoundError: the file does not exist (names the path and ``config_field``).
-        DataError: a line is not valid JSON (file, line, snippet), is not an object, lacks a
-            required field or holds it with the wrong type, or the file has no records
+        DataError: a line is not UTF-8 (a UTF-16 or Latin-1 file: file, line, byte), is not
+            valid JSON (file, line, snippet), is not an object, lacks a required field or holds it with the wrong type, or the file has no records
             ("empty data set").
     """
     path = Path(path)
@@ -95,11 +95,12 @@ def read_jsonl(
             f"(it must point to the folder/file holding the JSONL data)"
         )
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            text = _decode_line(raw, line_no, where)
             if not text.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
@@ -107,6 +108,32 @@ def read_jsonl(
             rows.append(Row(line_no, check_record(record, required_fields, where)))
     require_nonempty(rows, str(path))
     return rows
+
+
+_UTF16_BOMS = {b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}
+
+
+def _decode_line(raw: bytes, line_no: int, where: str) -> str:
+    """One line of a JSONL file as text: UTF-8 (a UTF-8 byte-order mark on line 1 is dropped).
+    Anything else raises :class:`DataError` naming the file, the line and the offending byte:
+    a UTF-16 file (its byte-order mark, or NUL bytes between characters) or bytes that are not
+    UTF-8 (e.g. Latin-1)."""
+    if line_no == 1:
+        for bom, name in _UTF16_BOMS.items():
+            if raw.startswith(bom):
+                raise DataError(f"{where}: the file is {name} (it starts with the byte-order mark {bom!r}); "
+                                "accepted: UTF-8 JSON Lines (convert it, e.g. `iconv -f UTF-16 -t UTF-8`)")
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if (nul := raw.find(b"\x00")) >= 0:
+        raise DataError(f"{where}: the line holds NUL bytes (column {nul + 1}): the file looks UTF-16 "
+                        "or binary; accepted: UTF-8 JSON Lines (convert it, e.g. `iconv -f UTF-16 -t UTF-8`)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1]
+        raise DataError(f"{where}: not valid UTF-8 (byte {bad!r} at column {e.start + 1}: {e.reason}) near "
+                        f"{_snippet(raw[max(0, e.start - 30) : e.start + 10].decode('utf-8', 'replace'))}; "
+                        "accepted: UTF-8 JSON Lines (convert it, e.g. `iconv -f LATIN1 -t UTF-8` for Latin-1)") from None
 
 
 def rows_from_records(

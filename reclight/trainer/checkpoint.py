@@ -199,6 +199,29 @@ def check_checkpoint_contents(ckpt: Any, path: str | os.PathLike) -> None:
         )
 
 
+def check_state_dict_matches(saved: Mapping[str, Any], expected: Mapping[str, Any], path: Any) -> None:
+    """The checkpoint's ``state_dict`` must have this model's tensors with this model's shapes
+    (a checkpoint of another model size fails here, named, instead of torch's raw list of
+    size-mismatch lines)."""
+    shape = lambda t: list(getattr(t, "shape", []))  # noqa: E731
+    mismatched = [f"{k}: checkpoint {shape(saved[k])}, this model {shape(v)}" for k, v in expected.items()
+                  if k in saved and shape(saved[k]) != shape(v)]
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if not (mismatched or missing or unexpected):
+        return
+    parts = []
+    for what, items in (("shape mismatches", mismatched), ("tensors missing from the checkpoint", missing),
+                        ("tensors this model does not have", unexpected)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            parts.append(f"{len(items)} {what} ({'; '.join(items[:3])}{more})")
+    raise CheckpointError(
+        f"--ckpt_path={str(path)!r} is not valid for this model: " + ", ".join(parts) + "; accepted: a checkpoint "
+        "of the same model (model.policy: name_or_path or tiny shape) as this run's"
+    )
+
+
 def validate_checkpoint(path: str | os.PathLike) -> None:
     """Raise :class:`CheckpointError` unless ``path`` can resume a reclight run. Loads lazily
     (``mmap``) with the safe loader, so it is cheap even for a large checkpoint."""

@@ -12,18 +12,35 @@ names no field of its group with the accepted fields, before parsing.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from reclight.engines.stop import StopRequested
 from reclight.trainer.checkpoint import AtomicCheckpointIO, validate_checkpoint
 from reclight.trainer.config import moved_key_message, unknown_field_message
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
+from reclight.trainer.resume import RECORD_KEY, RunLock, check_resume_config, plan_run_folder, run_record, start_loggers
+from reclight.trainer.signals import EXIT_CODE, SignalCheckpoint
+
+# Two warnings that every run printed and no user can act on (issue #17, item 7):
+# - Lightning's ModelCheckpoint, with manual optimization and every_n_train_steps, prints 15 lines
+#   suggesting to save the weights before optimizer.step(). reclight's checkpoints are taken
+#   between steps ON PURPOSE: the state after step t's update is what an exact resume continues
+#   from (tests/trainer/test_resume.py), so there is nothing to change.
+# - Lightning 2.6's own pytree helper instantiates torch's deprecated LeafSpec (torch >= 2.10
+#   flags it with a FutureWarning): Lightning's code, not the user's, and harmless.
+warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 500,
@@ -91,12 +108,21 @@ def key_errors(args: list[str]) -> list[str]:
 
 
 class ReclightCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - jsonargparse types
+        parser.add_argument(
+            "--allow_changes", type=list[str], default=[],
+            help="fit --ckpt_path only: settings that may differ from the checkpoint's (fields or groups, e.g. "
+                 "[model.optim.lr, data.prompts_per_step]; 'all': every one but model.sync). Any other difference "
+                 "is refused: it voids an exact resume (reclight.trainer.resume).",
+        )
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         # Atomic + durable checkpoint files (see reclight.trainer.checkpoint), unless the user chose
         # a CheckpointIO plugin of their own.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(SignalCheckpoint())  # SIGTERM: prompt stop + checkpoint (reclight.trainer.signals)
         return trainer
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse types
@@ -104,12 +130,63 @@ class ReclightCLI(LightningCLI):
         if errors := key_errors(given):
             parser.error("; ".join(errors) + " (RLModule's arguments are typed groups: see `reclight fit --help`)")
         super().parse_arguments(parser, args)
-        # A bad --ckpt_path fails here, right after parsing: LightningCLI reads the file's
-        # hyper-parameters next (and they override the config's model.* on resume).
+        # A bad --ckpt_path fails here, right after parsing, before any model is built.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             validate_checkpoint(ckpt_path)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would override the parsed model.* with the checkpoint's hyper-parameters
+        # (so `--model.algorithm grpo` silently ran the saved preset). For fit, reclight keeps the
+        # config as given and compares it with the checkpoint's run record instead
+        # (reclight.trainer.resume); validate / test keep Lightning's behaviour (evaluate the
+        # checkpoint's model).
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand != "fit":
+            return super()._run_subcommand(subcommand)
+        cfg = self.config_init[subcommand]
+        rank_zero = rank_zero_only.rank == 0
+        plan = plan_run_folder(self.trainer, cfg.get("ckpt_path"), rank_zero)
+        if plan.ckpt_path != cfg.get("ckpt_path"):  # --ckpt_path last, resolved
+            validate_checkpoint(plan.ckpt_path)
+            self.config_init[f"{subcommand}.ckpt_path"] = plan.ckpt_path
+            rank_zero_info(f"--ckpt_path last: resuming from {plan.ckpt_path} (step {plan.resume_step})")
+        allowed = list(cfg.get("allow_changes") or [])
+        self.model.allow_changes = allowed
+        if plan.ckpt_path is not None:  # refuse a changed setting before any model is loaded
+            saved = torch.load(plan.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            self.model.resume_changes = check_resume_config(saved.get("reclight", {}).get(RECORD_KEY), run_record(
+                self.model, self.datamodule, self.trainer), allowed, plan.ckpt_path)
+            self.model.resume_checked = True
+        lock = RunLock([] if not rank_zero else [
+            *([plan.log_dir] if plan.log_dir is not None else []),
+            *([d for d in plan.checkpoint_dirs if plan.log_dir is None or not d.is_relative_to(plan.log_dir)]
+              if self.trainer.checkpoint_callback is not None else []),
+        ]).acquire()
+        try:
+            if rank_zero:
+                start_loggers(self.trainer, plan)
+            if plan.continuing:  # its checkpoint folder holds the earlier checkpoints, as it should
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super()._run_subcommand(subcommand)
+        except (StopRequested, SIGTERMException):
+            self._exit_after_sigterm()
+        finally:
+            lock.release()
+        stopped = any(isinstance(cb, SignalCheckpoint) and cb.stopped for cb in self.trainer.callbacks)
+        if stopped and self.trainer.global_step < self.trainer.max_steps:  # stopped early, not finished
+            self._exit_after_sigterm()
+
+    def _exit_after_sigterm(self) -> None:
+        cb = next(cb for cb in self.trainer.callbacks if isinstance(cb, SignalCheckpoint))
+        where = (f"checkpoint of step {self.trainer.global_step}: {cb.saved}; resume with the same command and "
+                 "--ckpt_path last" if cb.saved else "no checkpoint written (see above)")
+        print(f"reclight fit: stopped by SIGTERM; {where}; exit status {EXIT_CODE}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_CODE)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:
@@ -129,7 +206,18 @@ def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:
 def entrypoint() -> None:
     """The ``reclight`` console script. Returns None on purpose: the generated wrapper calls
     ``sys.exit(entrypoint())``, and exiting with ``main()``'s CLI object would print it and
-    report failure (exit status 1) after a successful run."""
+    report failure (exit status 1) after a successful run.
+
+    ``reclight study ...`` is dispatched here, before LightningCLI is built: a study is not a
+    Trainer method (LightningCLI's subcommands are fit/validate/test/predict, each parsing a
+    model, data module and trainer), it is many ``reclight fit`` runs (:mod:`reclight.study`)."""
+    if sys.argv[1:2] == ["study"]:
+        # By name, at run time: the study layer sits ABOVE the trainer (it parses and warms up
+        # through it; tests/core/test_imports.py), and this console script is the one place that
+        # routes a command up to it.
+        import importlib
+
+        raise SystemExit(importlib.import_module("reclight.study.cli").main(sys.argv[2:]))
     main()
 
 

@@ -149,11 +149,16 @@ class GuardsConfig:
     max_consecutive_skips: int = 3
     """A step whose loss or gradient is not finite is skipped (weights and optimizer state
     untouched, counted in ``train/skipped_steps``); stop after this many in a row."""
+    max_abs_reward: float = 1e6
+    """A reward of larger magnitude fails its sample like a NaN one (no gradient, counted in
+    ``reward/failed``): 1e38 is finite but overflows the loss; raise this for rewards on a
+    large scale."""
 
     def __post_init__(self) -> None:
         check_float("model.guards.max_failed_reward_frac", self.max_failed_reward_frac, ge=0, le=1,
                     accepted="a number in [0, 1]")
         check_int("model.guards.max_consecutive_skips", self.max_consecutive_skips, minimum=1)
+        check_float("model.guards.max_abs_reward", self.max_abs_reward, gt=0)
 
 
 @dataclass(frozen=True)

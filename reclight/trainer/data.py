@@ -17,10 +17,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from reclight.checks import check_float, check_int
+from reclight.checks import check_choice, check_float, check_int
 from reclight.rollout.sampler import PromptSampler
 from reclight.tasks.arithmetic import Arithmetic
 from reclight.tasks.base import Example, Task
+from reclight.trainer.context import LONG_PROMPTS, ContextTask, LongPrompts, fit_examples
 
 
 def _collate_indices(items: list[int]) -> torch.Tensor:
@@ -30,6 +31,9 @@ def _collate_indices(items: list[int]) -> torch.Tensor:
 # Lightning warns that an IterableDataset's __len__ may be wrong under multi-process loading; this
 # one is loaded in the main process (num_workers=0) and its length is exact: silence that message.
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning)
+# On resume Lightning warns that the train loader "is not resumable": it only paces the steps, and
+# what a step trains on is a function of (seed, step) (PromptSampler), not of the loader's position.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class _StepIndices(IterableDataset):
@@ -61,6 +65,11 @@ class RLDataModule(LightningDataModule):
             prompts per step and the rollout queue keeps the first of its prompts' groups that are
             informative (rewards not all equal), then the others in order; ``data/informative_frac``
             logs how many were.
+        long_prompts: a prompt too long for the model's context (its tokens plus the larger of
+            ``max_new_tokens`` and ``eval_max_new_tokens`` exceed ``max_position_embeddings``):
+            ``drop`` it from its split, or ``truncate_left`` (keep its end, cut its beginning).
+            Either is counted (``prompts/dropped``, ``prompts/truncated`` at step 0) and printed
+            (:mod:`reclight.trainer.context`).
     """
 
     def __init__(
@@ -71,9 +80,11 @@ class RLDataModule(LightningDataModule):
         eval_size: int | None = None,
         seed: int | None = None,
         oversample: float = 1.0,
+        long_prompts: LongPrompts = "drop",
     ) -> None:
         super().__init__()
         check_float("data.oversample", oversample, ge=1.0)
+        check_choice("data.long_prompts", long_prompts, LONG_PROMPTS)
         check_int("data.eval_batch_size", eval_batch_size, minimum=1)
         check_int("data.eval_size", eval_size, minimum=1, allow_none=True)
         check_int("data.seed", seed, minimum=0, allow_none=True)
@@ -84,22 +95,53 @@ class RLDataModule(LightningDataModule):
         self.eval_size = eval_size
         self.seed = seed
         self.oversample = float(oversample)
+        self.long_prompts = long_prompts
         self.sampler: PromptSampler | None = None
+        self._context: dict | None = None  # set by fit_to_context once the tokenizer exists
+        self._fitted: dict[str, list[Example]] = {}
+        self.prompt_counts: dict[str, int] = {}  # split -> prompts dropped or truncated
 
     def setup(self, stage: str) -> None:
         if self.sampler is None:
-            import os
-
-            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-            self.train_examples = self.task.examples("train")
-            world, _ = self._world()
-            self.sampler = PromptSampler(len(self.train_examples), world * self.sampled_per_rank, seed)
+            self._build_sampler()
         world, _ = self._world()
         if self.prompts_per_step % world:
             raise ValueError(
                 f"RLDataModule.prompts_per_step={self.prompts_per_step} is not valid with {world} "
                 f"data-parallel ranks; accepted: a multiple of {world}, so every rank samples whole groups"
             )
+
+    def _build_sampler(self) -> None:
+        import os
+
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.train_examples = self.examples("train")
+        world, _ = self._world()
+        self.sampler = PromptSampler(len(self.train_examples), world * self.sampled_per_rank, seed)
+
+    # -- the model's context ------------------------------------------------------------------
+    def fit_to_context(self, tokenizer: object, budget: int, use_chat_template: bool | None, why: str) -> None:
+        """From now on every split holds only prompts of at most ``budget`` tokens (rendered as
+        the trainer renders them), per ``long_prompts``; called by the module once its model and
+        tokenizer are loaded. Rebuilds the train split and its sampler."""
+        self._context = dict(tokenizer=tokenizer, budget=budget, use_chat_template=use_chat_template, why=why)
+        self._fitted, self.prompt_counts = {}, {}
+        if self.sampler is not None:
+            self._build_sampler()
+
+    def examples(self, split: str) -> Sequence[Example]:
+        """The task's examples of ``split``, fitted to the model's context once it is known."""
+        if self._context is None:
+            return self.task.examples(split)
+        if split not in self._fitted:
+            self._fitted[split], self.prompt_counts[split] = fit_examples(
+                self.task.examples(split), split, policy=self.long_prompts, **self._context)
+        return self._fitted[split]
+
+    @property
+    def fitted_task(self) -> Task:
+        """The task with its splits fitted to the context (for code that reads a task's splits)."""
+        return ContextTask(self.task, self.examples)
 
     @property
     def kept_per_rank(self) -> int:
@@ -133,7 +175,7 @@ class RLDataModule(LightningDataModule):
         return idx, [self.train_examples[i] for i in idx]
 
     def eval_examples(self, split: str) -> Sequence[Example]:
-        ex = self.task.examples(split)
+        ex = self.examples(split)
         return ex if self.eval_size is None else ex[: self.eval_size]
 
     def train_dataloader(self) -> DataLoader:

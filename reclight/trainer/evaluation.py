@@ -11,7 +11,7 @@ from torch import Tensor
 
 from reclight.engines.hf import hf_generate
 from reclight.models.tokens import encode_prompts
-from reclight.rollout.scoring import score
+from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD, score
 from reclight.tasks.base import Example, Task
 
 
@@ -24,6 +24,7 @@ def greedy_eval(
     *,
     max_new_tokens: int,
     use_chat_template: bool | None = None,
+    max_abs_reward: float = DEFAULT_MAX_ABS_REWARD,
 ) -> tuple[Tensor, Tensor, Tensor]:  # correct [N] bool, rewards [N], lengths [N]
     """Greedy responses for ``examples`` and their scores."""
     was_training = model.training
@@ -34,5 +35,5 @@ def greedy_eval(
         do_sample=False, record_logp=False, stop_strings=task.stop_strings,
     )
     model.train(was_training)
-    rewards, _, correct, _ = score(task, tokenizer, resp.cpu(), rmask.cpu(), examples)
+    rewards, _, correct, _ = score(task, tokenizer, resp.cpu(), rmask.cpu(), examples, max_abs_reward=max_abs_reward)
     return correct[:, 0], rewards[:, 0], rmask[:, 0].sum(-1).float().cpu()

@@ -3,8 +3,9 @@
 Each guard either stops the run with a message that names the setting to change, or applies a
 documented fallback that is logged as a metric:
 
-- :func:`check_reward_failures`: samples whose reward function raised or returned NaN/inf are
-  already excluded from the baseline and the loss (``reclight.rollout.scoring.score``); past
+- :func:`check_reward_failures`: samples whose reward function raised, or returned NaN/inf, a
+  non-number or a magnitude beyond ``guards.max_abs_reward``, are already excluded from the
+  baseline and the loss (``reclight.rollout.scoring.score``); past
   ``guards.max_failed_reward_frac`` of a step's samples the run stops.
 - :class:`NonFiniteGuard`: a step whose loss or gradient norm is not finite is skipped (no
   parameter or optimizer-state change); ``guards.max_consecutive_skips`` such steps in a row
@@ -20,10 +21,11 @@ from torch import Tensor
 # -- rewards ------------------------------------------------------------------------------------
 def check_reward_failures(num_failed: int, num_samples: int, step: int, max_failed_reward_frac: float) -> None:
     """Stop the run when more than ``max_failed_reward_frac`` of a step's samples have no valid
-    reward (the reward function raised, or returned NaN or inf)."""
+    reward (the reward function raised, or returned NaN/inf, a non-number or an absurd magnitude)."""
     if num_samples > 0 and num_failed / num_samples > max_failed_reward_frac:
         raise RuntimeError(
-            f"step {step}: the reward function failed (raised, or returned NaN/inf) for {num_failed} of "
+            f"step {step}: the reward function failed (raised, or returned NaN/inf, a non-number or a magnitude "
+            f"beyond model.guards.max_abs_reward) for {num_failed} of "
             f"{num_samples} samples ({num_failed / num_samples:.0%}), more than "
             f"model.guards.max_failed_reward_frac={max_failed_reward_frac:g}; fix the task's reward function (the first "
             "error of each kind is logged by reclight.rollout), or raise max_failed_reward_frac (1.0 never stops)"

@@ -52,13 +52,13 @@ from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
 from reclight.models.forward import response_logprobs
-from reclight.models.loading import Frozen, frozen_copy, load_causal_lm
+from reclight.models.loading import Frozen, check_dtype_for_device, frozen_copy, load_causal_lm
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
 from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.queue import RolloutQueue
 from reclight.sync import SyncConfig
-from reclight.trainer.checkpoint import rng_state, set_rng_state
+from reclight.trainer.checkpoint import check_state_dict_matches, rng_state, set_rng_state
 from reclight.trainer.config import (
     GuardsConfig,
     MonitorConfig,
@@ -67,9 +67,11 @@ from reclight.trainer.config import (
     TrainForwardConfig,
     UpdatesConfig,
 )
+from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
 from reclight.trainer.metrics import rollout_health, truncated_responses
+from reclight.trainer.resume import RECORD_KEY, check_resume_config, run_record
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 # Lightning warns that the module's on_before_batch_transfer takes precedence over the data
@@ -128,6 +130,9 @@ class RLModule(LightningModule):
         self.updates_cfg = updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
         self.guards_cfg, self.monitor_cfg = guards, monitor
+        if policy.name_or_path is None:  # the embedded tiny model: its positions are known now
+            check_response_budget(policy.tiny.max_positions, sampling.max_new_tokens, self.eval_max_new_tokens,
+                                  "the embedded tiny model (model.policy.tiny.max_positions)")
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.rollouts: RolloutQueue | None = None
@@ -135,6 +140,9 @@ class RLModule(LightningModule):
         self._pending_rollouts: dict[str, Any] | None = None  # queue state, restored in on_fit_start
         self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
         self._skip_guard = NonFiniteGuard(guards.max_consecutive_skips)
+        self.allow_changes: list[str] = []  # settings a resume may change (the CLI's --allow_changes)
+        self.resume_checked = False  # the CLI compared the run record before loading (trainer/resume.py)
+        self.resume_changes: list[str] = []  # the allowed settings that differ from the checkpoint's
         self.val_acc, self.val_reward, self.val_len = MeanMetric(), MeanMetric(), MeanMetric()
         self.test_acc = MeanMetric()
 
@@ -146,7 +154,8 @@ class RLModule(LightningModule):
 
     @property
     def eval_max_new_tokens(self) -> int:
-        return self.monitor_cfg.eval_max_new_tokens or self.sampling.max_new_tokens
+        cap = self.monitor_cfg.eval_max_new_tokens
+        return self.sampling.max_new_tokens if cap is None else cap
 
     def setup(self, stage: str) -> None:
         """Checks that need the data module and the number of ranks, before the model loads
@@ -168,6 +177,8 @@ class RLModule(LightningModule):
 
         hf_logging.disable_progress_bar()
         cfg = self.policy_cfg
+        check_dtype_for_device(cfg.dtype, self.trainer.strategy.root_device if self._trainer is not None
+                               else torch.device("cpu"))
         path = cfg.name_or_path or str(build_tiny(cfg.tiny_dir, cfg.tiny, seed=self.run_seed))
         self._model_path = path
         self.policy, self.tokenizer = load_causal_lm(path, cfg.dtype,
@@ -187,6 +198,21 @@ class RLModule(LightningModule):
                 raise ValueError("model.train_forward.impl='fused' does not support " + "; ".join(problems)
                                  + "; use model.train_forward.impl: hf")
         self._check_compiler()
+        self._fit_context()
+
+    def _fit_context(self) -> None:
+        """Responses must fit the model's positions, and every prompt the rest of them
+        (:mod:`reclight.trainer.context`; the data module drops or cuts the longer prompts)."""
+        positions = max_positions(self.policy.config)
+        if positions is None:
+            return
+        check_response_budget(positions, self.sampling.max_new_tokens, self.eval_max_new_tokens,
+                              f"the model {self._model_path!r}")
+        new = max(self.sampling.max_new_tokens, self.eval_max_new_tokens)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if hasattr(dm, "fit_to_context"):
+            dm.fit_to_context(self.tokenizer, positions - new, self.policy_cfg.use_chat_template,
+                              f"the model's {positions} positions minus max_new_tokens {new}")
 
     def _check_compiler(self) -> None:
         compiled = [name for name, on in (("model.train_forward.compile=true", self.forward_cfg.compile),
@@ -230,8 +256,9 @@ class RLModule(LightningModule):
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if self.warmup_cfg is not None and self.trainer.ckpt_path is None:
+            task = getattr(dm, "fitted_task", dm.task)  # its splits fitted to the model's context
             stats = supervised_warmup(
-                self.policy, self.tokenizer, dm.task, self.warmup_cfg, seed=self.run_seed,
+                self.policy, self.tokenizer, task, self.warmup_cfg, seed=self.run_seed,
                 max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
                 log=self._log_warmup,
             )
@@ -243,12 +270,25 @@ class RLModule(LightningModule):
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
             use_chat_template=self.policy_cfg.use_chat_template,
             keep_groups=dm.kept_per_rank if getattr(dm, "oversample", 1.0) > 1 else None,
+            max_abs_reward=self.guards_cfg.max_abs_reward,
         )
         if self._pending_rollouts is not None:
             self.rollouts.load_state_dict(self._pending_rollouts)
             self._pending_rollouts = None
         if (self.monitor_cfg.log_kl_init or self.algo.needs_reference) and self._init_policy is None:
             self._init_policy = frozen_copy(self.policy)
+
+    def _apply_optim_config(self) -> None:
+        """A resume with ``--allow_changes model.optim...``: the restored AdamW state carries the
+        checkpoint's lr, betas and weight decay (and the schedule its base lr); the config's win."""
+        o, sched = self.optim_cfg, self.lr_schedulers()
+        for opt in self.trainer.optimizers:
+            for g in opt.param_groups:
+                g.update(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        if sched is not None:
+            sched.base_lrs = [o.lr] * len(sched.base_lrs)
+            for g, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                g["lr"] = base * f(sched.last_epoch)
 
     def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
         # Warm-up runs before the RL steps: log to the loggers directly (self.log is not allowed).
@@ -263,8 +303,14 @@ class RLModule(LightningModule):
         if self._pending_rng is not None:
             set_rng_state(self._pending_rng)
             self._pending_rng = None
+        if any(k.startswith("model.optim.") for k in self.resume_changes):
+            self._apply_optim_config()
         if self.global_step == 0:  # the "before" figure: greedy accuracy at the start of RL
             metrics = self._evaluate("val")
+            dm = self.trainer.datamodule
+            if hasattr(dm, "prompt_counts"):  # prompts too long for the model's positions (train + val)
+                kind = "dropped" if dm.long_prompts == "drop" else "truncated"
+                metrics[f"prompts/{kind}"] = float(sum(dm.prompt_counts.values()))
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=0)
             self.print(f"start of RL: {metrics}")
@@ -464,7 +510,8 @@ class RLModule(LightningModule):
         if index is not None:
             examples = [examples[i] for i in index]
         return greedy_eval(self.policy, self.tokenizer, dm.task, examples, max_new_tokens=self.eval_max_new_tokens,
-                           use_chat_template=self.policy_cfg.use_chat_template)
+                           use_chat_template=self.policy_cfg.use_chat_template,
+                           max_abs_reward=self.guards_cfg.max_abs_reward)
 
     def _evaluate(self, split: str) -> dict[str, float]:
         correct, rewards, lengths = self._greedy(split)
@@ -492,10 +539,19 @@ class RLModule(LightningModule):
             state["rollouts"] = self.rollouts.state_dict()
         if self._init_policy is not None:
             state["init_policy"] = self._init_policy.model.state_dict()
+        if self._trainer is not None:  # what the run depends on, compared on resume (trainer/resume.py)
+            state[RECORD_KEY] = run_record(self, self.trainer.datamodule, self.trainer)
         checkpoint["reclight"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("reclight", {})
+        if self._trainer is not None:
+            path = self.trainer.ckpt_path
+            if self.trainer.state.fn == "fit" and not self.resume_checked:  # the CLI checks before loading
+                self.resume_changes = check_resume_config(state.get(RECORD_KEY), run_record(
+                    self, self.trainer.datamodule, self.trainer), self.allow_changes, path)
+            if checkpoint.get("state_dict"):  # ModelParallelStrategy (FSDP2) loads and removes it first
+                check_state_dict_matches(checkpoint["state_dict"], self.state_dict(), path)
         self._pending_rollouts = state.get("rollouts")
         self._pending_rng = state.get("rng")
         if "skip_guard" in state:

@@ -168,3 +168,34 @@ def test_hf_loading_without_datasets_package_says_what_to_do(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(ImportError, match=r"needs the `datasets` package.*or set data_dir"):
         GSM8K().examples("test")
+
+
+# -- encodings (issue #17, item 5: before, a bare UnicodeDecodeError naming neither file nor line) --
+def test_utf16_file_names_the_file_and_the_encoding(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(good() + "\n" + good() + "\n", encoding="utf-16")
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    assert str(e.value) == (f"{f}:1: the file is UTF-16 (little-endian) (it starts with the byte-order mark "
+                            "b'\\xff\\xfe'); accepted: UTF-8 JSON Lines (convert it, e.g. `iconv -f UTF-16 -t UTF-8`)")
+    f.write_bytes((good() + "\n").encode("utf-16-be"))  # no byte-order mark: NUL bytes between characters
+    with pytest.raises(DataError, match=re.escape(f"{f}:1: the line holds NUL bytes (column 1): the file looks "
+                                                  "UTF-16 or binary")):
+        read_jsonl(f, FIELDS)
+
+
+def test_latin1_byte_names_line_column_and_snippet(tmp_path):
+    f = tmp_path / "d.jsonl"
+    bad = json.dumps({"question": "caf\u00e9 au lait?", "answer": "#### 4"}, ensure_ascii=False)
+    f.write_bytes((good() + "\n\n" + bad + "\n").encode("latin-1"))
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    assert str(e.value).startswith(f"{f}:3: not valid UTF-8 (byte b'\\xe9' at column 18: invalid continuation byte) "
+                                   "near '{\"question\": \"caf\ufffd au lait?'; accepted: UTF-8 JSON Lines")
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "d.jsonl"
+    row = json.dumps({"question": "\u00e9t\u00e9", "answer": "#### 4"}, ensure_ascii=False)
+    f.write_bytes(b"\xef\xbb\xbf" + (row + "\n" + good() + "\n").encode())
+    assert [r.record["question"] for r in read_jsonl(f, FIELDS)] == ["\u00e9t\u00e9", "What is 2+2?"]

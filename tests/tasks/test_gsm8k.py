@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from reclight.tasks import GSM8K, Example
+from reclight.tasks import GSM8K, DataError, Example
 from reclight.tasks.gsm8k import extract_answer
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -92,3 +92,24 @@ def test_real_test_set_gold_answers_score_exactly():
     reformatted = [r + f"#### ${int(e.answer):,}.0 dollars." for r, e in zip(reasoning, examples)]
     assert score(reformatted) == 1319
     assert score(reasoning) == 1283
+
+
+@pytest.mark.parametrize("gold, problem", [
+    ("3/4", "a fraction, which would be read as its numerator"),
+    ("1e3", "scientific notation, which would be read as its mantissa"),
+    ("2 or 3", "2 numbers on one line (the gold value is ambiguous)"),
+])
+def test_ambiguous_gold_answer_is_refused_naming_file_and_line(tmp_path, gold, problem):
+    """Issue #17, item 5: before, `#### 3/4` was read as 3."""
+    import json
+
+    rows = [json.dumps({"question": "q", "answer": "#### 4"}), json.dumps({"question": "q", "answer": f"x\n#### {gold}"})]
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as e:
+        GSM8K(data_dir=str(tmp_path), val_size=0).examples("train")
+    assert str(e.value) == (f"{tmp_path / 'train.jsonl'}:2: field 'answer' ends with '#### {gold}', {problem}; "
+                            "accepted: '#### <number>' with one integer or decimal (e.g. '#### 0.75'), as every GSM8K "
+                            "gold answer is")
+    for fine in ("1,000", "$18.50", "-3 dollars"):
+        (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": f"#### {fine}"}) + "\n")
+        GSM8K(data_dir=str(tmp_path), val_size=0).examples("train")

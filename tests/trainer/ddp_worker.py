@@ -88,7 +88,7 @@ def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg:
                             tiny_dir=tiny_dir),
         algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
         sampling=SamplingConfig(num_samples=K, max_new_tokens=T), optim=OptimConfig(grad_clip=0.0),
-        monitor=MonitorConfig(log_kl_init=False), seed=0,
+        monitor=MonitorConfig(log_kl_init=False), seed=0, warmup=None,  # the step is what is compared
         updates=UpdatesConfig(epochs=epochs, mini_batches=mini_batches),
     )
     data = RLDataModule(task=Arithmetic(val_size=8, test_size=8), prompts_per_step=B, eval_size=4, seed=0)

@@ -80,6 +80,30 @@ CONFIG_CASES = {
     "betas": (["--model.optim.betas", "[0.9, 1.0]"], "model.optim.betas=(0.9, 1.0) is not valid; accepted: two finite numbers in [0, 1)"),
     "grad_clip": (["--model.optim.grad_clip", "-1"],
                   "model.optim.grad_clip=-1.0 is not valid; accepted: grad_clip >= 0 (0 disables)"),
+    # issue #17, item 4: non-finite and nonsense settings (YAML's .inf / .nan pass `lr > 0` by hand)
+    "lr inf": (["--model.optim.lr", ".inf"], "model.optim.lr=inf is not valid; accepted: lr > 0 (a finite number)"),
+    "grad_clip nan": (["--model.optim.grad_clip", ".nan"],
+                      "model.optim.grad_clip=nan is not valid; accepted: grad_clip >= 0 (0 disables) (a finite number)"),
+    "weight_decay inf": (["--model.optim.weight_decay", ".inf"],
+                         "model.optim.weight_decay=inf is not valid; accepted: weight_decay >= 0 (a finite number)"),
+    "eval_size 0": (["--data.eval_size", "0"], "data.eval_size=0 is not valid; accepted: None or an integer >= 1"),
+    "eval_batch_size 0": (["--data.eval_batch_size", "0"], "data.eval_batch_size=0 is not valid; accepted: an integer >= 1"),
+    "eval_max_new_tokens 0": (["--model.monitor.eval_max_new_tokens", "0"],
+                              "model.monitor.eval_max_new_tokens=0 is not valid; accepted: None or an integer >= 1"),
+    "eval_max_new_tokens -3": (["--model.monitor.eval_max_new_tokens", "-3"],
+                               "model.monitor.eval_max_new_tokens=-3 is not valid; accepted: None or an integer >= 1"),
+    "float16 on CPU": (["--model.policy.dtype", "float16"],
+                       "model.policy.dtype='float16' is not valid on the CPU: float16 master weights make AdamW round "
+                       "small updates away"),
+    "max_abs_reward": (["--model.guards.max_abs_reward", "0"],
+                       "model.guards.max_abs_reward=0.0 is not valid; accepted: max_abs_reward > 0"),
+    # issue #17, item 3: responses longer than the model's positions (the smoke model has 64)
+    "max_new_tokens 100000": (["--model.sampling.max_new_tokens", "100000"],
+                              "model.sampling.max_new_tokens=100000 is not valid; accepted: at most 63 with the embedded "
+                              "tiny model (model.policy.tiny.max_positions): it has 64 positions"),
+    "eval_max_new_tokens 64": (["--model.monitor.eval_max_new_tokens", "64"],
+                               "model.monitor.eval_max_new_tokens=64 is not valid; accepted: at most 63 with the "
+                               "embedded tiny model"),
 }
 
 
@@ -90,6 +114,46 @@ def test_bad_config_fails_before_any_model_load(tmp_path, case):
         main(fit_args(tmp_path, *extra))
     assert expected in str(e.value)
     assert not (tmp_path / "tiny").exists()  # the model was never built nor loaded
+
+
+def test_non_finite_values_from_a_yaml_file(tmp_path):
+    cfg = tmp_path / "inf.yaml"
+    cfg.write_text("model:\n  optim: {lr: .inf}\n")
+    with pytest.raises(ValueError, match=r"model.optim.lr=inf is not valid; accepted: lr > 0 \(a finite number\)"):
+        main(fit_args(tmp_path, "--config", str(cfg)))
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_eval_max_new_tokens_is_taken_as_given():
+    """Before, `eval_max_new_tokens or max_new_tokens` replaced a falsy cap silently; only null
+    means "the sampling cap" now."""
+    from reclight.engines.base import SamplingConfig
+    from reclight.trainer.config import MonitorConfig
+
+    sampling = SamplingConfig(max_new_tokens=7)
+    assert RLModule(sampling=sampling, warmup=None).eval_max_new_tokens == 7
+    assert RLModule(sampling=sampling, warmup=None, monitor=MonitorConfig(eval_max_new_tokens=3)).eval_max_new_tokens == 3
+
+
+def test_model_folder_with_non_finite_weights_names_the_tensor(tmp_path):
+    """Before: a raw sampling error (hf engine) or every step skipped with "lower model.lr" (fast)."""
+    from transformers import AutoModelForCausalLM
+
+    from reclight.models.tiny import TinyModelConfig, build_tiny
+
+    folder = build_tiny(tmp_path / "models", TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+        model.model.layers[0].mlp.up_proj.weight[0, :2] = float("inf")
+    model.save_pretrained(folder)
+    for engine in ("hf", "fast"):
+        with pytest.raises(ValueError) as e:
+            main(fit_args(tmp_path, "--model.policy.name_or_path", str(folder), "--model.engine.name", engine))
+        assert str(e.value) == (
+            f"model.policy.name_or_path={str(folder)!r} is not valid: its weights are not finite (tensor "
+            "'model.layers.0.mlp.up_proj.weight' [64, 32] holds 0 NaN and 2 inf of 2048 values); accepted: a model "
+            "whose every weight is finite (re-download or re-convert it)")
 
 
 def test_model_folder_without_config_json(tmp_path):
@@ -127,7 +191,10 @@ def test_prompts_per_step_must_divide_by_the_ranks():
 def gsm8k_args(tmp_path, lines):
     data = tmp_path / "gsm8k"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    if isinstance(lines, bytes):
+        (data / "train.jsonl").write_bytes(lines)
+    else:
+        (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
     (data / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     return data, fit_args(tmp_path, "--data.task", "reclight.tasks.GSM8K", "--data.task.init_args.data_dir", str(data),
                           "--data.task.init_args.val_size", "1")
@@ -140,7 +207,15 @@ GOOD = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
     ([GOOD, GOOD, '{"question": "x", "answer": '], "train.jsonl:3: malformed JSON"),
     ([GOOD, json.dumps({"question": "q"}), GOOD], "train.jsonl:2: missing required field 'answer'; fields present: ['question']"),
     ([], "empty data set: "),
-])
+    # issue #17, item 5 (before: a UnicodeDecodeError naming neither file nor line; 3/4 read as 3)
+    ((GOOD + "\n" + GOOD + "\n").encode("utf-16"), "train.jsonl:1: the file is UTF-16 (little-endian) (it starts with "
+                                                   "the byte-order mark b'\\xff\\xfe'); accepted: UTF-8 JSON Lines"),
+    ((GOOD + "\n" + json.dumps({"question": "caf\u00e9?", "answer": "#### 4"}, ensure_ascii=False) + "\n").encode("latin-1"),
+     "train.jsonl:2: not valid UTF-8 (byte b'\\xe9' at column 18: invalid continuation byte)"),
+    ([GOOD, json.dumps({"question": "q", "answer": "1/2 + 1/4\n#### 3/4"})],
+     "train.jsonl:2: field 'answer' ends with '#### 3/4', a fraction, which would be read as its numerator; accepted: "
+     "'#### <number>' with one integer or decimal"),
+], ids=["malformed", "missing field", "empty", "utf-16", "latin-1", "fraction gold"])
 def test_bad_data_file_through_the_cli(tmp_path, lines, expected):
     data, args = gsm8k_args(tmp_path, lines)
     with pytest.raises(DataError) as e:
@@ -240,8 +315,74 @@ def test_failed_rewards_are_counted_and_get_no_gradient_then_stop_past_the_limit
 
     with pytest.raises(RuntimeError) as e:
         fit(tmp_path, BrokenReward(), max_steps=2)  # default max_failed_reward_frac=0.5
-    assert ("step 0: the reward function failed (raised, or returned NaN/inf) for 6 of 6 samples (100%), more than "
-            "model.guards.max_failed_reward_frac=0.5") in str(e.value)
+    assert ("step 0: the reward function failed (raised, or returned NaN/inf, a non-number or a magnitude beyond "
+            "model.guards.max_abs_reward) for 6 of 6 samples (100%), more than model.guards.max_failed_reward_frac=0.5"
+            ) in str(e.value)
+
+
+class OddReward(DigitTask):
+    """Issue #17, item 5: the digit fraction f of the response, returned as the string "f" for
+    responses that start with a digit, as 1e38 x max(f, 0.5) for those that start with a letter,
+    and as a NumPy float otherwise."""
+
+    def reward(self, response, example):
+        import numpy as np
+
+        f = super().reward(response, example)
+        if response[:1].isdigit():
+            return str(f)
+        if response[:1].isalpha():
+            return 1e38 * max(f, 0.5)
+        return np.float32(f)
+
+
+def test_rewards_must_be_numbers_of_sane_magnitude():
+    """score() by hand: strings, None and tensors are not numbers (before: float("1.0") took the
+    string); 1e38 is finite but past model.guards.max_abs_reward (before: it poisoned the loss);
+    bools and NumPy numbers are numbers."""
+    import numpy as np
+
+    from reclight.models.tiny import build_tokenizer
+    from reclight.rollout.scoring import score
+    from reclight.tasks.base import Example
+
+    class Given(DigitTask):
+        def __init__(self, values):
+            super().__init__()
+            self.values = iter(values)
+
+        def reward(self, response, example):
+            return next(self.values)
+
+    tok = build_tokenizer()
+    values = ["1.0", None, torch.tensor(1.0), 1e38, -2e6, True, np.int64(3), np.float32(0.5), 1e6]
+    ids = torch.full((1, len(values), 2), tok.convert_tokens_to_ids("7"))
+    rewards, valid, correct, failed = score(Given(values), tok, ids, torch.ones_like(ids, dtype=torch.bool),
+                                            [Example("1+1=", "2", "u")])
+    assert valid[0].tolist() == [False] * 5 + [True] * 4 and failed == 5
+    assert rewards[0].tolist() == [0.0] * 5 + [1.0, 3.0, 0.5, 1e6]
+    assert correct[0].tolist() == [False] * 5 + [True, True, False, True]
+    _, valid, _, _ = score(Given([1e38]), tok, ids[:, :1], torch.ones_like(ids[:, :1], dtype=torch.bool),
+                           [Example("1+1=", "2", "u")], max_abs_reward=1e39)
+    assert valid.all()  # the bound is the guard's field, not a constant
+
+
+def test_non_numeric_and_absurd_rewards_are_counted_and_get_no_gradient(tmp_path, caplog):
+    module, probe = fit(tmp_path, OddReward(), max_steps=3, guards=GuardsConfig(max_failed_reward_frac=1.0))
+    kinds = set()
+    for s, r in probe.rollouts.items():
+        for ids, m, ok in zip(r.response_ids.flatten(0, 1), r.response_mask.flatten(0, 1), r.reward_valid.flatten()):
+            text = module.tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+            kind = "str" if text[:1].isdigit() else "huge" if text[:1].isalpha() else "number"
+            kinds.add(kind)
+            assert bool(ok) == (kind == "number"), text
+        assert probe.metrics[s]["reward/failed"] == int((~r.reward_valid).sum())
+        assert r.rewards.abs().max() <= 1.0  # no 1e38 reached the advantages
+    assert kinds == {"str", "huge", "number"}  # every kind occurred (seeded)
+    assert all(torch.isfinite(p).all() for p in module.policy.parameters())
+    assert "returned str '" in caplog.text and "(accepted: a number or a bool; convert it in the reward function)" in caplog.text
+    assert ("of magnitude beyond model.guards.max_abs_reward=1e+06 (rescale the reward, or raise the bound)"
+            in caplog.text)
 
 
 class NanGrad(torch.autograd.Function):

@@ -55,7 +55,11 @@ def _run(world, out, tiny_dir, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, loss_agg, updates", [
     ("grpo", "token_mean", "1x1"),
-    ("opmd", "seq_mean_token_mean", "2x2"),  # 4 updates per batch: mini-batches {0, 2} and {1, 3} of 4 prompts
+    # 4 updates per batch: mini-batches {0, 2} and {1, 3} of 4 prompts. Not opmd here: its k2
+    # term's gradient is (logp - logp_behav), a difference of two nearly equal numbers after the
+    # first update, so the 1e-7 float noise of a different reduction order grows to ~3e-6 in the
+    # last update's gradients (measured; the parameters still agree to 1e-7).
+    ("rec_oneside_is", "seq_mean_token_mean", "2x2"),
 ])
 def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, updates):
     """One step with strategy=ddp on 2 CPU processes (gloo) equals one step of a single process

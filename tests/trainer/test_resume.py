@@ -1,14 +1,19 @@
-"""Exact resume after SIGKILL (issue #5, item 1), through the real ``reclight fit`` command.
+"""Exact resume after SIGKILL and SIGTERM (issues #5 item 1, #17 items 1-2), through the real
+``reclight fit`` command.
 
-Per setting (periodic sync, constant lag, on-policy after a supervised warm-up), three runs of ``tests/configs/resume.yaml`` (7 steps, a checkpoint after every
-step): a reference run straight through; a run that parks at the start of step ``c`` (after
-``step=c.ckpt`` is on disk, see ``conftest.PauseAtStep``) and is killed there with
-SIGKILL, so no exit handler runs; and a run resumed from that checkpoint with ``--ckpt_path``.
-The reference and the run to kill run at the same time (two processes, two cores).
+Per setting (periodic sync, constant lag, on-policy after a supervised warm-up), a reference
+run of ``tests/configs/resume.yaml`` (7 steps, a checkpoint after every step) goes straight
+through (started once per setting, shared by its cases). Each case stops a second run at a
+known point: SIGKILL while parked at the start of a step (after ``step=c.ckpt`` is on disk,
+``conftest.PauseAtStep``), so no exit handler runs; or SIGTERM sent by the process to itself
+during a step's update or when a rollout starts (``conftest.SigtermAt``), which must exit with
+status 143 and leave ``interrupted-step=N.ckpt``. The run is then resumed with ``--ckpt_path``
+(a file, or ``last``), into a folder of its own or continuing the stopped run's folder.
 
 Asserted bitwise (``torch.equal``, CPU): the final checkpoint's weights, optimizer state,
 rollout-engine weights and version, queued rollouts and RNG states are identical; every logged
-metric of the resumed steps is identical to the reference's, except the wall-clock ones
+metric is identical to the reference's (the stopped run's rows before the resumed step plus the
+resumed run's, or the continued folder's whole ``metrics.csv``), except the wall-clock ones
 (``*_s``, ``throughput/*``), which measure time, not the run.
 """
 
@@ -26,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 CFG = ROOT / "tests" / "configs" / "resume.yaml"
 MAX_STEPS = 7
-WARMUP = "{max_steps: 4, check_every: 2, check_size: 4, batch_size: 8, target_accuracy: 1.0}"
+WARMUP_CFG = "{max_steps: 4, check_every: 2, check_size: 4, batch_size: 8, target_accuracy: 1.0}"
 
 
 def command(tmp_path, version, *extra):
@@ -84,68 +89,120 @@ def assert_same(a, b, where=""):
         assert a == b, (where, a, b)
 
 
+PERIODIC = ("periodic", ["--model.sync.sync_interval", "3"])  # k=3, d=0
+LAG = ("lag", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2"])  # k=1, d=2
+# issue #13: 2 epochs x 2 mini-batches = 4 updates per batch, one-side IS clipping (its ratio
+# moves from the second update on), with a lag: the kill lands between batches of 4 updates each
+UPDATES = ("lag_updates", [*LAG[1], "--model.algorithm", "rec_oneside_is", "--model.updates",
+                           "{epochs: 2, mini_batches: 2}"])
+WARMUP = ("on_policy_warmup", ["--model.warmup", WARMUP_CFG])  # on-policy (k=1, d=0) after a short warm-up
+_REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
+def start(folder, version, *args):
+    """A ``reclight fit`` of resume.yaml in ``folder``; output to a file (a full pipe would block it)."""
+    out = open(folder / f"{version}.log", "w")
+    return subprocess.Popen(command(folder, version, *args), env=env(), cwd=folder, stdout=out, stderr=subprocess.STDOUT)
+
+
+def reference(tmp_path_factory, setting):
+    """The straight run of a setting, started once and shared by the cases that use it."""
+    name, sync = setting
+    if name not in _REFERENCES:
+        folder = tmp_path_factory.mktemp(f"reference-{name}")
+        _REFERENCES[name] = (start(folder, "reference", *sync), folder)
+    return _REFERENCES[name]
+
+
 @pytest.mark.parametrize(
-    "name, sync, kill_at",
+    "setting, stop, at, resume",
     [
-        ("periodic", ["--model.sync.sync_interval", "3"], 4),  # k=3, d=0: engine holds theta_3 at step 4
-        ("lag", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2"], 3),  # k=1, d=2: 2 queued batches
-        # on-policy (k=1, d=0) after a short supervised warm-up, which must not run again on resume
-        ("on_policy_warmup", ["--model.warmup", WARMUP], 2),
+        # SIGKILL while parked at the start of step `at` (step=at.ckpt is on disk), resumed with
+        # --ckpt_path <file> into a folder of its own: its logs join the killed run's
+        (PERIODIC, "sigkill", 4, "own folder"),  # the engine holds theta_3 at step 4
+        (LAG, "sigkill", 3, "last"),  # two batches queued; `--ckpt_path last` continues the killed run's folder
+        (WARMUP, "sigkill", 2, "own folder"),  # the warm-up must not run again on resume
+        (UPDATES, "sigkill", 3, "own folder"),  # U = 4 updates per batch (issue #13)
+        # SIGTERM during step `at`'s update: the step is finished, then checkpointed (interrupted-step=at+1)
+        (PERIODIC, "sigterm update", 4, "interrupted"),
+        # SIGTERM when step `at`'s rollout starts: it is abandoned, the checkpoint is step `at`'s start
+        (LAG, "sigterm rollout", 3, "interrupted"),
     ],
+    ids=["periodic-sigkill", "lag-sigkill-last", "warmup-sigkill", "updates-2x2-sigkill", "periodic-sigterm-update", "lag-sigterm-rollout"],
 )
-def test_sigkill_and_resume_is_bitwise_identical(tmp_path, name, sync, kill_at):
-    marker = tmp_path / "paused"
-    pause = ["--trainer.callbacks+=conftest.PauseAtStep",
-             f"--trainer.callbacks.step={kill_at}", f"--trainer.callbacks.marker={marker}"]
-    def start(version, *args):  # output to a file: a full pipe would block the process
-        out = open(tmp_path / f"{version}.log", "w")
-        return subprocess.Popen(command(tmp_path, version, *sync, *args), env=env(), cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT)
+def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_factory, setting, stop, at, resume):
+    name, sync = setting
+    ref_proc, ref_folder = reference(tmp_path_factory, setting)
 
-    def log(version):
-        return (tmp_path / f"{version}.log").read_text()[-4000:]
+    def log(version, folder=tmp_path):
+        return (folder / f"{version}.log").read_text()[-4000:]
 
-    reference = start("reference")
-    killed = start("killed", *pause)
-    while not marker.exists() and killed.poll() is None:
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, log("killed")  # it was parked, not finished
-    ckpt = run_dir(tmp_path, "killed") / "checkpoints" / f"step={kill_at}.ckpt"
+    if stop == "sigkill":
+        marker = tmp_path / "paused"
+        killed = start(tmp_path, "killed", *sync, "--trainer.callbacks+=conftest.PauseAtStep",
+                       f"--trainer.callbacks.step={at}", f"--trainer.callbacks.marker={marker}")
+        while not marker.exists() and killed.poll() is None:
+            time.sleep(0.05)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert killed.returncode == -signal.SIGKILL, log("killed")  # it was parked, not finished
+        ckpt = run_dir(tmp_path, "killed") / "checkpoints" / f"step={at}.ckpt"
+        resume_step = at
+    else:
+        where = stop.split()[1]
+        killed = start(tmp_path, "killed", *sync, "--trainer.callbacks+=conftest.SigtermAt",
+                       f"--trainer.callbacks.step={at}", f"--trainer.callbacks.where={where}")
+        assert killed.wait() == 128 + signal.SIGTERM, log("killed")  # stopped early: a scheduler must see it
+        resume_step = at + 1 if where == "update" else at  # the update is finished; the rollout abandoned
+        ckpt = run_dir(tmp_path, "killed") / "checkpoints" / f"interrupted-step={resume_step}.ckpt"
+        assert f"reclight fit: stopped by SIGTERM; checkpoint of step {resume_step}: " in log("killed")
+        assert not (run_dir(tmp_path, "killed") / "checkpoints" / f"step={resume_step + 1}.ckpt").exists()
     assert ckpt.is_file(), log("killed")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == resume_step
 
-    resumed = start("resumed", "--ckpt_path", str(ckpt))
+    # "own folder": a new version, --ckpt_path <file>; otherwise the killed run's folder continues
+    version = "resumed" if resume == "own folder" else "killed"
+    resumed = start(tmp_path, "resumed", *sync, "--ckpt_path", "last" if resume == "last" else str(ckpt),
+                    *(["--trainer.logger.init_args.version", version] if version == "killed" else []))
     assert resumed.wait() == 0, log("resumed")
-    assert reference.wait() == 0, log("reference")
-    if "--model.warmup" in sync:  # the warm-up ran once, and not again on resume
-        assert "warm-up:" in log("reference") and "warm-up" not in log("resumed")
+    assert ref_proc.wait() == 0, log("reference", ref_folder)
+    if resume == "last":
+        assert f"--ckpt_path last: resuming from {ckpt} (step {at})" in log("resumed")
+    for version_log in ("killed", "resumed"):  # issue #17, item 7: no noise a user cannot act on
+        text = (tmp_path / f"{version_log}.log").read_text()
+        assert "manual optimization" not in text and "LeafSpec" not in text and "not resumable" not in text
+    if setting is WARMUP:  # the warm-up ran once, and not again on resume
+        assert "warm-up:" in log("reference", ref_folder) and "warm-up" not in log("resumed")
 
     final = f"step={MAX_STEPS}.ckpt"
-    ref = torch.load(run_dir(tmp_path, "reference") / "checkpoints" / final, weights_only=True)
-    res = torch.load(run_dir(tmp_path, "resumed") / "checkpoints" / final, weights_only=True)
+    ref = torch.load(run_dir(ref_folder, "reference") / "checkpoints" / final, weights_only=True)
+    res = torch.load(run_dir(tmp_path, version) / "checkpoints" / final, weights_only=True)
     assert ref["global_step"] == res["global_step"] == MAX_STEPS
-    assert {"rollouts", "init_policy", "rng", "skip_guard"} <= set(res["reclight"]) and len(res["lr_schedulers"]) == 1
-    assert {"engine", "queue", "next_step", "num_syncs"} <= set(res["reclight"]["rollouts"])
+    assert {"rollouts", "init_policy", "rng", "skip_guard", "run_config"} <= set(res["reclight"])
+    assert len(res["lr_schedulers"]) == 1 and {"engine", "queue", "next_step", "num_syncs"} <= set(res["reclight"]["rollouts"])
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "reclight"):
         assert_same(ref[key], res[key], key)
     # The run really trained: the weights moved away from the killed run's checkpoint.
-    start = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert any(not torch.equal(start[k], v) for k, v in res["state_dict"].items())
+    begin = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert any(not torch.equal(begin[k], v) for k, v in res["state_dict"].items())
 
-    # Logged metrics: the killed run's rows before the kill point + the resumed run's rows must be
+    # Logged metrics: the killed run's rows before the resumed step + the resumed run's rows must be
     # exactly the straight run's rows (CSV flushed every step, so the killed run's are on disk).
-    ref_rows = metric_rows(run_dir(tmp_path, "reference") / "metrics.csv")
-    joined = metric_rows(run_dir(tmp_path, "killed") / "metrics.csv", max_step=kill_at - 1)
-    resumed_rows = metric_rows(run_dir(tmp_path, "resumed") / "metrics.csv")
-    assert min(resumed_rows) == kill_at and not set(joined) & set(resumed_rows)
-    joined.update(resumed_rows)
+    # Resumed into the killed run's folder, that folder's metrics.csv alone must hold them all.
+    ref_csv = run_dir(ref_folder, "reference") / "metrics.csv"
+    ref_rows = metric_rows(ref_csv)
+    if version == "resumed":
+        joined = metric_rows(run_dir(tmp_path, "killed") / "metrics.csv", max_step=resume_step - 1)
+        resumed_rows = metric_rows(run_dir(tmp_path, "resumed") / "metrics.csv")
+        assert min(resumed_rows) == resume_step and not set(joined) & set(resumed_rows)
+        joined.update(resumed_rows)
+        assert metric_rows(run_dir(tmp_path, "killed") / "metrics.csv", warmup=True) == metric_rows(ref_csv, warmup=True)
+        assert metric_rows(run_dir(tmp_path, "resumed") / "metrics.csv", warmup=True) == {}
+    else:
+        joined = metric_rows(run_dir(tmp_path, "killed") / "metrics.csv")
     assert sorted(joined) == sorted(ref_rows) == list(range(MAX_STEPS))
     for step in ref_rows:
         assert joined[step] == ref_rows[step], step
-    columns = set().union(*resumed_rows.values())
-    warm = metric_rows(run_dir(tmp_path, "reference") / "metrics.csv", warmup=True)
-    assert metric_rows(run_dir(tmp_path, "killed") / "metrics.csv", warmup=True) == warm
-    assert metric_rows(run_dir(tmp_path, "resumed") / "metrics.csv", warmup=True) == {}
-    assert bool(warm) == ("--model.warmup" in sync)
+    assert bool(metric_rows(ref_csv, warmup=True)) == (setting is WARMUP)
+    columns = set().union(*joined.values())
     assert {"reward/mean", "val/acc", "train/lr", "train/skipped_steps", "grad/norm", "kl/init"} <= columns

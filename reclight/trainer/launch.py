@@ -1,0 +1,34 @@
+"""The ``reclight`` console script (and ``python -m reclight``): process-wide settings that must
+be made before torch is imported, then the CLI (:func:`reclight.trainer.cli.entrypoint`).
+
+OpenMP waiting. torch's CPU kernels run on GNU OpenMP, whose idle worker threads spin (busy-wait)
+for a while after each parallel region before they sleep. Alone on a machine that saves a wake-up
+per region; beside another such process on the same cores, every spinning thread steals the core
+the other process's working threads need, and both crawl. Measured on this project's 2-core
+machine, the main job shortened to 100 RL steps (docs/reliability.md, "Sharing the machine"):
+alone 85 s; beside a second copy 470 s each (5.5x, not the fair 2x). With
+``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep at once): alone 96 s, beside a copy 124 s (1.3x).
+So the console script sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment already sets it;
+``OMP_WAIT_POLICY=ACTIVE reclight fit ...`` restores the spinning (about 11% faster on a machine
+the run has to itself). It must be set before libgomp starts, i.e. before ``import torch``:
+this module imports nothing heavy before it does.
+"""
+
+from __future__ import annotations
+
+import os
+
+WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
+def configure_process() -> None:
+    """Set the OpenMP wait policy (see the module docstring) unless the user chose one."""
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY_DEFAULT)
+
+
+def entrypoint() -> None:
+    """The ``reclight`` console script."""
+    configure_process()
+    from reclight.trainer.cli import entrypoint as cli_entrypoint
+
+    cli_entrypoint()
