@@ -9,30 +9,11 @@ the exact expected-reward curve R_t (t = 0..steps):
 - ``drawdown``: max_t R_t - R_final (how much of its best it lost: instability).
 
 The seeds are paired (same environment and initial policy in both cells), so the statistic
-is the per-seed difference Delta = figure(a) - figure(b), reported as mean and a 95% normal
-interval [lo, hi] = mean +- 1.96 * sem. With delta = ``margin`` (one number for every claim,
-fixed before running), each row gets one of three verdicts (``VERDICTS``):
-
-============  ===================================  ======================================
-rule          ``yes`` (holds)                      ``no`` (contradicted)
-============  ===================================  ======================================
-``less``      mean < -delta and hi < 0             lo > -delta
-``greater``   mean > +delta and lo > 0             hi < +delta
-``alike``     -delta <= lo and hi <= +delta        hi < -delta or lo > +delta
-``not_worse`` lo > -delta                          hi < -delta
-============  ===================================  ======================================
-
-and ``inconclusive`` otherwise. Each rule states a region of the true Delta where the claim is
-true (``less``: Delta < -delta, a practically relevant drop; ``greater``: Delta > +delta;
-``alike``: -delta <= Delta <= +delta; ``not_worse``: Delta > -delta). ``yes`` is the rule as
-pre-registered; ``no`` means the WHOLE interval lies in the complement of that region, i.e. the
-data exclude every effect the claim allows (for ``less``/``greater``: even the smallest relevant
-effect, delta, lies outside the interval). The two verdicts are disjoint by construction.
-Boundaries: ``yes`` keeps its pre-registered (in)equalities (``alike`` inclusive, the others
-strict); ``no`` is always strict, so an interval that merely touches the margin (hi == +delta
-for ``greater``, lo == -delta for ``less``, hi == -delta for ``not_worse``, lo == +delta or
-hi == -delta for ``alike``) is ``inconclusive``, never evidence against. A NaN interval (one
-seed) is ``inconclusive``. Exact rows have no interval: a failed exact check is ``no``.
+is the per-seed difference Delta = figure(a) - figure(b). Its mean, 95% Student-t interval,
+the minimum seed count and the three-way verdict (yes / no / inconclusive) by the rules
+``less``, ``greater``, ``alike`` and ``not_worse`` with one margin fixed before running are
+those of :mod:`reclight.stats` (shared with ``reclight study``; its docstring has the table).
+Exact rows have no interval: a failed exact check is ``no``.
 """
 
 from __future__ import annotations
@@ -47,6 +28,7 @@ from torch import Tensor
 from bandits import exact
 from bandits.simulate import RunResult
 from reclight.algorithms import get_algorithm
+from reclight.stats import paired_verdict
 
 FIGURES: dict[str, Callable[[Tensor], Tensor]] = {
     "final": lambda r: r[-1],
@@ -55,10 +37,6 @@ FIGURES: dict[str, Callable[[Tensor], Tensor]] = {
     "drawdown": lambda r: r.max(0).values - r[-1],
 }
 """Per-seed figures of a reward curve ``[steps + 1, seeds] -> [seeds]``."""
-RULES = ("less", "greater", "alike", "not_worse")
-VERDICTS = ("yes", "no", "inconclusive")
-"""Holds by the rule / contradicted (interval wholly where the claim is false) / neither."""
-Z95 = 1.96
 
 
 @dataclass(frozen=True)
@@ -87,9 +65,22 @@ class Claim:
         return f"{self.figure}({a}) - {self.figure}({b})"
 
 
-def paper_claims(envs: list[str], settings: list[str], presets: list[str]) -> list[Claim]:
-    """The claims of ALGORITHMS.md section 5 that the given runs can test."""
+TRIVIAL = " [trivial: one update per batch, rho = 1]"
+"""Appended to the on-policy clipping claims of one-update runs: there every ratio is exactly 1,
+so IS = NoIS and no clipping band can act (the U > 1 cell gives these claims real verdicts)."""
+
+
+def paper_claims(envs: list[str], settings: list[str], presets: list[str],
+                 multi_setting: str | None = None) -> list[Claim]:
+    """The claims of ALGORITHMS.md section 5 that the given runs can test. ``multi_setting``
+    names the extra on-policy cell with several updates per batch, if it was run: the
+    clipping claims are then also tested there."""
     claims: list[Claim] = []
+    clip_settings = settings + ([multi_setting] if multi_setting else [])
+
+    def text(claim: str, setting: str) -> str:
+        return claim + (TRIVIAL if setting == "on_policy" else "")
+
     have = set(presets)
     off = [s for s in settings if s != "on_policy"]
     for env in envs:
@@ -100,16 +91,16 @@ def paper_claims(envs: list[str], settings: list[str], presets: list[str]) -> li
         for is_, nois in (("rec_oneside_is", "rec_oneside_nois"), ("rec_twoside_is", "rec_twoside_nois"),
                           ("rec_ring_is", "rec_ring_nois"), ("rec_oneside_is_wide", "rec_oneside_nois_wide")):
             if {is_, nois} <= have:
-                for s in settings:
-                    claims.append(Claim("IS and NoIS with the same clipping behave alike", env,
+                for s in clip_settings:
+                    claims.append(Claim(text("IS and NoIS with the same clipping behave alike", s), env,
                                         is_, s, nois, s, "auc", "alike"))
         for wide, narrow in (("rec_oneside_nois_wide", "rec_oneside_nois"),
                              ("rec_oneside_is_wide", "rec_oneside_is")):
             if not {wide, narrow} <= have:
                 continue
-            for s in ("on_policy", "periodic"):
-                if s in settings:
-                    claims.append(Claim("Enlarged clipping (0.6, 2.0) learns faster", env,
+            for s in ("on_policy", multi_setting, "periodic"):
+                if s in clip_settings:
+                    claims.append(Claim(text("Enlarged clipping (0.6, 2.0) learns faster", s), env,
                                         wide, s, narrow, s, "auc", "greater"))
             if "offline" in settings:
                 claims.append(Claim("Enlarged clipping offline: faster early", env,
@@ -124,61 +115,6 @@ def paper_claims(envs: list[str], settings: list[str], presets: list[str]) -> li
     return claims
 
 
-def decide(rule: str, mean: float, lo: float, hi: float, margin: float) -> bool:
-    """Apply one of ``RULES`` to a paired difference's mean and 95% interval [lo, hi]."""
-    if rule == "less":
-        return mean < -margin and hi < 0
-    if rule == "greater":
-        return mean > margin and lo > 0
-    if rule == "alike":
-        return -margin <= lo and hi <= margin
-    if rule == "not_worse":
-        return lo > -margin
-    raise ValueError(f"rule={rule!r} is not valid; accepted: {', '.join(RULES)}")
-
-
-def contradicted(rule: str, mean: float, lo: float, hi: float, margin: float) -> bool:
-    """Whether the whole 95% interval [lo, hi] lies where ``rule``'s claim is false (strict:
-    touching the margin is not enough). ``mean`` is unused (lo <= mean <= hi) but kept so the
-    signature matches :func:`decide`."""
-    if rule == "less":
-        return lo > -margin
-    if rule == "greater":
-        return hi < margin
-    if rule == "alike":
-        return hi < -margin or lo > margin
-    if rule == "not_worse":
-        return hi < -margin
-    raise ValueError(f"rule={rule!r} is not valid; accepted: {', '.join(RULES)}")
-
-
-def verdict(rule: str, mean: float, lo: float, hi: float, margin: float) -> str:
-    """``"yes"`` if :func:`decide` holds, ``"no"`` if :func:`contradicted`, else ``"inconclusive"``."""
-    if decide(rule, mean, lo, hi, margin):
-        return "yes"
-    if contradicted(rule, mean, lo, hi, margin):
-        return "no"
-    return "inconclusive"
-
-
-def count_verdicts(rows: list[dict]) -> dict[str, int]:
-    """``{"yes": n, "no": n, "inconclusive": n}`` over report rows."""
-    return {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
-
-
-def count_line(rows: list[dict]) -> str:
-    """``holds 50 / contradicted 3 / inconclusive 22 of 75``."""
-    c = count_verdicts(rows)
-    return f"holds {c['yes']} / contradicted {c['no']} / inconclusive {c['inconclusive']} of {len(rows)}"
-
-
-def mean_ci(x: Tensor) -> tuple[float, float, float]:
-    """Mean and 95% normal interval over seeds of ``x`` [seeds]."""
-    mean = x.mean().item()
-    half = Z95 * x.std().item() / math.sqrt(x.numel()) if x.numel() > 1 else math.nan
-    return mean, mean - half, mean + half
-
-
 def reward_curve(results: dict[tuple[str, str], RunResult], env: str, preset: str, setting: str) -> Tensor:
     """The exact expected-reward curve [steps + 1, seeds] of one cell."""
     res = results[(env, preset)]
@@ -186,18 +122,16 @@ def reward_curve(results: dict[tuple[str, str], RunResult], env: str, preset: st
 
 
 def evaluate(claim: Claim, results: dict[tuple[str, str], RunResult], margin: float) -> dict:
-    """One report row: the measured mean difference, its interval, its verdict (yes / no /
-    inconclusive) and ``holds`` (= verdict is yes)."""
+    """One report row: the measured mean difference, its 95% t-interval, the seed count, its
+    verdict (yes / no / inconclusive; inconclusive below ``reclight.stats.MIN_SEEDS`` seeds,
+    with ``why``) and ``holds`` (= verdict is yes)."""
     fig = FIGURES[claim.figure]
     delta = fig(reward_curve(results, claim.env, claim.preset_a, claim.setting_a)) - fig(
         reward_curve(results, claim.env, claim.preset_b, claim.setting_b)
     )
-    mean, lo, hi = mean_ci(delta)
-    return {
-        "claim": claim.text, "setting": claim.setting, "measured": claim.measured,
-        "rule": claim.rule, "mean": mean, "lo": lo, "hi": hi, "seeds": delta.numel(),
-        "verdict": (v := verdict(claim.rule, mean, lo, hi, margin)), "holds": v == "yes",
-    }
+    stats = paired_verdict(claim.rule, delta, margin)
+    return {"claim": claim.text, "setting": claim.setting, "measured": claim.measured, "rule": claim.rule,
+            **stats, "holds": stats["verdict"] == "yes"}
 
 
 def theory_checks() -> list[dict]:
@@ -212,7 +146,8 @@ def theory_checks() -> list[dict]:
     def row(claim: str, measured: str, value: float, holds: bool) -> None:
         rows.append({"claim": claim, "setting": "exact, 3-arm counterexample", "measured": measured,
                      "rule": "exact", "mean": value, "lo": math.nan, "hi": math.nan,
-                     "seeds": "exact", "verdict": "yes" if holds else "no", "holds": bool(holds)})
+                     "seeds": "exact", "verdict": "yes" if holds else "no", "why": "",
+                     "holds": bool(holds)})
 
     pi_off = exact.iterate_expected_reinforce(mu.log(), r, k, lr, iters, mu=mu)
     row("Expected REINFORCE on data from a fixed mu converges to arm 2",

@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 
 from bandits.envs import REWARD_NOISES, ChainEnv
 from bandits.simulate import OPTIMIZERS
-from reclight.algorithms import PRESETS
-from reclight.checks import check_choice, check_float, check_int, check_subset
+from reclight.algorithms import PAPER_PRESETS, PRESETS
+from reclight.stats import MIN_SEEDS
+from reclight.checks import check_choice, check_float, check_int, check_out_dir, check_subset
 from reclight.sync import PAPER_SETTINGS
 
 ENVS = ("bandit", "chain")
-
-
 
 
 @dataclass
@@ -83,7 +82,8 @@ class ClaimsConfig:
     """The claims suite: every preset x every off-policy setting x every environment."""
 
     seeds: int = 32
-    """Independent runs per (preset, setting, env), trained together as one tensor batch."""
+    """Independent runs per (preset, setting, env), trained together as one tensor batch
+    (verdicts need at least ``reclight.stats.MIN_SEEDS`` = 3; with 2 every row is inconclusive)."""
     steps: int = 200
     """Optimizer updates per run."""
     group_size: int = 8
@@ -92,15 +92,24 @@ class ClaimsConfig:
     """Learning rate on the logits."""
     optimizer: str = "adam"
     """``adam`` or ``sgd`` (both elementwise, so rows stay independent)."""
-    presets: list[str] = field(default_factory=lambda: list(PRESETS))
-    """Algorithms to run (names of ``reclight.algorithms.PRESETS``)."""
+    presets: list[str] = field(default_factory=lambda: list(PAPER_PRESETS))
+    """Algorithms to run (names of ``reclight.algorithms.PRESETS``; default: the paper's 14).
+    Presets that need a reference policy (``grpo_kl``) are not run by the bench, and the trainer-side
+    knobs of a preset (DAPO's overlong penalty: the bench's outcomes have no length) do not apply."""
     settings: list[str] = field(default_factory=lambda: list(PAPER_SETTINGS))
     """Off-policy settings (names of ``reclight.sync.PAPER_SETTINGS``)."""
+    multi_epochs: int = 1
+    """Epochs of the extra on-policy cell with several updates per batch (ALGORITHMS.md 6.1)."""
+    multi_mini_batches: int = 4
+    """Mini-batches of whole groups of that cell: with ``multi_epochs`` x ``multi_mini_batches``
+    = U > 1 updates per batch, every preset also runs on-policy with U updates, where the ratio
+    of update 2..U is no longer 1 and clipping and IS can act (1 x 1: no extra cell). Must divide
+    the groups per step of every environment (bandit: ``n_contexts``; chain: ``groups_per_step``)."""
     envs: list[str] = field(default_factory=lambda: list(ENVS))
     """Environments: ``bandit`` and/or ``chain``."""
     margin: float = 0.02
-    """delta, in reward units (rewards lie in [0, 1]): the practical-significance margin of
-    every claim rule. Fixed before any run; never tuned per claim."""
+    """delta, in reward units (rewards lie in [0, 1]; 0 < margin < 1): the practical-significance
+    margin of every claim rule. Fixed before any run; never tuned per claim."""
     seed: int = 0
     """Base seed: seed n of a run uses environment and initial policy n + seed."""
     out_dir: str = "reports/bandits"
@@ -111,16 +120,36 @@ class ClaimsConfig:
     """The chain walk."""
 
     def __post_init__(self) -> None:
-        check_int("seeds", self.seeds, minimum=2)
+        check_int("seeds", self.seeds, minimum=2,
+                  accepted=f"an integer >= 2 (verdicts need >= {MIN_SEEDS} paired seeds; fewer give inconclusive rows)")
         check_int("steps", self.steps, minimum=4)
         check_int("group_size", self.group_size, minimum=2)
         check_float("lr", self.lr, gt=0, accepted="a number > 0")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_subset("presets", self.presets, list(PRESETS))
+        check_subset("presets", self.presets, [p for p in PRESETS if not PRESETS[p].needs_reference])
         check_subset("settings", self.settings, list(PAPER_SETTINGS))
         check_subset("envs", self.envs, ENVS)
-        check_float("margin", self.margin, gt=0, accepted="a number > 0")
+        check_float("margin", self.margin, gt=0, lt=1,
+                    accepted="0 < margin < 1 (reward units: every claim figure lies in [0, 1], so a margin "
+                    ">= 1 makes every greater/less claim unreachable and every alike claim hold)")
+        check_int("seed", self.seed, minimum=0)
+        check_int("multi_epochs", self.multi_epochs, minimum=1)
+        check_int("multi_mini_batches", self.multi_mini_batches, minimum=1)
+        check_out_dir("out_dir", self.out_dir)
         if isinstance(self.bandit, dict):  # built from a plain dict (e.g. tests)
             self.bandit = BanditConfig(**self.bandit)
         if isinstance(self.chain, dict):
             self.chain = ChainConfig(**self.chain)
+        groups = {"bandit": self.bandit.n_contexts, "chain": self.chain.groups_per_step}
+        for env in self.envs:
+            if groups[env] % self.multi_mini_batches:
+                raise ValueError(
+                    f"multi_mini_batches={self.multi_mini_batches} is not valid with {env}'s {groups[env]} groups "
+                    f"per step; accepted: a divisor of {groups[env]}")
+
+    @property
+    def multi_setting(self) -> str | None:
+        """The name of the extra on-policy cell with U > 1 updates per batch (None: no such cell)."""
+        if self.multi_epochs * self.multi_mini_batches == 1 or "on_policy" not in self.settings:
+            return None
+        return f"on_policy_{self.multi_epochs}x{self.multi_mini_batches}"

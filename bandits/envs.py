@@ -24,21 +24,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from reclight.checks import check_choice, check_float, check_int
+
 REWARD_NOISES = ("bernoulli", "none")
 BANDIT_ID = "reclight/ContextualBandit-v0"
 CHAIN_ID = "reclight/Chain-v0"
 LEFT, STAY, RIGHT = 0, 1, 2
-
-
-def _check_noise(field: str, value: str) -> None:
-    if value not in REWARD_NOISES:
-        raise ValueError(f"{field}={value!r} is not valid; accepted: {', '.join(REWARD_NOISES)}")
-
-
-def _check_int(field: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field}={value!r} is not valid; accepted: an integer >= {minimum}")
-    return value
 
 
 def _draw(rng: np.random.Generator, mean: float, noise: str) -> float:
@@ -67,9 +58,9 @@ class ContextualBanditEnv(gym.Env):
         reward_noise: str = "bernoulli",
         problem_seed: int = 0,
     ) -> None:
-        _check_int("n_contexts", n_contexts, 1)
-        _check_int("n_arms", n_arms, 2)
-        _check_noise("reward_noise", reward_noise)
+        n_contexts = check_int("n_contexts", n_contexts, minimum=1)
+        n_arms = check_int("n_arms", n_arms, minimum=2)
+        check_choice("reward_noise", reward_noise, REWARD_NOISES)
         if reward_means is None:
             reward_means = np.random.default_rng(problem_seed).random((n_contexts, n_arms))
         reward_means = np.asarray(reward_means, dtype=np.float64)
@@ -123,14 +114,12 @@ class ChainEnv(gym.Env):
         right_reward: float = 1.0,
         reward_noise: str = "bernoulli",
     ) -> None:
-        _check_int("length", length, 3)
-        _check_int("horizon", horizon, 1)
-        if not (isinstance(start, int) and 0 < start < length - 1):
-            raise ValueError(f"start={start!r} is not valid; accepted: an integer in [1, {length - 2}]")
-        for field, value in (("left_reward", left_reward), ("right_reward", right_reward)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{field}={value!r} is not valid; accepted: a number in [0, 1]")
-        _check_noise("reward_noise", reward_noise)
+        length = check_int("length", length, minimum=3)
+        horizon = check_int("horizon", horizon, minimum=1)
+        start = check_int("start", start, minimum=1, maximum=length - 2)
+        left_reward = check_float("left_reward", left_reward, ge=0, le=1, accepted="a number in [0, 1]")
+        right_reward = check_float("right_reward", right_reward, ge=0, le=1, accepted="a number in [0, 1]")
+        check_choice("reward_noise", reward_noise, REWARD_NOISES)
         self.length, self.start, self.horizon = length, start, horizon
         self.reward_noise = reward_noise
         self.final_reward_means = np.zeros(length)  # [L]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bandits.config import ClaimsConfig
+from reclight.stats import MIN_SEEDS, rules_table, t_quantile
 from reclight.sync import resolve_setting
 
 
@@ -33,19 +34,16 @@ def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
         "`final` = R at the last step, `auc` = mean of R_t over steps, `early` = R at step "
         "steps/4, `drawdown` = max_t R_t - R_final.",
         "- Statistic: per-seed paired difference Delta of the figure between the two cells; "
-        "mean and 95% interval mean ± 1.96 sem over seeds.",
+        f"mean and 95% Student-t interval mean ± t sd/sqrt(n) over the n = {cfg.seeds} seeds "
+        f"(t_0.975,{cfg.seeds - 1} = {t_quantile(0.975, cfg.seeds - 1):.3f}; `reclight.stats`). "
+        f"Rows with fewer than {MIN_SEEDS} seeds get no verdict (inconclusive).",
         f"- Verdicts, with one margin delta = {cfg.margin} reward units fixed before running "
         "(never tuned per claim), interval [lo, hi]: **yes** = holds by the pre-registered rule; "
         "**no** = contradicted, the whole interval lies where the claim is false; "
         "**inconclusive** = neither (the interval is too wide, or straddles the margin). "
         "`exact` rows are closed-form checks, no seeds: yes or no.",
         "",
-        "| rule | claim true when (true Delta) | yes (holds) | no (contradicted) |",
-        "|---|---|---|---|",
-        "| less | Delta < -delta | mean < -delta and hi < 0 | lo > -delta |",
-        "| greater | Delta > +delta | mean > +delta and lo > 0 | hi < +delta |",
-        "| alike | -delta ≤ Delta ≤ +delta | -delta ≤ lo and hi ≤ +delta | hi < -delta or lo > +delta |",
-        "| not_worse | Delta > -delta | lo > -delta | hi < -delta |",
+        *rules_table(),
         "",
         "Boundaries: yes keeps the pre-registered (in)equalities (alike inclusive, the others "
         "strict); no is always strict, so an interval that only touches the margin is "
@@ -55,11 +53,15 @@ def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
 
 def notes(cfg: ClaimsConfig) -> list[str]:
     return [
-        "- On-policy (k=1, d=0) every batch is consumed by exactly one update, so rho = 1 "
-        "exactly: no clipping mask ever fires and IS = NoIS. All REC variants are then the same "
-        "algorithm as REINFORCE (identical curves with paired seeds), so 'IS alike NoIS' holds "
-        "trivially and 'enlarged clipping learns faster on-policy' cannot hold on this bench. "
-        "The paper's on-policy runs split each batch into several updates; this bench does not.",
+        "- On-policy (k=1, d=0) with one update per batch, rho = 1 exactly: no clipping mask ever "
+        "fires and IS = NoIS. All REC variants are then the same algorithm as REINFORCE (identical "
+        "curves with paired seeds), so 'IS alike NoIS' holds trivially and 'enlarged clipping learns "
+        "faster on-policy' cannot hold; those rows are kept, marked [trivial ...]. "
+        + (f"The `{cfg.multi_setting}` cell is on-policy with {cfg.multi_epochs} epoch(s) x "
+           f"{cfg.multi_mini_batches} mini-batches = {cfg.multi_epochs * cfg.multi_mini_batches} updates "
+           "per batch, as the paper's on-policy runs (and every peer) train: from the second update "
+           "of a batch on rho != 1, so the same claims get real verdicts there."
+           if cfg.multi_setting else "No cell with several updates per batch was run (multi_mini_batches = 1)."),
         "- A tabular policy has no parameter sharing: pushing down one sampled outcome cannot "
         "drag others along, which is one mechanism of REINFORCE's off-policy collapse in LLMs. "
         "Where a claim fails here, it fails for this mechanism-free setting only.",

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from bandits.claims import count_line, count_verdicts, evaluate, mean_ci, paper_claims, theory_checks
+from bandits.claims import evaluate, paper_claims, theory_checks
 from bandits.config import ClaimsConfig
 from bandits.problems import TabularProblem, bandit_problem, chain_problem
 from bandits.simulate import RunResult, run_preset
 from reclight.algorithms import get_algorithm
+from reclight.stats import LEVEL, count_line, count_verdicts, mean_ci, t_quantile
 from reclight.sync import resolve_setting
 
 
@@ -44,6 +45,13 @@ def run_all(cfg: ClaimsConfig, log=print) -> dict[tuple[str, str], RunResult]:
             start = time.perf_counter()
             res = run_preset(problem, get_algorithm(preset), preset, settings, init, steps=cfg.steps,
                              group_size=cfg.group_size, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed)
+            if cfg.multi_setting is not None:  # on-policy again, U > 1 updates per batch: one more column
+                multi = run_preset(problem, get_algorithm(preset), preset, {cfg.multi_setting: settings["on_policy"]},
+                                   init, steps=cfg.steps, group_size=cfg.group_size, lr=cfg.lr,
+                                   optimizer=cfg.optimizer, seed=cfg.seed, epochs=cfg.multi_epochs,
+                                   mini_batches=cfg.multi_mini_batches)
+                res = RunResult(preset, res.problem, res.settings + multi.settings,
+                                {k: torch.cat([v, multi.history[k]], 1) for k, v in res.history.items()})
             results[(env, preset)] = res
             done += 1
             final = res.history["reward/expected"][-1].mean(-1)
@@ -71,14 +79,16 @@ def claims_table(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['mean']:.3g}" if r["rule"] == "exact" else _fmt(r["mean"])
+        cell = VERDICT_CELL[r["verdict"]] + (f" ({r['why']})" if r.get("why") else "")
         lines.append(f"| {r['claim']} | {r['setting']} | {r['measured']} | {r['rule']} | {value} | "
-                     f"{_ci(r)} | {r['seeds']} | {VERDICT_CELL[r['verdict']]} |")
+                     f"{_ci(r)} | {r['seeds']} | {cell} |")
     return lines
 
 
 def results_matrix(cfg: ClaimsConfig, results: dict, env: str) -> list[str]:
     """Final expected reward (mean +- 95% half-width), final entropy and mean clip fraction."""
-    lines = ["| preset | " + " | ".join(cfg.settings) + " |", "|---|" + "---|" * len(cfg.settings)]
+    columns = results[(env, cfg.presets[0])].settings
+    lines = ["| preset | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for preset in cfg.presets:
         res = results[(env, preset)]
         cells = []
@@ -93,7 +103,7 @@ def results_matrix(cfg: ClaimsConfig, results: dict, env: str) -> list[str]:
 
 def plot_settings(cfg: ClaimsConfig, results: dict, out: Path) -> list[Path]:
     """One PNG per setting: expected reward vs step, one panel per env, one line per preset
-    (mean over seeds, shaded 95% interval)."""
+    (mean over seeds, shaded 95% t-interval of the mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +111,8 @@ def plot_settings(cfg: ClaimsConfig, results: dict, out: Path) -> list[Path]:
 
     paths = []
     colors = plt.get_cmap("tab20")
-    for si, setting in enumerate(cfg.settings):
+    t = t_quantile((1 + LEVEL) / 2, cfg.seeds - 1)
+    for si, setting in enumerate(results[(cfg.envs[0], cfg.presets[0])].settings):
         fig, axes = plt.subplots(1, len(cfg.envs), figsize=(6.5 * len(cfg.envs), 4.5), squeeze=False)
         for ax, env in zip(axes[0], cfg.envs):
             for pi, preset in enumerate(cfg.presets):
@@ -109,7 +120,7 @@ def plot_settings(cfg: ClaimsConfig, results: dict, out: Path) -> list[Path]:
                 mean, sem = curve.mean(-1), curve.std(-1) / math.sqrt(curve.shape[-1])
                 steps = torch.arange(curve.shape[0])
                 ax.plot(steps, mean, color=colors(pi % 20), lw=1.2, label=preset)
-                ax.fill_between(steps, mean - 1.96 * sem, mean + 1.96 * sem, color=colors(pi % 20), alpha=0.15)
+                ax.fill_between(steps, mean - t * sem, mean + t * sem, color=colors(pi % 20), alpha=0.15)
             ax.set_title(f"{env} / {setting}")
             ax.set_xlabel("training step")
             ax.set_ylabel("exact expected reward")
@@ -141,7 +152,7 @@ def _run_claims(cfg: ClaimsConfig, log) -> Path:
     log("theory checks (exact, 3-arm counterexample) ...")
     rows = theory_checks()
     results = run_all(cfg, log)
-    claims = paper_claims(cfg.envs, cfg.settings, cfg.presets)
+    claims = paper_claims(cfg.envs, cfg.settings, cfg.presets, cfg.multi_setting)
     rows += [evaluate(c, results, cfg.margin) for c in claims]
     plots = plot_settings(cfg, results, out)
     wall = time.perf_counter() - start
@@ -163,6 +174,24 @@ def _config_dict(cfg: ClaimsConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def kl_section() -> list[str]:
+    """The exact estimator table of ALGORITHMS.md 6.3 (``bandits.kl_table``), with how to read it."""
+    from bandits.kl_table import kl_estimator_table, kl_table_markdown
+
+    return [
+        "Expected gradient of each KL estimator of `reclight.losses.kl_terms` (the trainer's reference-KL "
+        "term), enumerated over the 6 arms of one random context (float64; pi, ref and the behaviour "
+        "policy mu drawn independently), against the exact gradients of KL(pi||ref) and KL(ref||pi). "
+        "Cosine 1 and relative error 0: the estimator's gradient IS that KL's gradient.",
+        "",
+        *kl_table_markdown(kl_estimator_table()),
+        "",
+        "Read: on-policy (or importance-weighted) k1's expected gradient is zero, k2's is grad KL(pi||ref) "
+        "and k3's is grad KL(ref||pi), the reverse KL, not the KL it estimates; on off-policy samples "
+        "without the weight none of them follows either KL (docs/llm.md, 'Which KL').",
+    ]
+
+
 def render(cfg: ClaimsConfig, rows: list[dict], results: dict, plots: list[Path], wall: float) -> list[str]:
     """The markdown report (see docs/bandits.md for how to read it)."""
     from bandits.report_text import header, notes
@@ -172,6 +201,7 @@ def render(cfg: ClaimsConfig, rows: list[dict], results: dict, plots: list[Path]
     for env in cfg.envs:
         lines += ["", f"## Final expected reward, {env} (mean ± 95% half-width; final entropy H; "
                       "mean clip fraction)", ""] + results_matrix(cfg, results, env)
+    lines += ["", "## Which KL does each estimator's gradient follow? (exact, no seeds)", ""] + kl_section()
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## Notes", ""] + notes(cfg)
     return lines

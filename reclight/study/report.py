@@ -1,0 +1,305 @@
+"""``reclight study report DIR``: aggregate the run folders of a study, whoever ran them, into
+``report.md``, ``summary.json`` and one PNG per setting.
+
+A run is read from its own files only (``runs/<setting>/<arm>/seed<S>/logs/metrics.csv`` and
+``logs/config.yaml``): the held-out accuracy ``val/acc`` at RL step 0 (logged at the start of
+RL) and then every ``trainer.val_check_interval`` steps, and the per-step ``clip/frac``,
+``policy/entropy``, ``kl/init``. A run is complete when it has all ``1 + max_steps /
+val_check_interval`` evaluations; incomplete or missing runs are listed and left out of the
+statistics (a claim row then has fewer paired seeds, and below ``reclight.stats.MIN_SEEDS`` no
+verdict).
+
+Per-seed statistics of an accuracy curve a_0 (step 0), a_1, ..., a_n (``STATISTICS`` in
+:mod:`reclight.study.config`): ``final`` (mean of the last ``last_evals`` of a_1..a_n), ``auc``
+(mean of a_1..a_n), ``early`` (mean of the a_k at steps in (0, max_steps / 4]), ``drawdown``
+(max_k of max_{j<=k} a_j - a_k), ``collapsed`` (1 if final < collapse_floor). A claim row is the
+paired difference over the seeds both cells completed, its 95% t-interval and verdict
+(:func:`reclight.stats.paired_verdict`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reclight.stats import LEVEL, MIN_SEEDS, count_line, count_verdicts, mean_ci, paired_verdict, rules_table
+from reclight.study.config import STATISTICS, StudyConfig, claim_cells, load_study
+from reclight.study.plan import LOGS, run_folder, warmup_folder
+
+SERIES = ("clip/frac", "policy/entropy", "kl/init", "reward/mean")
+"""Per-step training metrics kept for the plots and the cell table."""
+STUDY_FILE = "study.yaml"
+
+
+@dataclass
+class RunData:
+    """What one run folder holds."""
+
+    folder: Path
+    evals: list[tuple[int, float]] = field(default_factory=list)
+    """(RL step, val/acc): step 0, then every val_check_interval steps."""
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    max_steps: int | None = None
+    val_check_interval: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        if not self.max_steps or not self.val_check_interval:
+            return False
+        return len(self.evals) == 1 + self.max_steps // self.val_check_interval
+
+    @property
+    def acc(self) -> list[float]:
+        return [a for _, a in self.evals]
+
+
+def _float(x: str | None) -> float | None:
+    if x is None or x == "":
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def read_run(folder: Path) -> RunData:
+    """Read one run folder (missing files give an empty, incomplete :class:`RunData`)."""
+    import yaml
+
+    run = RunData(Path(folder))
+    logs = Path(folder) / LOGS
+    try:
+        conf = yaml.safe_load((logs / "config.yaml").read_text())
+        run.max_steps = int(conf["trainer"]["max_steps"])
+        run.val_check_interval = int(conf["trainer"]["val_check_interval"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return run
+    try:
+        with open(logs / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return run
+    acc = [_float(r.get("val/acc")) for r in rows]
+    # The first val/acc row is the start of RL (logged at step 0); the k-th periodic one is the
+    # evaluation after k * val_check_interval steps.
+    run.evals = [(k * run.val_check_interval, a) for k, a in enumerate(a for a in acc if a is not None)]
+    for key in SERIES:
+        run.series[key] = [(int(r["step"]), v) for r in rows if r.get("reward/mean") and (v := _float(r.get(key)))
+                           is not None]
+    return run
+
+
+def run_statistics(run: RunData, cfg: StudyConfig) -> dict[str, float]:
+    """Every statistic of ``STATISTICS`` for one complete run."""
+    a = run.acc
+    periodic = a[1:] or a
+    final = statistics.fmean(periodic[-cfg.last_evals:])
+    quarter = [acc for step, acc in run.evals[1:] if step <= run.max_steps / 4] or periodic[:1]
+    best, drop = -math.inf, 0.0
+    for x in a:
+        best = max(best, x)
+        drop = max(drop, best - x)
+    return {"final": final, "auc": statistics.fmean(periodic), "early": statistics.fmean(quarter),
+            "drawdown": drop, "collapsed": float(final < cfg.collapse_floor), "before": a[0]}
+
+
+def _tail_mean(points: list[tuple[int, float]], n: int = 20) -> float:
+    return statistics.fmean(v for _, v in points[-n:]) if points else math.nan
+
+
+def collect(cfg: StudyConfig) -> dict[tuple[str, str], dict[int, RunData]]:
+    """``{(setting, arm): {seed: RunData}}`` for every planned run folder."""
+    return {(s, a): {seed: read_run(run_folder(cfg, s, a, seed)) for seed in cfg.seeds} for s, a in cfg.cells()}
+
+
+def claim_rows(cfg: StudyConfig, runs: dict[tuple[str, str], dict[int, RunData]]) -> list[dict[str, Any]]:
+    """One row per claim and setting: the paired difference, its interval and verdict."""
+    rows = []
+    for claim in cfg.claims:
+        for (arm_a, set_a), (arm_b, set_b) in claim_cells(cfg, claim):
+            cell_a, cell_b = runs[(set_a, arm_a)], runs[(set_b, arm_b)]
+            seeds = [s for s in cfg.seeds if cell_a[s].complete and cell_b[s].complete]
+            deltas = [run_statistics(cell_a[s], cfg)[claim.statistic] - run_statistics(cell_b[s], cfg)[claim.statistic]
+                      for s in seeds]
+            left, right = (arm_a, arm_b) if arm_a != arm_b else (set_a, set_b)
+            setting = set_a if set_a == set_b else f"{set_a} vs {set_b}"
+            rows.append({"claim": claim.text, "setting": setting, "statistic": claim.statistic,
+                         "measured": f"{claim.statistic}({left}) - {claim.statistic}({right})", "rule": claim.rule,
+                         "a": f"{arm_a}@{set_a}", "b": f"{arm_b}@{set_b}", "paired_seeds": seeds, "deltas": deltas,
+                         **paired_verdict(claim.rule, deltas, cfg.margin)})
+    return rows
+
+
+def cell_summary(cfg: StudyConfig, cell: dict[int, RunData]) -> dict[str, Any]:
+    done = [r for r in cell.values() if r.complete]
+    per_seed = {s: run_statistics(r, cfg) for s, r in cell.items() if r.complete}
+    out: dict[str, Any] = {"seeds_complete": len(done), "per_seed": per_seed}
+    for key in list(STATISTICS) + ["before"]:
+        out[key] = mean_ci([p[key] for p in per_seed.values()])
+    out["clip_frac"] = statistics.fmean(v for r in done for _, v in r.series["clip/frac"]) if done else math.nan
+    for key, name in (("policy/entropy", "entropy_last20"), ("kl/init", "kl_init_last20")):
+        out[name] = statistics.fmean(_tail_mean(r.series[key]) for r in done) if done else math.nan
+    return out
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def _signed(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:+.1f}"
+
+
+VERDICT_CELL = {"yes": "holds", "no": "**contradicted**", "inconclusive": "inconclusive"}
+
+
+def claims_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown rows; differences and intervals in accuracy points (x 100)."""
+    lines = ["| claim | setting | statistic (Delta = a - b) | rule | mean Delta | 95% CI | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = "-" if math.isnan(r["lo"]) else f"[{_signed(r['lo'])}, {_signed(r['hi'])}]"
+        verdict = VERDICT_CELL[r["verdict"]] + (f" ({r['why']})" if r["why"] else "")
+        lines.append(f"| {r['claim']} | {r['setting']} | {r['measured']} | {r['rule']} | {_signed(r['mean'])} | {ci} | "
+                     f"{r['seeds']} | {verdict} |")
+    return lines
+
+
+def cells_table(cfg: StudyConfig, setting: str, cells: dict[str, dict[str, Any]]) -> list[str]:
+    lines = ["| arm | preset | seeds | before | final (± 95% half-width) | auc | early | drawdown | collapsed | "
+             "clip frac | entropy (last 20 steps) | kl/init (last 20 steps) |", "|---" * 12 + "|"]
+    for arm in cfg.arms:
+        if arm.name not in cells:
+            continue
+        c = cells[arm.name]
+        m, lo, _ = c["final"]
+        half = "" if math.isnan(lo) else f" ± {100 * (m - lo):.1f}"
+        collapsed = sum(p["collapsed"] for p in c["per_seed"].values())
+        lines.append(f"| {arm.name} | {arm.preset} | {c['seeds_complete']} | {_pct(c['before'][0])} | {_pct(m)}{half} | "
+                     f"{_pct(c['auc'][0])} | {_pct(c['early'][0])} | {_pct(c['drawdown'][0])} | "
+                     f"{collapsed:.0f}/{c['seeds_complete']} | {c['clip_frac']:.3f} | {c['entropy_last20']:.3f} | "
+                     f"{c['kl_init_last20']:.4f} |")
+    return lines
+
+
+def _overrides_text(values: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in values.items())
+
+
+def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups: dict, plots: list[Path],
+           command: str) -> list[str]:
+    done = sum(r.complete for cell in runs.values() for r in cell.values())
+    total = sum(len(cell) for cell in runs.values())
+    some = next((r for cell in runs.values() for r in cell.values() if r.complete), None)
+    steps = f"{some.max_steps} RL steps, held-out evaluation every {some.val_check_interval}" if some else "no run finished"
+    lines = [
+        f"# Study `{cfg.name}`: the paper's off-policy claims on a tiny LLM",
+        "",
+        f"Produced by `{command}`. Runs complete: {done} of {total}. **Verdicts: {count_line(rows)}.**",
+        "",
+        "## What was run",
+        "",
+        f"- Base (every run): {', '.join(f'`{b}`' for b in cfg.base)}"
+        + (f", then {_overrides_text(cfg.base_overrides)}" if cfg.base_overrides else "") + f"; {steps}.",
+        f"- Seeds {list(cfg.seeds)}, paired: every arm of seed S starts from the one warm-up of seed S "
+        "(`warmup/seed<S>/`, the same weights bitwise) and samples with seed S.",
+    ]
+    if warmups:
+        lines.append("- Warm-ups: " + "; ".join(
+            f"seed {s}: {w['warmup/steps']:.0f} steps to check-set accuracy {100 * w['warmup/acc']:.1f}%"
+            for s, w in sorted(warmups.items())) + ".")
+    lines += [
+        "- Settings (`model.sync`): " + ", ".join(f"`{s.name}` ({s.describe()})" for s in cfg.settings) + ".",
+        "- Arms: " + "; ".join(f"`{a.name}` = preset `{a.preset}`"
+                               + (f" + {_overrides_text(a.overrides)}" if a.overrides else "")
+                               + (f" + configs {', '.join(a.configs)}" if a.configs else "")
+                               + (f" (settings: {', '.join(a.settings)})" if a.settings is not None else "")
+                               for a in cfg.arms) + ".",
+        "- Statistics, per seed, of the held-out greedy accuracy curve (`val/acc`; in accuracy points below): "
+        + "; ".join(f"`{k}` = {v}" for k, v in STATISTICS.items()).replace("`last_evals`", str(cfg.last_evals))
+        .replace("`collapse_floor`", f"{100 * cfg.collapse_floor:.0f}%") + ".",
+        f"- Statistic of a claim: the per-seed paired difference Delta = statistic(a) - statistic(b) over the seeds "
+        f"both cells completed; mean and {100 * LEVEL:.0f}% Student-t interval (`reclight.stats`, the bandit bench's "
+        f"code). Fewer than {MIN_SEEDS} paired seeds: no verdict (inconclusive).",
+        f"- Verdicts, with one margin delta = {100 * cfg.margin:g} accuracy points fixed in the study config before "
+        "running: **holds** = the pre-registered rule holds; **contradicted** = the whole interval lies where the "
+        "claim is false; **inconclusive** = neither.",
+        "",
+        *rules_table(),
+        "",
+        "## Claims",
+        "",
+        *claims_table(rows),
+    ]
+    for setting in cfg.settings:
+        if setting.name in cells:
+            lines += ["", f"## Cells: `{setting.name}` ({setting.describe()})", "",
+                      *cells_table(cfg, setting.name, cells[setting.name])]
+    lines += ["", "## Plots", "", "Per setting: held-out accuracy (mean over seeds, band = min..max over seeds), "
+              "clip fraction, entropy and `kl/init` (10-step moving averages, mean over seeds).", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    missing = [f"`{r.folder}`" for cell in runs.values() for r in cell.values() if not r.complete]
+    lines += ["", "## Runs", "",
+              "Each run folder holds `run.json` with its exact `reclight fit` command (`reclight study --config ... "
+              "--dry-run` prints them all); `reclight study report DIR` rebuilds this report from the folders."]
+    if missing:
+        lines += ["", f"Incomplete or missing ({len(missing)}): " + ", ".join(missing) + "."]
+    return lines
+
+
+def _clean(x: Any) -> Any:
+    """JSON-ready: NaN -> null, tuples -> lists, paths and other objects -> strings."""
+    if isinstance(x, float):
+        return None if math.isnan(x) else x
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    return str(x)
+
+
+def _warmups(cfg: StudyConfig) -> dict[int, dict[str, Any]]:
+    out = {}
+    for seed in cfg.seeds:
+        path = warmup_folder(cfg, seed) / "warmup.json"
+        if path.is_file():
+            out[seed] = json.loads(path.read_text())
+    return out
+
+
+def write_report(folder: str | Path, command: str | None = None, log=print) -> Path:
+    """Aggregate the study in ``folder`` (its ``study.yaml`` and run folders) into
+    ``report.md``, ``summary.json`` and ``<setting>.png``; returns the report's path."""
+    folder = Path(folder)
+    study = folder / STUDY_FILE
+    if not study.is_file():
+        raise ValueError(f"DIR={str(folder)!r} is not valid; accepted: a study folder holding {STUDY_FILE} "
+                         "(written by `reclight study --config ...`, also with --dry-run)")
+    cfg = load_study(study, {"out_dir": str(folder)}, check_files=False)
+    runs = collect(cfg)
+    rows = claim_rows(cfg, runs)
+    cells: dict[str, dict[str, Any]] = {}
+    for (setting, arm), cell in runs.items():
+        cells.setdefault(setting, {})[arm] = cell_summary(cfg, cell)
+    from reclight.study.plots import plot_settings
+
+    plots = plot_settings(cfg, runs, folder)
+    warmups = _warmups(cfg)
+    command = command or f"reclight study report {folder}"
+    report = folder / "report.md"
+    report.write_text("\n".join(render(cfg, rows, cells, runs, warmups, plots, command)) + "\n")
+    curves: dict[str, dict[str, dict[str, list]]] = {}
+    for (setting, arm), cell in runs.items():
+        curves.setdefault(setting, {})[arm] = {str(seed): r.evals for seed, r in cell.items() if r.complete}
+    summary = {"study": cfg.to_dict(), "counts": count_verdicts(rows), "counts_line": count_line(rows),
+               "min_seeds": MIN_SEEDS, "rows": rows,
+               "cells": cells, "curves": curves, "warmups": warmups,
+               "runs": [{"folder": str(r.folder), "complete": r.complete} for cell in runs.values() for r in cell.values()]}
+    (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
+    log(f"{count_line(rows)}; wrote {report}, summary.json and {len(plots)} plot(s)")
+    return report

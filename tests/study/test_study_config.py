@@ -1,0 +1,121 @@
+"""The study config is validated before any run starts or any file is written: each bad config
+below is an error naming the field, the value and what is accepted; every shipped study YAML
+parses, arms included, through the real ``reclight fit`` parser."""
+
+from pathlib import Path
+
+import pytest
+from study_helpers import ROOT, micro_study, write_study
+
+from reclight.study.cli import main
+from reclight.study.config import load_study, study_from_dict
+from reclight.study.plan import make_plan, validate_commands
+
+SHIPPED = sorted((ROOT / "configs" / "study").glob("*.yaml"))
+
+
+def _claim(**kw):
+    return [{"text": "t", "a": "clip", "b": "reinforce", "statistic": "final", "rule": "not_worse", **kw}]
+
+
+BAD = [
+    # (changes, message fragment)
+    ({"arms": {"clip": {"preset": "ppo"}}}, "arms.clip.preset='ppo' is not valid; accepted: reinforce, grpo"),
+    ({"settings": ["weekly"]}, "settings[0]='weekly' is not valid; accepted: one of on_policy, periodic, lag, offline"),
+    ({"claims": _claim(a="clip", b="ppo_arm")},
+     "claims[0].b='ppo_arm' is not valid; accepted: an arm of the study: reinforce, clip"),
+    ({"claims": _claim(a="clip@lag")}, "claims[0].a='clip@lag' is not valid; accepted: 'clip@<setting>' with a "
+     "setting of the study: periodic"),
+    ({"seeds": []}, "seeds=[] is not valid; accepted: a non-empty list of distinct integers >= 0"),
+    ({"seeds": [0, 0]}, "seeds=[0, 0] is not valid; accepted: distinct integers >= 0"),
+    ({"seeds": [-1]}, "seeds[0]=-1 is not valid; accepted: an integer >= 0"),
+    ({"margin": 1e9}, "margin=1000000000.0 is not valid; accepted: 0 < margin < 1 (accuracy units"),
+    ({"margin": float("nan")}, "margin=nan is not valid; accepted: 0 < margin < 1"),
+    ({"claims": _claim(statistic="median")}, "claims[0].statistic='median' is not valid; accepted: final, auc, early, "
+     "drawdown, collapsed"),
+    ({"claims": _claim(rule="most")}, "claims[0].rule='most' is not valid; accepted: less, greater, alike, not_worse"),
+    ({"claims": _claim(a="clip@periodic", b="clip@periodic")}, "claims[0]='clip@periodic vs itself' is not valid"),
+    ({"arms": {"clip": {"preset": "rec_oneside_nois", "settings": ["lag"]}}},
+     "arms.clip.settings[0]='lag' is not valid; accepted: a setting of the study: periodic"),
+    ({"arms": {"clip": {"preset": "rec_oneside_nois", "overrides": {"model.sync": {"sync_interval": 2}}}}},
+     "arms.clip.overrides.model.sync={'sync_interval': 2} is not valid; accepted: any key but model.algorithm"),
+    ({"arms": {"clip": {"preset": "rec_oneside_nois", "temperature": 2}}},
+     "arms.clip.temperature=2 is not valid; accepted: no such field; arms.clip accepts preset, overrides, configs, "
+     "settings"),
+    ({"arms": {"my arm": "reinforce"}}, "arms key='my arm' is not valid; accepted: a name of letters"),
+    ({"arms": {}}, "arms={} is not valid; accepted: a non-empty mapping"),
+    ({"base": ["configs/nope.yaml"]}, "base='configs/nope.yaml' is not valid; accepted: an existing config file"),
+    ({"workers": 0}, "workers=0 is not valid; accepted: None or an integer >= 1"),
+    ({"seeds_per_cell": 3}, "the study config.seeds_per_cell=3 is not valid; accepted: no such field"),
+    ({"settings": ["periodic", {"name": "periodic", "sync_interval": 5}]},
+     "settings[1].name='periodic' is not valid; accepted: a name other than the paper's"),
+]
+
+
+@pytest.mark.parametrize("changes,needle", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_study_config_is_named(tmp_path, changes, needle):
+    with pytest.raises(ValueError) as err:
+        study_from_dict(micro_study(tmp_path, **changes))
+    assert needle in str(err.value)
+
+
+def test_bad_config_through_the_cli_writes_nothing(tmp_path, capsys):
+    """The real command: exit status 2, the message on stderr, and no study folder created."""
+    path = write_study(tmp_path / "bad.yaml", micro_study(tmp_path, arms={"clip": "ppo"}))
+    assert main(["--config", str(path)]) == 2
+    assert "arms.clip.preset='ppo' is not valid; accepted: reinforce" in capsys.readouterr().err
+    assert not (tmp_path / "study").exists()
+
+
+def test_out_dir_under_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"out_dir='.*f/study' is not valid; accepted: a folder path \(this one is "
+                                         r"under the file"):
+        study_from_dict(micro_study(tmp_path, out_dir=str(tmp_path / "f" / "study")))
+
+
+def test_an_arm_may_not_change_the_warmup(tmp_path):
+    """Every arm of a seed starts from ONE warm-up, so an arm changing what it depends on is refused
+    (after parsing through the real `reclight fit` parser)."""
+    arms = {"reinforce": "reinforce", "clip": {"preset": "rec_oneside_nois",
+                                              "overrides": {"model.warmup.lr": 0.01}}}
+    cfg = study_from_dict(micro_study(tmp_path, arms=arms))
+    with pytest.raises(ValueError, match=r"arms.clip \(model.warmup\)=.*is not valid; accepted: the base's value"):
+        validate_commands(cfg)
+
+
+def test_a_typo_in_an_override_fails_in_the_real_parser(tmp_path):
+    arms = {"reinforce": "reinforce", "clip": {"preset": "rec_oneside_nois", "overrides": {"model.optim.lrr": 1}}}
+    cfg = study_from_dict(micro_study(tmp_path, arms=arms))
+    with pytest.raises(ValueError, match=r"arms.clip: `reclight fit` refuses its arguments: .*model.optim has no "
+                                         r"field 'lrr'"):
+        validate_commands(cfg)
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in SHIPPED} >= {"paper.yaml", "quick.yaml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_study_parses_through_the_real_cli(path, monkeypatch):
+    """The config, every claim's cells, and every arm's `reclight fit` arguments (real parser)."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_study(path)
+    shape = validate_commands(cfg)
+    jobs = make_plan(cfg, shape)
+    runs = [j for j in jobs if not j.is_warmup]
+    assert len(runs) == len(cfg.cells()) * len(cfg.seeds) and len(jobs) - len(runs) == len(cfg.seeds)
+    assert len(cfg.seeds) >= 3 and shape.warmup and shape.max_steps % shape.val_check_interval == 0
+    assert all(f"--model.policy.name_or_path={Path(cfg.out_dir) / 'warmup' / f'seed{j.seed}'}" in j.argv for j in runs)
+
+
+def test_paper_study_covers_the_issue_claims(monkeypatch):
+    """paper.yaml: the four settings, the claim families of issue #15 item 4, 54 runs."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_study(ROOT / "configs" / "study" / "paper.yaml")
+    assert [s.name for s in cfg.settings] == ["on_policy", "periodic", "lag", "offline"]
+    assert len(cfg.cells()) * len(cfg.seeds) == 54
+    presets = {a.preset for a in cfg.arms}
+    assert presets >= {"reinforce", "rec_oneside_nois", "rec_oneside_is", "rec_oneside_nois_wide", "rec_twoside_nois",
+                       "rec_ring_nois", "opmd", "asymre", "red_drop", "red_weight", "grpo"}
+    assert any(a.overrides.get("model.updates") for a in cfg.arms)  # several updates per batch, on-policy
