@@ -59,7 +59,8 @@ def notes(cfg: ClaimsConfig) -> list[str]:
         "faster on-policy' cannot hold; those rows are kept, marked [trivial ...]. "
         + (f"The `{cfg.multi_setting}` cell is on-policy with {cfg.multi_epochs} epoch(s) x "
            f"{cfg.multi_mini_batches} mini-batches = {cfg.multi_epochs * cfg.multi_mini_batches} updates "
-           "per batch, as the paper's on-policy runs (and every peer) train: from the second update "
+           "per batch (run for the clipping presets its claims compare), as the paper's on-policy runs "
+           "(and every peer) train: from the second update "
            "of a batch on rho != 1, so the same claims get real verdicts there."
            if cfg.multi_setting else "No cell with several updates per batch was run (multi_mini_batches = 1)."),
         "- A tabular policy has no parameter sharing: pushing down one sampled outcome cannot "

@@ -21,9 +21,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 
 from reclight.engines.base import SamplingConfig
+from reclight.engines.config import EngineConfig
 from reclight.models.tiny import TinyModelConfig
 from reclight.tasks.arithmetic import Arithmetic
-from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig
+from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 
@@ -57,12 +58,15 @@ class Recorder(pl.Callback):
 
 
 def micro_module(tmp_path, **kwargs) -> RLModule:
-    """The micro model's module (lr 3e-2, K=3, 3 new tokens, no warm-up); ``kwargs`` override
-    RLModule arguments, and ``lr=...`` / ``log_kl_init=...`` the fields of their groups."""
+    """The micro model's module (lr 3e-2, K=3, 3 new tokens, no warm-up, the HF engine and the
+    HF training forward: the same code on both sides, so on-policy ratios are exactly 1 in fp32);
+    ``kwargs`` override RLModule arguments, and ``lr=...`` / ``log_kl_init=...`` the fields of
+    their groups."""
     optim = OptimConfig(lr=kwargs.pop("lr", 3e-2), **kwargs.pop("optim_kwargs", {}))
     monitor = MonitorConfig(log_kl_init=kwargs.pop("log_kl_init", True))
     args = dict(policy=PolicyConfig(tiny=MICRO, tiny_dir=str(tmp_path / "tiny")), optim=optim, monitor=monitor,
-                seed=0, warmup=None, sampling=SamplingConfig(num_samples=3, max_new_tokens=3))
+                seed=0, warmup=None, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),
+                engine=EngineConfig(name="hf"), train_forward=TrainForwardConfig(impl="hf"))
     args.update(kwargs)
     return RLModule(**args)
 

@@ -17,7 +17,24 @@ import torch
 from reclight.engines.base import Generation, RolloutEngine, SamplingConfig
 from reclight.engines.config import EngineConfig
 
-__all__ = ["EngineConfig", "Generation", "RolloutEngine", "SamplingConfig", "build_engine"]
+__all__ = ["EngineConfig", "Generation", "RolloutEngine", "SamplingConfig", "build_engine", "resolve_engine_name"]
+
+
+def resolve_engine_name(cfg: EngineConfig, policy: torch.nn.Module, sampling: SamplingConfig,
+                        stop_strings: tuple[str, ...] = ()) -> tuple[str, str]:
+    """``(name, why)``: the engine ``cfg.name`` selects; ``auto`` is ``fast`` when the fast engine
+    supports the model and the sampling (``why`` is then empty), else ``hf`` with ``why`` naming
+    what the fast engine does not support."""
+    if cfg.name != "auto":
+        return cfg.name, ""
+    from reclight.kernels.llama import llama_problems
+
+    problems = llama_problems(getattr(policy, "config", None))
+    if sampling.top_p != 1.0:
+        problems.append(f"sampling.top_p={sampling.top_p!r}")
+    if stop_strings:
+        problems.append(f"the task's stop strings {stop_strings!r}")
+    return ("hf", "; ".join(problems)) if problems else ("fast", "")
 
 
 def build_engine(
@@ -30,12 +47,13 @@ def build_engine(
     model_path: str | None = None,
     seed: int = 0,
 ) -> RolloutEngine:
-    """The engine ``cfg`` names, holding ``policy``'s current weights as version 0.
+    """The engine ``cfg`` names (``auto``: :func:`resolve_engine_name`), holding ``policy``'s current weights as version 0.
 
     ``hf``/``fast`` copy ``policy`` (gathered first when it is sharded: FSDP2); ``vllm`` loads
     its own copy from ``model_path`` and then receives ``policy``'s weights.
     """
-    if cfg.name == "vllm":
+    name, _ = resolve_engine_name(cfg, policy, sampling, stop_strings)
+    if name == "vllm":
         from reclight.engines.vllm import VLLMEngine
 
         o = cfg.vllm
@@ -47,7 +65,7 @@ def build_engine(
     from reclight.models.fsdp import is_sharded, unsharded_copy
 
     source = unsharded_copy(policy) if is_sharded(policy) else policy
-    if cfg.name == "fast":
+    if name == "fast":
         from reclight.engines.fast import FastLlamaEngine
 
         return FastLlamaEngine(source, tokenizer, sampling, cfg.dtype, stop_strings,

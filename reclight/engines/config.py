@@ -13,7 +13,7 @@ from typing import Literal
 
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
 
-ENGINES = ("hf", "fast", "vllm")
+ENGINES = ("auto", "hf", "fast", "vllm")
 ENGINE_DTYPES = (None, "float32", "bfloat16", "float16")
 
 
@@ -56,13 +56,15 @@ class VLLMEngineOptions:
 class EngineConfig:
     """The rollout engine: its own copy of the weights is the behaviour policy."""
 
-    name: Literal["hf", "fast", "vllm"] = "hf"
-    """``hf`` (Hugging Face ``generate``, any causal LM), ``fast`` (a lean sampling loop for
-    Llama models: ``top_p`` 1, no stop strings; same distribution, far less Python per token) or
-    ``vllm`` (GPU, ``pip install 'reclight[vllm]'``)."""
+    name: Literal["auto", "hf", "fast", "vllm"] = "auto"
+    """``auto`` (default): ``fast`` where it applies (a Llama model, ``top_p`` 1, a task without
+    stop strings), else ``hf``; the run prints which and why. ``hf`` (Hugging Face ``generate``,
+    any causal LM), ``fast`` (a lean sampling loop for Llama models: same distribution, far less
+    Python per token) or ``vllm`` (GPU, ``pip install 'reclight[vllm]'``)."""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    """dtype of the engine's weight copy (None: the policy's). ``bfloat16`` with trainer
-    precision ``bf16-mixed`` keeps fp32 master weights (``configs/perf/bf16.yaml``)."""
+    """dtype of the engine's weight copy. None: ``bfloat16`` when the trainer's precision is a
+    bf16 one (``bf16-mixed``, the CLI's default: the master weights stay fp32), else the
+    policy's dtype."""
     fast: FastEngineOptions = field(default_factory=FastEngineOptions)
     """Options of ``name: fast`` (an error with another engine)."""
     vllm: VLLMEngineOptions = field(default_factory=VLLMEngineOptions)

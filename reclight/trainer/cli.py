@@ -32,7 +32,7 @@ from reclight.trainer.module import RLModule
 from reclight.trainer.resume import RECORD_KEY, RunLock, check_resume_config, plan_run_folder, run_record, start_loggers
 from reclight.trainer.signals import EXIT_CODE, SignalCheckpoint
 
-# Two warnings that every run printed and no user can act on (issue #17, item 7):
+# Warnings that every run printed and no user can act on (issue #17, item 7):
 # - Lightning's ModelCheckpoint, with manual optimization and every_n_train_steps, prints 15 lines
 #   suggesting to save the weights before optimizer.step(). reclight's checkpoints are taken
 #   between steps ON PURPOSE: the state after step t's update is what an exact resume continues
@@ -41,8 +41,15 @@ from reclight.trainer.signals import EXIT_CODE, SignalCheckpoint
 #   flags it with a FutureWarning): Lightning's code, not the user's, and harmless.
 warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization and every_n_train_steps")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# - The model summary's "Precision bf16-mixed is not supported ... Using 32 bits instead": with
+#   bf16-mixed (the CLI's default) the master weights ARE fp32, so its size estimate is right.
+warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
+    # bf16 autocast with fp32 master weights (and, by model.engine.dtype's default, a bf16 rollout
+    # engine): on GPUs, and on CPUs with bf16 instructions, the fastest setting that learns as well
+    # as fp32 (docs/benchmarks.md: the main job, 3 seeds). --trainer.precision 32-true for fp32.
+    "precision": "bf16-mixed",
     "max_steps": 500,
     "val_check_interval": 50,
     "num_sanity_val_steps": 0,

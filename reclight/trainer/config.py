@@ -58,13 +58,14 @@ class PolicyConfig:
 class TrainForwardConfig:
     """The training forward that computes ``logp`` (and the entropy) of the response tokens."""
 
-    impl: Literal["hf", "fused"] = "hf"
-    """``hf``: the model's own forward on the B * K sequences (any causal LM). ``fused``
-    (Llama models, not with FSDP): each prompt run once for its K samples, padded positions
-    skipped, attention written out (:mod:`reclight.kernels.fused_forward`); same values up to
-    float rounding, faster on CPU."""
+    impl: Literal["auto", "hf", "fused"] = "auto"
+    """``auto`` (default): ``fused`` where it applies (a Llama model, not sharded by FSDP), else
+    ``hf``; the run prints which. ``hf``: the model's own forward on the B * K sequences (any
+    causal LM). ``fused``: each prompt run once for its K samples, padded positions skipped,
+    attention written out (:mod:`reclight.kernels.fused_forward`); same values up to float
+    rounding, faster on CPU."""
     compile: bool = False
-    """``fused`` only: its element-wise chains (norms, RoPE, softmax, SwiGLU) compiled by
+    """``fused`` (or ``auto`` resolving to it) only: its element-wise chains (norms, RoPE, softmax, SwiGLU) compiled by
     ``torch.compile`` (~12% faster training pass on CPU in bf16; the first step compiles and
     needs a C++ compiler, or Triton on GPU)."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] | None = None
@@ -75,9 +76,9 @@ class TrainForwardConfig:
     full batch's exactly (global token counts)."""
 
     def __post_init__(self) -> None:
-        check_choice("model.train_forward.impl", self.impl, ("hf", "fused"))
+        check_choice("model.train_forward.impl", self.impl, ("auto", "hf", "fused"))
         check_bool("model.train_forward.compile", self.compile)
-        if self.compile and self.impl != "fused":
+        if self.compile and self.impl == "hf":
             raise invalid("model.train_forward.compile", self.compile,
                           f"true only with model.train_forward.impl: fused (this run's impl is {self.impl!r})")
         check_choice("model.train_forward.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)

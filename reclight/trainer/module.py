@@ -34,6 +34,7 @@ Departures from a textbook trainer, listed up front:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -41,13 +42,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from reclight.advantages import group_advantages, kl_reward_penalty, overlong_penalty
 from reclight.algorithms import get_algorithm
 from reclight.checks import check_int, invalid
-from reclight.engines import build_engine
+from reclight.engines import build_engine, resolve_engine_name
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
@@ -129,6 +131,7 @@ class RLModule(LightningModule):
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
         self.updates_cfg = updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
+        self.forward_impl = "hf" if train_forward.impl == "auto" else train_forward.impl  # resolved in configure_model
         self.guards_cfg, self.monitor_cfg = guards, monitor
         if policy.name_or_path is None:  # the embedded tiny model: its positions are known now
             check_response_budget(policy.tiny.max_positions, sampling.max_new_tokens, self.eval_max_new_tokens,
@@ -185,20 +188,44 @@ class RLModule(LightningModule):
                                                      attn_implementation=self.forward_cfg.attn_implementation)
         self.policy.train()
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
-        fused = self.forward_cfg.impl == "fused"
-        if fused and (mesh is not None or (self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__)):
-            raise invalid("model.train_forward.impl", "fused", "'hf' with a sharded policy (FSDP: the fused forward "
-                          "reads the full parameters outside the wrapped modules' forward)")
+        self.forward_impl = self._resolve_forward_impl(
+            mesh is not None or (self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__))
         if mesh is not None:
             self._shard_policy(mesh)
-        if fused:
-            from reclight.kernels.llama import llama_problems
-
-            if problems := llama_problems(self.policy.config):
-                raise ValueError("model.train_forward.impl='fused' does not support " + "; ".join(problems)
-                                 + "; use model.train_forward.impl: hf")
         self._check_compiler()
         self._fit_context()
+
+    def _resolve_forward_impl(self, sharded: bool) -> str:
+        """``model.train_forward.impl`` for this policy: ``fused`` or ``hf`` (``auto``: fused where
+        it applies). An explicit ``fused`` that cannot apply is an error naming why."""
+        from reclight.kernels.llama import llama_problems
+
+        impl = self.forward_cfg.impl
+        problems = llama_problems(self.policy.config)
+        if sharded:  # FSDP: the fused forward reads the full parameters outside the wrapped modules' forward
+            problems.insert(0, "a sharded policy (FSDP)")
+        if impl == "fused" and problems:
+            raise invalid("model.train_forward.impl", "fused", "'hf' or 'auto' here: the fused forward does not "
+                          "support " + "; ".join(problems))
+        if impl == "auto":
+            impl = "hf" if problems else "fused"
+            if impl == "hf" and self.forward_cfg.compile:
+                raise invalid("model.train_forward.compile", True, "false here: model.train_forward.impl auto is "
+                              "'hf' for this policy (" + "; ".join(problems) + "), and only the fused forward compiles")
+            rank_zero_info(f"model.train_forward.impl auto: {impl}" + (f" ({'; '.join(problems)})" if problems else ""))
+        return impl
+
+    def _engine_config(self, stop_strings: tuple[str, ...]) -> EngineConfig:
+        """``model.engine`` with its defaults resolved for this run: ``name: auto`` (fast where it
+        applies, else hf) and ``dtype: null`` (bf16 under a bf16 trainer precision, else the policy's)."""
+        cfg = self.engine_cfg
+        name, why = resolve_engine_name(cfg, self.policy, self.sampling, stop_strings)
+        if cfg.name == "auto":
+            rank_zero_info(f"model.engine.name auto: {name}" + (f" (the fast engine does not support {why})" if why else ""))
+        dtype = cfg.dtype
+        if dtype is None and name != "vllm" and str(self.trainer.precision).startswith("bf16"):
+            dtype = "bfloat16"
+        return dataclasses.replace(cfg, name=name, dtype=dtype)
 
     def _fit_context(self) -> None:
         """Responses must fit the model's positions, and every prompt the rest of them
@@ -263,8 +290,9 @@ class RLModule(LightningModule):
                 log=self._log_warmup,
             )
             self.print(f"warm-up: {stats}")
-        engine = build_engine(self.engine_cfg, self.policy, self.tokenizer, self.sampling,
-                              stop_strings=tuple(dm.task.stop_strings), model_path=self._model_path, seed=self.run_seed)
+        engine = build_engine(self._engine_config(tuple(dm.task.stop_strings)), self.policy, self.tokenizer,
+                              self.sampling, stop_strings=tuple(dm.task.stop_strings), model_path=self._model_path,
+                              seed=self.run_seed)
         self.rollouts = RolloutQueue(
             engine, dm.prompts_for_step, dm.task, self.tokenizer, sync=self.sync_cfg,
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
@@ -436,7 +464,7 @@ class RLModule(LightningModule):
         f = self.forward_cfg
         return response_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.response_ids[rows],
                                  batch.response_mask[rows], temperature=self.sampling.temperature,
-                                 return_entropy=return_entropy, impl=f.impl, compile_pointwise=f.compile)
+                                 return_entropy=return_entropy, impl=self.forward_impl, compile_pointwise=f.compile)
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:  # [B, K, T]

@@ -165,13 +165,13 @@ def test_non_prefix_mask_and_bad_values_raise():
 def test_module_options_validated():
     from reclight.trainer.config import TrainForwardConfig
 
-    with pytest.raises(ValueError, match="model.train_forward.impl='fast' is not valid; accepted: hf, fused"):
+    with pytest.raises(ValueError, match="model.train_forward.impl='fast' is not valid; accepted: auto, hf, fused"):
         TrainForwardConfig(impl="fast")
     with pytest.raises(ValueError, match="attn_implementation='flash' is not valid; accepted: None, eager, sdpa"):
         TrainForwardConfig(attn_implementation="flash")
     with pytest.raises(ValueError, match="model.train_forward.compile=True is not valid; accepted: true only with "
                                          "model.train_forward.impl: fused"):
-        TrainForwardConfig(compile=True)
+        TrainForwardConfig(impl="hf", compile=True)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["fused", "fused_compiled"])
@@ -200,7 +200,8 @@ def test_fused_forward_refused_under_fsdp(tmp_path):
 
     module = micro_module(tmp_path, train_forward=TrainForwardConfig(impl="fused"))
     module._device_mesh = SimpleNamespace()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(ValueError, match="model.train_forward.impl='fused' is not valid; accepted: 'hf' with a sharded policy"):
+    with pytest.raises(ValueError, match=r"model.train_forward.impl='fused' is not valid; accepted: 'hf' or 'auto' here: the fused forward "
+                                         r"does not support a sharded policy \(FSDP\)"):
         module.configure_model()
 
 

@@ -182,8 +182,9 @@ def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monk
     eng = cli.model.rollouts.engine
     assert isinstance(eng, FastLlamaEngine) and eng.weights["0.wqkv"].dtype == torch.bfloat16 and eng.version == 1
     assert (eng._compiled_step is not None) == (perf == "compiled")
-    forward = cli.model.forward_cfg
-    assert (forward.impl, forward.compile) == (("fused", True) if perf == "compiled" else ("hf", False))
+    forward = cli.model.forward_cfg  # fast_engine.yaml leaves impl at auto: fused for the tiny Llama
+    assert (forward.impl, cli.model.forward_impl, forward.compile) == (
+        ("fused", "fused", True) if perf == "compiled" else ("auto", "fused", False))
     init = dict(AutoModelForCausalLM.from_pretrained(next((tmp_path / "tiny").iterdir())).named_parameters())
     for name, p in cli.model.policy.named_parameters():
         assert p.dtype == torch.float32 and not torch.equal(p, init[name]), name

@@ -114,7 +114,7 @@ def test_engine_config_is_validated_before_any_load(tmp_path, capsys):
     from reclight.engines.config import EngineConfig, VLLMEngineOptions
     from reclight.trainer.cli import main
 
-    with pytest.raises(ValueError, match=r"model.engine.name='vLLM' is not valid; accepted: hf, fast, vllm"):
+    with pytest.raises(ValueError, match=r"model.engine.name='vLLM' is not valid; accepted: auto, hf, fast, vllm"):
         EngineConfig(name="vLLM")
     with pytest.raises(ValueError, match=r"model.engine.vllm.gpu_memory_utilization=0.3 is not valid; accepted: only "
                                          r"with model.engine.name: vllm \(this run's engine is 'hf'\)"):

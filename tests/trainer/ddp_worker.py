@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from reclight.engines.base import SamplingConfig
+from reclight.engines.config import EngineConfig
 from reclight.models.tiny import TinyModelConfig
 from reclight.models.tokens import encode_prompts
 from reclight.rollout.batch import RolloutBatch
@@ -89,6 +90,7 @@ def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg:
         algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
         sampling=SamplingConfig(num_samples=K, max_new_tokens=T), optim=OptimConfig(grad_clip=0.0),
         monitor=MonitorConfig(log_kl_init=False), seed=0, warmup=None,  # the step is what is compared
+        engine=EngineConfig(name="hf"),  # its weights are compared after the sync (the fast engine fuses them)
         updates=UpdatesConfig(epochs=epochs, mini_batches=mini_batches),
     )
     data = RLDataModule(task=Arithmetic(val_size=8, test_size=8), prompts_per_step=B, eval_size=4, seed=0)

@@ -113,7 +113,8 @@ def test_gsm8k_config_structure_runs_with_tiny_model(tmp_path):
                 "--data.task.init_args.data_dir", str(data), "--data.prompts_per_step", "2",
                 "--data.eval_size", "4", "--data.eval_batch_size", "4"])
     assert cli.trainer.global_step == 2
-    assert cli.model.rollouts.engine.model.dtype == torch.bfloat16
+    engine = cli.model.rollouts.engine  # engine auto: the fast one for the tiny Llama (HF generate for Qwen)
+    assert type(engine).__name__ == "FastLlamaEngine" and engine.dtype == torch.bfloat16
     metrics = cli.trainer.callback_metrics
     assert "val/acc" in metrics and "kl/init" in metrics and "throughput/rollout_tok_s" in metrics
 

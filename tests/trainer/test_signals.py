@@ -105,6 +105,7 @@ def test_sigterm_during_a_long_generation_exits_promptly_with_143(tmp_path):
            "--model.policy.tiny", "{hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_positions: 100000}",
            "--model.sampling.max_new_tokens", "99000", "--model.sampling.temperature", "0.05",
            "--model.monitor.eval_max_new_tokens", "5",  # a short start-of-RL evaluation
+           "--model.engine.name", "hf",  # HF generate's stopping criterion (the fast engine: test above)
            "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), OMP_NUM_THREADS="1")
     with open(log, "w") as out:

@@ -1,0 +1,74 @@
+"""The defaults of the engine and the training forward (issue #15 item 2): ``auto`` picks the
+fast engine and the fused forward where they apply, HF's otherwise, and says why; under a bf16
+trainer precision the engine's copy is bf16 unless a dtype is set."""
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import DigitTask, micro_module
+
+from reclight.engines import resolve_engine_name
+from reclight.engines.base import SamplingConfig
+from reclight.engines.config import EngineConfig
+from reclight.trainer.config import TrainForwardConfig
+from reclight.trainer.data import RLDataModule
+
+LLAMA = SimpleNamespace(config=SimpleNamespace(model_type="llama", hidden_act="silu"))
+QWEN = SimpleNamespace(config=SimpleNamespace(model_type="qwen2", hidden_act="silu"))
+
+
+def test_auto_engine_is_fast_only_where_it_applies():
+    auto, greedy = EngineConfig(), SamplingConfig()
+    assert resolve_engine_name(auto, LLAMA, greedy) == ("fast", "")
+    name, why = resolve_engine_name(auto, LLAMA, SamplingConfig(top_p=0.9))
+    assert name == "hf" and why == "sampling.top_p=0.9"
+    name, why = resolve_engine_name(auto, LLAMA, greedy, stop_strings=("\n",))
+    assert name == "hf" and why == "the task's stop strings ('\\n',)"
+    name, why = resolve_engine_name(auto, QWEN, greedy)
+    assert name == "hf" and why == "model_type='qwen2' (accepted: 'llama')"
+    for explicit in ("hf", "fast", "vllm"):  # an explicit choice is never changed
+        assert resolve_engine_name(EngineConfig(name=explicit), QWEN, SamplingConfig(top_p=0.5)) == (explicit, "")
+
+
+def test_auto_forward_is_fused_for_llama_and_hf_otherwise(tmp_path):
+    module = micro_module(tmp_path, train_forward=TrainForwardConfig())  # impl auto
+    module.policy = LLAMA
+    assert module._resolve_forward_impl(sharded=False) == "fused"
+    assert module._resolve_forward_impl(sharded=True) == "hf"  # FSDP
+    module.policy = QWEN
+    assert module._resolve_forward_impl(sharded=False) == "hf"
+    module.forward_cfg = TrainForwardConfig(impl="fused")
+    with pytest.raises(ValueError, match=r"model.train_forward.impl='fused' is not valid; accepted: 'hf' or 'auto' "
+                                         r"here: the fused forward does not support model_type='qwen2'"):
+        module._resolve_forward_impl(sharded=False)
+    module.forward_cfg = TrainForwardConfig(compile=True)  # auto + compile: only if auto is fused
+    with pytest.raises(ValueError, match=r"model.train_forward.compile=True is not valid; accepted: false here: "
+                                         r"model.train_forward.impl auto is 'hf' for this policy \(model_type='qwen2'"):
+        module._resolve_forward_impl(sharded=False)
+    module.policy = LLAMA
+    assert module._resolve_forward_impl(sharded=False) == "fused"
+    with pytest.raises(ValueError, match=r"model.train_forward.compile=True is not valid; accepted: true only with "
+                                         r"model.train_forward.impl: fused"):
+        TrainForwardConfig(impl="hf", compile=True)
+
+
+@pytest.mark.parametrize("precision, dtype, expected", [
+    ("bf16-mixed", None, torch.bfloat16),     # the CLI's default precision: a bf16 engine copy
+    ("32-true", None, torch.float32),         # the policy's dtype
+    ("bf16-mixed", "float32", torch.float32),  # an explicit dtype wins
+])
+def test_default_run_uses_the_fast_engine_and_fused_forward(tmp_path, precision, dtype, expected):
+    """A real fit with the defaults: the fast engine (its weight copy in the dtype the precision
+    implies) and the fused forward, and the trained (master) weights stay fp32."""
+    module = micro_module(tmp_path, engine=EngineConfig(dtype=dtype), train_forward=TrainForwardConfig())
+    dm = RLDataModule(task=DigitTask(), prompts_per_step=2, eval_size=4, eval_batch_size=4, seed=0)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         default_root_dir=str(tmp_path), accelerator="cpu", devices=1, precision=precision)
+    trainer.fit(module, datamodule=dm)
+    engine = module.rollouts.engine
+    assert type(engine).__name__ == "FastLlamaEngine" and engine.dtype == expected
+    assert module.forward_impl == "fused"
+    assert all(p.dtype == torch.float32 for p in module.policy.parameters())
