@@ -234,14 +234,20 @@ def _arm(name: str, value: Any, setting_names: tuple[str, ...]) -> Arm:
     preset = v["preset"]
     if preset not in PRESETS:
         raise invalid(f"{where}.preset", preset, ", ".join(PRESETS))
-    settings = v.get("settings")
-    if settings is not None:
-        settings = _str_list(f"{where}.settings", settings)
-        for i, s in enumerate(settings):
-            if s not in setting_names:
-                raise invalid(f"{where}.settings[{i}]", s, f"a setting of the study: {', '.join(setting_names)}")
+    settings = _setting_list(f"{where}.settings", v.get("settings"), setting_names)
     return Arm(name=name, preset=preset, overrides=_overrides(f"{where}.overrides", v.get("overrides")),
                configs=_str_list(f"{where}.configs", v.get("configs", []), nonempty=False), settings=settings)
+
+
+def _setting_list(where: str, value: Any, setting_names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``value`` as a list of the study's setting names (None stays None: every setting)."""
+    if value is None:
+        return None
+    settings = _str_list(where, value)
+    for i, s in enumerate(settings):
+        if s not in setting_names:
+            raise invalid(f"{where}[{i}]", s, f"a setting of the study: {', '.join(setting_names)}")
+    return settings
 
 
 def _side(where: str, value: Any, cfg_arms: dict[str, Arm], setting_names: tuple[str, ...]) -> tuple[str, str | None]:
@@ -283,12 +289,7 @@ def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
     names = tuple(s.name for s in cfg.settings)
     for side in ("a", "b"):
         _side(f"{where}.{side}", v[side], arms, names)
-    settings = v.get("settings")
-    if settings is not None:
-        settings = _str_list(f"{where}.settings", settings)
-        for j, s in enumerate(settings):
-            if s not in names:
-                raise invalid(f"{where}.settings[{j}]", s, f"a setting of the study: {', '.join(names)}")
+    settings = _setting_list(f"{where}.settings", v.get("settings"), names)
     claim = Claim(text=v["text"].strip(), a=v["a"], b=v["b"], statistic=v["statistic"], rule=v["rule"],
                   settings=settings)
     rows = claim_cells(cfg, claim)

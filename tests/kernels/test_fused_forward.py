@@ -76,6 +76,7 @@ def test_fused_matches_hf_logp_entropy_and_gradients_fp32(overrides):
         assert_close(fused[2][name], g, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.compile
 def test_compiled_pointwise_matches_hf_fp32():
     """``train_forward: {impl: fused, compile: true}`` (the element-wise chains through torch.compile): the same
     log-probs, entropies and gradients as HF's forward, to the same tolerances as ``fused``."""
@@ -127,7 +128,7 @@ def test_bf16_autocast_close_to_hf_eager():
     assert_close(fused, hf, rtol=0, atol=3e-2)
 
 
-@pytest.mark.parametrize("forward", ["fused", "fused_compiled"])
+@pytest.mark.parametrize("forward", ["fused", pytest.param("fused_compiled", marks=pytest.mark.compile)])
 def test_bf16_autocast_gradients_as_accurate_as_hf_eager(forward):
     """Under bf16 autocast the fused forward hands q/k/v to attention in bf16 (the dtype its
     matmuls use anyway), so the gradients of the two prompt/response attention paths meet in
@@ -174,7 +175,8 @@ def test_module_options_validated():
         TrainForwardConfig(impl="hf", compile=True)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["fused", "fused_compiled"])
+@pytest.mark.parametrize("compiled", [pytest.param(False, id="fused"),
+                                      pytest.param(True, id="fused_compiled", marks=pytest.mark.compile)])
 def test_trainer_step_same_gradients_as_hf_forward(tmp_path, compiled):
     """A whole trainer step (engine rollout, advantages, loss, backward) with ``train_forward:
     fused`` (or ``fused_compiled``) produces the same gradient of every parameter as with ``hf``

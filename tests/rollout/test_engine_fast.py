@@ -161,7 +161,7 @@ def test_unsupported_settings_raise_naming_the_field(tmp_path, field, kwargs):
         FastLlamaEngine(model, tok, SamplingConfig(num_samples=2), stop_strings=("\n",))
 
 
-@pytest.mark.parametrize("perf", ["fast_engine", "compiled"])
+@pytest.mark.parametrize("perf", ["fast_engine", pytest.param("compiled", marks=pytest.mark.compile)])
 def test_fit_with_fast_engine_and_bf16_trains_fp32_master_weights(tmp_path, monkeypatch, perf):
     """configs/perf/{bf16,fast_engine}.yaml (or bf16 + compiled.yaml: the same with the decoding
     step and the training forward's element-wise chains compiled) through the real CLI: 2 steps
@@ -241,6 +241,7 @@ def test_sampler_draws_the_softmax_distribution():
     assert FastLlamaEngine._sample(onehot, torch.Generator().manual_seed(1), 8).eq(7).all()
 
 
+@pytest.mark.compile
 def test_compiled_decoding_step_keeps_exact_logp_through_compaction(tmp_path):
     """``compile_decode``: the decoding step through torch.compile. In fp32 the recorded
     logp_behav still equals the trainer's logp of the sampled tokens (1e-5), across rollouts of

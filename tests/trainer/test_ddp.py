@@ -54,7 +54,7 @@ def _run(world, out, tiny_dir, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm, loss_agg, updates", [
-    ("grpo", "token_mean", "1x1"),
+    pytest.param("grpo", "token_mean", "1x1", marks=pytest.mark.extended),  # -m extended
     # 4 updates per batch: mini-batches {0, 2} and {1, 3} of 4 prompts. Not opmd here: its k2
     # term's gradient is (logp - logp_behav), a difference of two nearly equal numbers after the
     # first update, so the 1e-7 float noise of a different reduction order grows to ~3e-6 in the

@@ -55,6 +55,7 @@ def _cli(cwd, tiny, max_steps, *extra):
     return sorted(Path(cwd).rglob("*.ckpt"))
 
 
+@pytest.mark.extended
 @pytest.mark.slow
 def test_fsdp2_cli_fit_checkpoint_and_exact_resume(tmp_path):
     """The shipped FSDP config through the real CLI on 2 CPU processes: a full checkpoint written
