@@ -1,4 +1,4 @@
-"""Group-relative advantages, with RED-Drop (ALGORITHMS.md section 1).
+"""Group-relative advantages, with RED-Drop (docs/algorithms.md section 1).
 
 Departures from the textbook, listed up front:
 
@@ -69,14 +69,14 @@ def kl_reward_penalty(
     mask: Tensor,  # [B, K, T] bool
     kl_coef: float,
 ) -> Tensor:  # [B, K]
-    """``kl_in: reward`` (ALGORITHMS.md 6.3): beta * sum_t (logp_behav - logp_ref) over each
+    """``kl_in: reward`` (docs/algorithms.md section 6.3): beta * sum_t (logp_behav - logp_ref) over each
     sequence's valid tokens, the k1 estimate of KL(mu || ref) on the sample, to SUBTRACT from the
     reward before the group advantages (no gradient flows through it)."""
     return kl_coef * torch.where(mask.bool(), logp_behav.detach() - logp_ref.detach(), 0.0).sum(-1)
 
 
 def overlong_penalty(lengths: Tensor, length: int, cache: int) -> Tensor:  # [B, K] -> [B, K]
-    """DAPO's soft overlong punishment, added to the reward (ALGORITHMS.md 6.6)::
+    """DAPO's soft overlong punishment, added to the reward (docs/algorithms.md section 6.6)::
 
         0                      if |y| <= L - C
         ((L - C) - |y|) / C    if L - C < |y| <= L      (from 0 down to -1, linearly)

@@ -3,7 +3,7 @@
 One frozen dataclass, :class:`AlgorithmConfig`, describes every algorithm reclight runs: REC
 (clipping masks), REP (a regularizer term) and RED (data shaping), plus GRPO and plain
 group-relative REINFORCE. The maths that consumes it lives in :mod:`reclight.advantages` and
-:mod:`reclight.losses`; the presets below are the table of ALGORITHMS.md section 3.
+:mod:`reclight.losses`; the presets below are the table of docs/algorithms.md section 3.
 
 Adding an algorithm: if it is a new combination of existing knobs, add one entry to
 ``PRESETS`` (and ``configs/algo/<name>.yaml``). If it needs a new knob, add the field here with
@@ -41,7 +41,7 @@ MIN_GROUP_SIZE = 2
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """Every knob of the REC / REP / RED family (ALGORITHMS.md sections 1-3).
+    """Every knob of the REC / REP / RED family (docs/algorithms.md sections 1-3).
 
     The defaults are the paper's recommended default, ``rec_oneside_nois``.
     """
@@ -81,7 +81,7 @@ class AlgorithmConfig:
     norm_length: int | None = None
     """L of ``seq_mean_token_sum_norm``; None: the caller's (the trainer passes max_new_tokens)."""
     ratio_anchor: str = "behavior"
-    """What the ratio rho (mask and IS factor) is measured against (ALGORITHMS.md 6.2):
+    """What the ratio rho (mask and IS factor) is measured against (docs/algorithms.md section 6.2):
     ``behavior`` (mu, the policy that sampled: the paper) or ``proximal`` (theta_t, the trainer's
     weights at the start of the step, AReaL's decoupled PPO); ``proximal`` also weights the
     advantage by w = pi_t / mu (detached), corrected by ``behavior_correction``."""
@@ -95,7 +95,7 @@ class AlgorithmConfig:
     """C > 1 of ``truncate`` / ``mask``."""
     kl_coef: float = 0.0
     """beta >= 0 of a KL penalty to the reference policy (the policy at the start of RL); 0 = off
-    (ALGORITHMS.md 6.3)."""
+    (docs/algorithms.md section 6.3)."""
     kl_estimator: str = "k3"
     """``k1`` (-d), ``k2`` (d^2 / 2) or ``k3`` (exp(d) - d - 1), d = logp_ref - logp."""
     kl_in: str = "loss"
@@ -276,7 +276,7 @@ PRESETS.update({
                                                        behavior_correction_level="token",
                                                        behavior_correction_cap=2.0),
 })
-"""The 14 presets of ALGORITHMS.md section 3 (all ``token_mean``, no reference KL), then the six
+"""The 14 presets of docs/algorithms.md section 3 (all ``token_mean``, no reference KL), then the six
 of section 6.7: ``grpo_kl``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``decoupled_tis``."""
 PAPER_PRESETS = tuple(list(PRESETS)[:14])
 """The paper's 14 presets (the bandit bench's default set)."""

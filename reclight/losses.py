@@ -1,4 +1,4 @@
-"""The REC / REP / RED policy loss (ALGORITHMS.md section 2).
+"""The REC / REP / RED policy loss (docs/algorithms.md section 2).
 
 Per token (b, k, t), with A = adv[b, k] broadcast over t::
 
@@ -169,7 +169,7 @@ def behavior_weight(
     mask: Tensor,  # [B, K, T] bool
     cfg: AlgorithmConfig,
 ) -> tuple[Tensor, Tensor, Tensor]:  # weight [B, K, T], keep [B, K, T] bool, corrected [B, K, T] bool
-    """The behaviour correction of the decoupled objective (ALGORITHMS.md 6.2), detached::
+    """The behaviour correction of the decoupled objective (docs/algorithms.md section 6.2), detached::
 
         token:    w_t = exp(logp_prox_t - logp_behav_t)
         sequence: w   = exp(sum_t (logp_prox_t - logp_behav_t)) for every token of the sequence
@@ -232,7 +232,7 @@ def policy_loss(
     num_samples: Tensor | float | None = None,
     norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The REC/REP/RED loss of ALGORITHMS.md section 2 (see the module docstring), with the
+    """The REC/REP/RED loss of docs/algorithms.md section 2 (see the module docstring), with the
     GRPO-family knobs of section 6: the ratio anchor (6.2), the reference KL and the entropy
     bonus (6.3), the sequence-level ratio, the clipped IS weight and the dual clip (6.4), the
     constant normalizer (6.5).

@@ -1,4 +1,4 @@
-"""The off-policy schedule (ALGORITHMS.md section 4): which policy version generated the
+"""The off-policy schedule (docs/algorithms.md section 4): which policy version generated the
 batch that training step t consumes, and which versions a run must therefore keep.
 
 The rollout engine receives the trainer's weights every ``sync_interval`` (k) steps and runs
@@ -73,7 +73,7 @@ def resolve_setting(name: str, total_steps: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class SyncConfig:
-    """When the rollout engine receives the trainer's weights (ALGORITHMS.md section 4)."""
+    """When the rollout engine receives the trainer's weights (docs/algorithms.md section 4)."""
 
     sync_interval: int = 1
     """k: push the trainer's weights into the engine every k steps (1 = every step)."""

@@ -44,7 +44,7 @@ seed). An arm may set ``model.algorithm_overrides`` (the study passes null other
 
 @dataclass(frozen=True)
 class Setting:
-    """One off-policy setting: the schedule of ALGORITHMS.md section 4 (``model.sync``)."""
+    """One off-policy setting: the schedule of docs/algorithms.md section 4 (``model.sync``)."""
 
     name: str
     """Its name in the report and the run folders."""

@@ -87,7 +87,7 @@ class TrainForwardConfig:
 
 @dataclass(frozen=True)
 class UpdatesConfig:
-    """Several optimizer updates per rollout batch (ALGORITHMS.md 6.1): the step's B prompts are
+    """Several optimizer updates per rollout batch (docs/algorithms.md section 6.1): the step's B prompts are
     split into ``mini_batches`` mini-batches of whole groups, iterated ``epochs`` times, so one
     batch makes U = epochs x mini_batches updates. A version, a step (``trainer.max_steps``,
     the sync schedule) and the rollout queue all count batches, not updates."""

@@ -1,4 +1,4 @@
-"""Hand-derived tests of reclight.advantages (ALGORITHMS.md section 1)."""
+"""Hand-derived tests of reclight.advantages (docs/algorithms.md section 1)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""AlgorithmConfig validation, the 14 presets of ALGORITHMS.md section 3 and the six of 6.7."""
+"""AlgorithmConfig validation, the 14 presets of docs/algorithms.md section 3 and the six of 6.7."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 
 from reclight.algorithms import PAPER_PRESETS, PRESETS, AlgorithmConfig, get_algorithm
 
-# The preset table of ALGORITHMS.md section 3, written out independently of the code:
+# The preset table of docs/algorithms.md section 3, written out independently of the code:
 # name: (clip_mode, eps_low, eps_high, IS, std, extra fields)
 TABLE = {
     "reinforce": ("none", None, None, False, False, {}),
@@ -26,7 +26,7 @@ TABLE = {
 }
 
 
-# ALGORITHMS.md section 6.7, every field that differs from AlgorithmConfig()'s defaults.
+# docs/algorithms.md section 6.7, every field that differs from AlgorithmConfig()'s defaults.
 TABLE_6_7 = {
     "grpo_kl": dict(importance_sampling=True, std_normalize=True, kl_coef=0.04, kl_estimator="k3", kl_in="loss"),
     "dr_grpo": dict(importance_sampling=True, loss_agg="seq_mean_token_sum_norm"),

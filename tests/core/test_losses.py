@@ -1,4 +1,4 @@
-"""Hand-derived tests of reclight.losses (ALGORITHMS.md section 2)."""
+"""Hand-derived tests of reclight.losses (docs/algorithms.md section 2)."""
 
 import pytest
 import torch
@@ -317,7 +317,7 @@ def test_kl_estimate_k3_importance_weighted_by_hand():
         kl_terms(logp, logp_ref, "k4")
 
 
-# -- the proximal anchor and behaviour correction (ALGORITHMS.md 6.2) ---------------------------
+# -- the proximal anchor and behaviour correction (docs/algorithms.md section 6.2) ---------------------------
 def _decoupled_case():
     """B=1 prompt, K=2 samples, T=2 tokens, A = [+1, -1], NoIS, no clipping, token_mean (N=4).
     logp_prox - logp_behav per token: sample 0 [log 3, log 1/4], sample 1 [log 1.5, log 2], so the
@@ -412,7 +412,7 @@ def test_proximal_anchor_config_rules():
         policy_loss(logp, logp_behav, adv, mask, AlgorithmConfig(ratio_anchor="proximal"))
 
 
-# -- the rest of the GRPO family (ALGORITHMS.md 6.3-6.5) -----------------------------------------
+# -- the rest of the GRPO family (docs/algorithms.md sections 6.3-6.5) -----------------------------------------
 def _two_tokens():
     """B=1, K=2, T=2, all valid; A = [+1, -1] (zero-mean); fp64."""
     logp = torch.tensor([[[-1.0, -2.0], [-0.5, -1.5]]], dtype=torch.float64, requires_grad=True)

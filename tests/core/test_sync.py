@@ -1,4 +1,4 @@
-"""The off-policy schedule behavior_version (ALGORITHMS.md section 4)."""
+"""The off-policy schedule behavior_version (docs/algorithms.md section 4)."""
 
 import pytest
 

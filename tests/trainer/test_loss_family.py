@@ -1,4 +1,4 @@
-"""The GRPO-family knobs in the trainer (ALGORITHMS.md 6.3-6.6), through short fits of the micro
+"""The GRPO-family knobs in the trainer (docs/algorithms.md sections 6.3-6.6), through short fits of the micro
 model: the reference is the one frozen RL-start copy, the entropy bonus is the logged entropy,
 Dr. GRPO gets max_new_tokens and the batch's sample count, DAPO's shaping reaches the advantages,
 oversampling keeps the informative groups."""

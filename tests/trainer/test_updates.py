@@ -1,4 +1,4 @@
-"""Several updates per rollout batch (ALGORITHMS.md 6.1) and the proximal anchor (6.2) in the
+"""Several updates per rollout batch (docs/algorithms.md section 6.1) and the proximal anchor (6.2) in the
 trainer, through short in-process fits of the micro model.
 
 The reference for "the same updates" is written out here by hand: the same policy loaded from
