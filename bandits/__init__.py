@@ -1,7 +1,7 @@
 """bandits: an exact-optimum simulation bench for the surrogate-loss theory of reclight.
 
 Modules: :mod:`bandits.envs` (gymnasium environments, registered on import),
-:mod:`bandits.exact` (closed forms and exact expectations of ALGORITHMS.md section 5),
+:mod:`bandits.exact` (closed forms and exact expectations of docs/algorithms.md section 5),
 :mod:`bandits.problems` (batched tensor views of the environments), :mod:`bandits.simulate`
 (vectorized stochastic runs under the off-policy settings), :mod:`bandits.claims` (the claim
 rules), :mod:`bandits.suite` (the report) and :mod:`bandits.cli`.

@@ -72,7 +72,7 @@ so IS = NoIS and no clipping band can act (the U > 1 cell gives these claims rea
 
 def paper_claims(envs: list[str], settings: list[str], presets: list[str],
                  multi_setting: str | None = None) -> list[Claim]:
-    """The claims of ALGORITHMS.md section 5 that the given runs can test. ``multi_setting``
+    """The claims of docs/algorithms.md section 5 that the given runs can test. ``multi_setting``
     names the extra on-policy cell with several updates per batch, if it was run: the
     clipping claims are then also tested there."""
     claims: list[Claim] = []
@@ -135,7 +135,7 @@ def evaluate(claim: Claim, results: dict[tuple[str, str], RunResult], margin: fl
 
 
 def theory_checks() -> list[dict]:
-    """Exact (enumerated, float64) checks of ALGORITHMS.md section 5 on the 3-arm
+    """Exact (enumerated, float64) checks of docs/algorithms.md section 5 on the 3-arm
     counterexample mu = [0.3, 0.6, 0.1], r = [0, 0.8, 1], K = 2. No seeds: exact."""
     dtype = torch.float64
     mu = torch.tensor([0.3, 0.6, 0.1], dtype=dtype)

@@ -8,12 +8,14 @@ what is accepted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from bandits.envs import REWARD_NOISES, ChainEnv
 from bandits.simulate import OPTIMIZERS
 from reclight.algorithms import PAPER_PRESETS, PRESETS
 from reclight.stats import MIN_SEEDS
-from reclight.checks import check_choice, check_float, check_int, check_out_dir, check_subset
+from reclight.checks import check_bool, check_choice, check_float, check_int, check_out_dir, check_subset
+from reclight.clock import WEIGHT_UPDATES, ClockCosts
 from reclight.sync import PAPER_SETTINGS
 
 ENVS = ("bandit", "chain")
@@ -99,7 +101,7 @@ class ClaimsConfig:
     settings: list[str] = field(default_factory=lambda: list(PAPER_SETTINGS))
     """Off-policy settings (names of ``reclight.sync.PAPER_SETTINGS``)."""
     multi_epochs: int = 1
-    """Epochs of the extra on-policy cell with several updates per batch (ALGORITHMS.md 6.1)."""
+    """Epochs of the extra on-policy cell with several updates per batch (docs/algorithms.md section 6.1)."""
     multi_mini_batches: int = 4
     """Mini-batches of whole groups of that cell: with ``multi_epochs`` x ``multi_mini_batches``
     = U > 1 updates per batch, every preset also runs on-policy with U updates, where the ratio
@@ -153,3 +155,102 @@ class ClaimsConfig:
         if self.multi_epochs * self.multi_mini_batches == 1 or "on_policy" not in self.settings:
             return None
         return f"on_policy_{self.multi_epochs}x{self.multi_mini_batches}"
+
+
+ASYNC_SCHEDULES = ("sync", "pace", "drop", "drop_norequeue", "none")
+"""Schedules of ``python -m bandits async`` (``bandits.async_bench.SCHEDULES``): ``sync`` = pace,
+eta 0, drain, B slots (the synchronous on-policy loop, the reference); ``drop`` requeues."""
+
+
+@dataclass(frozen=True)
+class AsyncCosts(ClockCosts):
+    """The clock's cost model (``reclight.clock.ClockCosts``), in one arbitrary time unit."""
+
+    field_prefix: ClassVar[str] = "costs."
+
+
+@dataclass
+class AsyncBenchConfig:
+    """The asynchronous bench: chain prompts of different horizons under the clock's schedules."""
+
+    seeds: int = 16
+    """Independent runs per (schedule, preset), trained together (paired across cells)."""
+    steps: int = 80
+    """Training steps per run."""
+    group_size: int = 8
+    """K, samples per group (>= 2)."""
+    lr: float = 0.1
+    """Learning rate on the logits."""
+    optimizer: str = "adam"
+    """``adam`` or ``sgd``."""
+    presets: list[str] = field(default_factory=lambda: ["reinforce", "rec_oneside_nois", "decoupled_tis"])
+    """Losses trained under every schedule (names of ``reclight.algorithms.PRESETS``)."""
+    schedules: list[str] = field(default_factory=lambda: list(ASYNC_SCHEDULES))
+    """Schedules to run; ``sync`` (the reference) is always run."""
+    max_staleness: int = 1
+    """eta of ``pace`` and ``drop`` (>= 0)."""
+    max_inflight: int = 8
+    """Generator slots (groups) of the asynchronous schedules (``sync`` has B)."""
+    weight_update: str = "inflight"
+    """``inflight`` or ``drain`` for the asynchronous schedules."""
+    recompute_kv_on_update: bool = False
+    """Charge a re-prefill at each in-flight swap (costs only: the bench has no KV cache)."""
+    starve_after: int = 3
+    """Discards in a row after which a prompt counts as starved."""
+    costs: AsyncCosts = field(default_factory=AsyncCosts)
+    """The cost model of the clock."""
+    horizons: list[int] = field(default_factory=lambda: [2, 3, 4, 6])
+    """H_p of each prompt (1..7; prompt p enumerates 3^H_p trajectories)."""
+    groups_per_step: int = 4
+    """B, a multiple of the number of prompts: each synchronous step then trains every prompt
+    equally often (the uniform reference)."""
+    left_reward: float = 0.5
+    """Mean (Bernoulli) reward for ending at the left wall."""
+    right_reward: float = 1.0
+    """Mean (Bernoulli) reward for ending at the right wall."""
+    init_logit_std: float = 1.0
+    """Initial logits ~ N(0, std^2) per seed and state."""
+    exact_start: int = 10
+    """First step of the window of the exact tables."""
+    exact_steps: int = 20
+    """Steps in the window of the exact tables (0: no exact tables)."""
+    seed: int = 0
+    """Base seed (initial policies, sampling, the prompt order)."""
+    out_dir: str = "reports/bandits_async"
+    """Where ``async.md``, ``summary.json`` and the plot are written."""
+
+    def __post_init__(self) -> None:
+        check_int("seeds", self.seeds, minimum=2)
+        check_int("steps", self.steps, minimum=1)
+        check_int("group_size", self.group_size, minimum=2)
+        check_float("lr", self.lr, gt=0, accepted="a number > 0")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_subset("presets", self.presets, [p for p in PRESETS if not PRESETS[p].needs_reference])
+        check_subset("schedules", self.schedules, ASYNC_SCHEDULES)
+        if "sync" not in self.schedules:
+            self.schedules = ["sync", *self.schedules]
+        check_int("max_staleness", self.max_staleness, minimum=0)
+        check_int("max_inflight", self.max_inflight, minimum=1)
+        check_choice("weight_update", self.weight_update, WEIGHT_UPDATES)
+        check_bool("recompute_kv_on_update", self.recompute_kv_on_update)
+        check_int("starve_after", self.starve_after, minimum=1)
+        if isinstance(self.costs, dict):
+            self.costs = AsyncCosts(**self.costs)
+        if not isinstance(self.horizons, list) or not self.horizons:
+            raise ValueError(f"horizons={self.horizons!r} is not valid; accepted: a non-empty list of integers in "
+                             "[1, 7]")
+        for h in self.horizons:
+            check_int("horizons", h, minimum=1, maximum=7, accepted="integers in [1, 7] (3^H trajectories each)")
+        check_int("groups_per_step", self.groups_per_step, minimum=1)
+        if self.groups_per_step % len(self.horizons):
+            raise ValueError(f"groups_per_step={self.groups_per_step} is not valid; accepted: a multiple of the "
+                             f"{len(self.horizons)} prompts (len(horizons)), so that every synchronous step trains "
+                             "every prompt equally often")
+        check_float("left_reward", self.left_reward, ge=0, le=1, accepted="a number in [0, 1]")
+        check_float("right_reward", self.right_reward, ge=0, le=1, accepted="a number in [0, 1]")
+        check_float("init_logit_std", self.init_logit_std, ge=0, accepted="a number >= 0")
+        check_int("exact_start", self.exact_start, minimum=0)
+        check_int("exact_steps", self.exact_steps, minimum=0, maximum=max(self.steps - self.exact_start, 0),
+                  accepted=f"an integer in [0, steps - exact_start] = [0, {max(self.steps - self.exact_start, 0)}]")
+        check_int("seed", self.seed, minimum=0)
+        check_out_dir("out_dir", self.out_dir)

@@ -1,6 +1,6 @@
 """Tabular environments of the bench, as ``gymnasium.Env`` subclasses registered under ids.
 
-Two environments, both "prompts with one tabular softmax policy per context":
+Three environments, all "prompts with one tabular softmax policy per context":
 
 - ``reclight/ContextualBandit-v0``: S contexts x A arms, one action per episode (T = 1).
   Arm a in context s pays Bernoulli(p[s, a]) (or exactly p[s, a] with ``reward_noise="none"``).
@@ -10,6 +10,13 @@ Two environments, both "prompts with one tabular softmax policy per context":
   pays ``left_reward``, the right end ``right_reward``, every other position 0. The
   observation is the time-indexed state ``t * L + position``, so a tabular policy over
   observations can represent every Markov policy, including the KL-regularized optimum.
+- ``reclight/ChainPrompts-v0``: P chain walks ("prompts") with their own horizons, one tabular
+  state space each (a ``ChainEnv`` per prompt, states offset per prompt): episode p lasts H_p
+  steps, so an episode's length depends on its prompt only. By default prompt p is a chain of
+  H_p + 1 positions started at max(1, H_p // 2): both walls are reachable, the right one (the
+  better reward) needs at least ceil(H_p / 2) net right moves, so a longer prompt takes longer
+  and, from a uniform policy, ends at the right wall less often. The asynchronous bench
+  (``bandits/async_bench.py``) uses it: completion order then selects prompts.
 
 Each environment exposes its tables (``reward_means``, ``next_position``, ...) so that the
 bench can simulate thousands of episodes at once on tensors; ``tests/bandits/test_bandits_envs.py``
@@ -29,6 +36,7 @@ from reclight.checks import check_choice, check_float, check_int
 REWARD_NOISES = ("bernoulli", "none")
 BANDIT_ID = "reclight/ContextualBandit-v0"
 CHAIN_ID = "reclight/Chain-v0"
+CHAIN_PROMPTS_ID = "reclight/ChainPrompts-v0"
 LEFT, STAY, RIGHT = 0, 1, 2
 
 
@@ -156,8 +164,71 @@ class ChainEnv(gym.Env):
         return obs, _draw(self.np_random, mean, self.reward_noise), True, False, {"mean": mean}
 
 
+class ChainPromptsEnv(gym.Env):
+    """P chain walks with their own horizons; ``reset(options={"prompt": p})`` picks prompt p
+    (without it, a uniformly drawn prompt). Observation: ``state_offset[p] + t * L_p + position``.
+
+    Args:
+        horizons: H_p >= 1 per prompt (the episode length of prompt p).
+        lengths: positions per prompt (default max(3, H_p + 1)).
+        starts: start position per prompt (default max(1, H_p // 2), in [1, L_p - 2]).
+        left_reward, right_reward, reward_noise: as :class:`ChainEnv`, shared by every prompt.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        horizons: tuple[int, ...] | list[int] = (2, 3, 4, 6),
+        lengths: tuple[int, ...] | list[int] | None = None,
+        starts: tuple[int, ...] | list[int] | None = None,
+        left_reward: float = 0.5,
+        right_reward: float = 1.0,
+        reward_noise: str = "bernoulli",
+    ) -> None:
+        horizons = [check_int("horizons", h, minimum=1) for h in horizons]
+        if not horizons:
+            raise ValueError("horizons=[] is not valid; accepted: a non-empty list of integers >= 1")
+        lengths = [max(3, h + 1) for h in horizons] if lengths is None else list(lengths)
+        starts = [max(1, h // 2) for h in horizons] if starts is None else list(starts)
+        if not len(lengths) == len(starts) == len(horizons):
+            raise ValueError(f"lengths={lengths!r} and starts={starts!r} are not valid; accepted: one entry per "
+                             f"prompt ({len(horizons)})")
+        self.chains = [ChainEnv(length, start, h, left_reward, right_reward, reward_noise)
+                       for h, length, start in zip(horizons, lengths, starts)]
+        sizes = [c.observation_space.n for c in self.chains]
+        self.state_offset = [sum(sizes[:p]) for p in range(len(sizes))]
+        self.horizons = horizons
+        self.observation_space = spaces.Discrete(sum(sizes))
+        self.action_space = spaces.Discrete(3)
+        self._prompt: int | None = None
+
+    def state_index(self, prompt: int, t: int, position: int) -> int:
+        """The observation of position ``position`` at step ``t`` of prompt ``prompt``."""
+        return self.state_offset[prompt] + self.chains[prompt].state_index(t, position)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        prompt = (options or {}).get("prompt")
+        if prompt is None:
+            prompt = int(self.np_random.integers(len(self.chains)))
+        self._prompt = check_int("prompt", prompt, minimum=0, maximum=len(self.chains) - 1)
+        obs, info = self.chains[self._prompt].reset(seed=int(self.np_random.integers(2**31)))
+        return self.state_offset[self._prompt] + obs, {**info, "prompt": self._prompt}
+
+    def step(self, action: int):
+        if self._prompt is None:
+            raise RuntimeError("call reset() before step(): the episode is over")
+        prompt = self._prompt
+        obs, reward, terminated, truncated, info = self.chains[prompt].step(action)
+        if terminated:
+            self._prompt = None
+        return self.state_offset[prompt] + obs, reward, terminated, truncated, {**info, "prompt": prompt}
+
+
 def register_envs() -> None:
-    """Register both environments with gymnasium (idempotent)."""
-    for env_id, entry in ((BANDIT_ID, ContextualBanditEnv), (CHAIN_ID, ChainEnv)):
+    """Register the environments with gymnasium (idempotent)."""
+    for env_id, entry in ((BANDIT_ID, ContextualBanditEnv), (CHAIN_ID, ChainEnv),
+                          (CHAIN_PROMPTS_ID, ChainPromptsEnv)):
         if env_id not in gym.registry:
             gym.register(id=env_id, entry_point=entry)

@@ -1,4 +1,4 @@
-"""Exact maths of ALGORITHMS.md section 5, for a single prompt with A outcomes.
+"""Exact maths of docs/algorithms.md section 5, for a single prompt with A outcomes.
 
 Everything here is a closed form or an exact expectation by enumerating all A^K groups, so
 the tests can assert tight tolerances. Notation: ``pi_t`` is the reference (the policy at

@@ -1,4 +1,4 @@
-"""The exact estimator table (ALGORITHMS.md 6.3): which KL does each sampled estimator's
+"""The exact estimator table (docs/algorithms.md section 6.3): which KL does each sampled estimator's
 gradient follow, on-policy and off-policy, plain or importance-weighted?
 
 For one bandit context with A arms, a policy pi_theta = softmax(theta), a reference pi_ref and a

@@ -10,6 +10,8 @@ sampled.
 - Bandit: P = S contexts, M = A arms, T = 1. Each seed has its own reward table (drawn by
   ``ContextualBanditEnv(problem_seed=seed)``).
 - Chain: P = 1 start, M = 3^T action sequences, T = horizon; the reward table is shared.
+- Chain prompts (:class:`PromptedProblem`, the asynchronous bench): P chains with their own
+  horizons H_p, M_p = 3^{H_p} outcomes each, padded to the largest M and T.
 
 "KL to the optimal policy" is KL(pi_opt || pi_theta) with pi_opt = ``kl_regularized_optimum(
 pi_0, r, tau=1e-3)`` per prompt: the reward-maximising policy closest to the initial policy
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bandits.envs import ChainEnv, ContextualBanditEnv
+from bandits.envs import ChainEnv, ChainPromptsEnv, ContextualBanditEnv
 from bandits.exact import entropy, kl_divergence, kl_regularized_optimum
 
 OPT_TAU = 1e-3
@@ -170,3 +172,89 @@ def chain_problem(env: ChainEnv, groups_per_prompt: int) -> TabularProblem:
         bernoulli=env.reward_noise == "bernoulli",
         groups_per_prompt=groups_per_prompt,
     )
+
+
+@dataclass
+class PromptedProblem:
+    """P prompts with their own horizons H_p, every outcome enumerated: prompt p has M_p
+    outcomes of H_p tokens, padded to M = max M_p outcomes and T = max H_p tokens (padding:
+    state and action 0, never a valid token or outcome). A response's length depends on its
+    prompt only, so a schedule of the clock is a function of the prompts alone."""
+
+    name: str
+    states: Tensor  # [P, M, T] long
+    actions: Tensor  # [P, M, T] long
+    horizons: Tensor  # [P] long, H_p
+    n_outcomes: Tensor  # [P] long, M_p
+    reward_means: Tensor  # [R or 1, P, M], 0 on padded outcomes
+    n_states: int
+    n_actions: int
+    bernoulli: bool
+
+    @property
+    def n_prompts(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def horizon(self) -> int:
+        return self.states.shape[-1]
+
+    def token_mask(self, prompts: Tensor) -> Tensor:
+        """Real tokens of prompts [B]: t < H_p. Returns [B, T] bool."""
+        return torch.arange(self.horizon)[None, :] < self.horizons[prompts][:, None]
+
+    def outcome_valid(self) -> Tensor:
+        """Real outcomes, m < M_p. [P, M] bool"""
+        return torch.arange(self.states.shape[1])[None, :] < self.n_outcomes[:, None]
+
+    def flat_index(self) -> Tensor:
+        """state * A + action of every token. [P, M, T] long"""
+        return self.states * self.n_actions + self.actions
+
+    def token_logp(self, logits: Tensor, outcomes: Tensor, prompts: Tensor) -> Tensor:
+        """log pi(a_t | s_t) of the sampled outcomes, 0 on padded tokens.
+        logits [R, S, A]; outcomes [R, B, K]; prompts [B]. Returns [R, B, K, T]."""
+        table = torch.log_softmax(logits, -1).flatten(1)  # [R, S*A]
+        idx = self.flat_index()[prompts[None, :, None], outcomes]  # [R, B, K, T]
+        logp = table.gather(1, idx.flatten(1)).view(idx.shape)
+        return logp * self.token_mask(prompts)[None, :, None, :]
+
+    def outcome_logp(self, logits: Tensor) -> Tensor:
+        """log pi(outcome | prompt), -inf on padded outcomes. [R, S, A] -> [R, P, M]"""
+        table = torch.log_softmax(logits, -1).flatten(1)
+        per_tok = table[:, self.flat_index().flatten()].view(logits.shape[0], *self.states.shape)
+        tok_mask = torch.arange(self.horizon)[None, None, :] < self.horizons[:, None, None]  # [P, 1, T]
+        logp = (per_tok * tok_mask).sum(-1)
+        return logp.masked_fill(~self.outcome_valid(), -torch.inf)
+
+    @torch.no_grad()
+    def exact_metrics(self, logits: Tensor) -> dict[str, Tensor]:
+        """Exact ``reward/expected`` [R] (uniform over prompts), ``reward/by_prompt`` [R, P] and
+        ``policy/entropy`` [R] (of the outcome distribution, mean over prompts)."""
+        logp = self.outcome_logp(logits)
+        by_prompt = (logp.exp() * self.reward_means).sum(-1)
+        return {"reward/expected": by_prompt.mean(-1), "reward/by_prompt": by_prompt,
+                "policy/entropy": entropy(logp).mean(-1)}
+
+    def optimal_reward(self) -> Tensor:
+        """max over real outcomes of r, per prompt. [R or 1, P]"""
+        return self.reward_means.masked_fill(~self.outcome_valid(), -torch.inf).amax(-1)
+
+
+def chain_prompts_problem(env: ChainPromptsEnv) -> PromptedProblem:
+    """Every action sequence of every prompt of ``env``, padded (see :class:`PromptedProblem`)."""
+    parts = [chain_problem(chain, 1) for chain in env.chains]
+    n_out = [p.states.shape[1] for p in parts]
+    m_max, t_max = max(n_out), max(env.horizons)
+    n_prompts = len(parts)
+    states = torch.zeros(n_prompts, m_max, t_max, dtype=torch.long)
+    actions = torch.zeros_like(states)
+    means = torch.zeros(1, n_prompts, m_max, dtype=torch.float64)
+    for p, (part, h) in enumerate(zip(parts, env.horizons)):
+        states[p, : n_out[p], :h] = part.states[0] + env.state_offset[p]
+        actions[p, : n_out[p], :h] = part.actions[0]
+        means[0, p, : n_out[p]] = part.reward_means[0, 0]
+    return PromptedProblem(
+        name="chain_prompts", states=states, actions=actions, horizons=torch.tensor(env.horizons),
+        n_outcomes=torch.tensor(n_out), reward_means=means, n_states=env.observation_space.n, n_actions=3,
+        bernoulli=env.chains[0].reward_noise == "bernoulli")

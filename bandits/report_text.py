@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bandits.config import ClaimsConfig
+from bandits.config import AsyncBenchConfig, ClaimsConfig
 from reclight.stats import MIN_SEEDS, rules_table, t_quantile
 from reclight.sync import resolve_setting
 
@@ -70,4 +70,48 @@ def notes(cfg: ClaimsConfig) -> list[str]:
         "pi_opt = pi_0 exp(r/1e-3)/Z, the reward-maximising policy closest to pi_0.",
         "- Rows are reported as computed (yes / **no** / inconclusive); nothing was re-run or "
         "re-tuned to change a verdict.",
+    ]
+
+
+def async_header(cfg: AsyncBenchConfig, wall: float) -> list[str]:
+    """What ``python -m bandits async`` measured (docs/bandits.md, "Asynchronous schedules")."""
+    c = cfg.costs
+    return [
+        "# Bandit bench: asynchronous schedules on the simulated clock",
+        "",
+        f"Produced by `python -m bandits async` in {wall:.1f} s.",
+        "",
+        "## What was measured",
+        "",
+        f"- Environment: `reclight/ChainPrompts-v0`, {len(cfg.horizons)} prompts with horizons {cfg.horizons} "
+        "(prompt p: a chain of H + 1 positions from max(1, H // 2); Bernoulli reward "
+        f"{cfg.left_reward} at the left wall, {cfg.right_reward} at the right wall, else 0). A response's length "
+        "is its prompt's horizon, so completion order selects prompts, and the schedule is exact.",
+        f"- Schedules (`reclight.clock.AsyncClock`, docs/async.md): `sync` = pace, eta 0, drain, "
+        f"{cfg.groups_per_step} slots (the synchronous on-policy loop, the reference); `pace`, `drop` (requeue), "
+        f"`drop_norequeue`, `none` with eta = {cfg.max_staleness}, `{cfg.weight_update}` weight updates, "
+        f"{cfg.max_inflight} slots; B = {cfg.groups_per_step}, K = {cfg.group_size}; the prompt stream is one "
+        f"permutation per epoch (seed {cfg.seed}).",
+        f"- Costs: decode {c.decode_a} + {c.decode_b} x live rows, prefill {c.prefill_b} per prompt token (one "
+        f"token per prompt), swap {c.sync_cost}, training {c.train_c} + {c.train_e} x trained tokens.",
+        f"- Training: {cfg.steps} {cfg.optimizer} steps, lr {cfg.lr}, tabular softmax with initial logits "
+        f"~ N(0, {cfg.init_logit_std}^2), the same {cfg.seeds} seeds in every cell; "
+        "`reclight.advantages.group_advantages` and `reclight.losses.policy_loss`; each token's `logp_behav` "
+        "from the snapshot of the version the clock says sampled it; each group's draws seeded by (seed, "
+        "admission index). Figures: the EXACT expected reward (uniform over prompts) of each seed's policy.",
+    ]
+
+
+def async_notes(cfg: AsyncBenchConfig) -> list[str]:
+    return [
+        "- `speedup vs sync` is the clock total of `sync` over the schedule's, for the same number of steps "
+        "(the emulated speedup); `reward at clock budget` compares the schedules at the same simulated time.",
+        "- The exact tables fix the schedule and the snapshots and enumerate the actions and rewards "
+        "(`bandits/async_exact.py`); `fixed policy` sets every version to theta_0 (only the prompt "
+        "selection differs from `sync`), `trained snapshots` uses the versions of a trained `sync` run (selection "
+        "and staleness).",
+        "- Under `token_mean` a sample weighs 1 / (tokens in its batch): completion order groups short responses "
+        "into the same batches, which then weigh more, even where every prompt is trained equally often.",
+        "- Tabular policies share no parameters and the lengths do not depend on the sampled actions: the bench "
+        "isolates the schedule's effects; it says nothing about an LLM's length dynamics.",
     ]

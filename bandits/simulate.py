@@ -121,7 +121,7 @@ def run_preset(
     """Train ``preset`` under every setting ``{name: (sync_interval, sync_offset)}`` for
     ``steps`` steps, all seeds at once. See the module docstring for one step.
 
-    ``epochs`` x ``mini_batches`` optimizer updates per sampled batch (ALGORITHMS.md 6.1), as the
+    ``epochs`` x ``mini_batches`` optimizer updates per sampled batch (docs/algorithms.md section 6.1), as the
     trainer makes them: mini-batch m holds the groups m, m + M, ... of the step, the ratio is
     recomputed from the current logits at every update, advantages once per batch; versions and
     ``steps`` count batches. ``ratio_anchor: proximal`` measures rho against the logits at the

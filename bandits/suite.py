@@ -182,7 +182,7 @@ def _config_dict(cfg: ClaimsConfig) -> dict:
 
 
 def kl_section() -> list[str]:
-    """The exact estimator table of ALGORITHMS.md 6.3 (``bandits.kl_table``), with how to read it."""
+    """The exact estimator table of docs/algorithms.md section 6.3 (``bandits.kl_table``), with how to read it."""
     from bandits.kl_table import kl_estimator_table, kl_table_markdown
 
     return [

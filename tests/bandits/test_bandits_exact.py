@@ -1,4 +1,4 @@
-"""Exact maths of the bandit bench (ALGORITHMS.md section 5), all in float64, no Monte Carlo:
+"""Exact maths of the bandit bench (docs/algorithms.md section 5), all in float64, no Monte Carlo:
 expectations enumerate every group of K draws (A^K tuples) with its probability."""
 
 import math

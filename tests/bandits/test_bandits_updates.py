@@ -1,4 +1,4 @@
-"""Several updates per batch and the proximal anchor on the bench (ALGORITHMS.md 6.1-6.2)."""
+"""Several updates per batch and the proximal anchor on the bench (docs/algorithms.md sections 6.1-6.2)."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""The exact estimator table: the on-policy identities of ALGORITHMS.md 6.3, exactly (float64,
+"""The exact estimator table: the on-policy identities of docs/algorithms.md section 6.3, exactly (float64,
 enumerated outcomes), and what breaks off-policy without importance weighting."""
 
 import math

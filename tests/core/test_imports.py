@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CORE = {"reclight.algorithms", "reclight.advantages", "reclight.losses", "reclight.sync", "reclight.checks",
-        "reclight.stats"}
+        "reclight.stats", "reclight.clock"}
 LAYERS = ["core", "tasks", "kernels", "models", "engines", "rollout", "trainer", "study"]
 """Each package may import itself and the layers to its left only."""
 
