@@ -15,10 +15,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
@@ -29,6 +32,45 @@ from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the suite leaves the working tree as it found it --------------------------------------------
+def _tree_status() -> set[str] | None:
+    """``git status --porcelain`` lines of the checkout (None where git or the repo is absent)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.splitlines()) if out.returncode == 0 else None
+
+
+def pytest_sessionstart(session) -> None:
+    session.config._tree_before = _tree_status()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if the suite wrote into the checkout (a CLI run without a logger saves
+    ``config.yaml`` into the working folder, a study its warm-ups under ``outputs/``): every test
+    must write under its ``tmp_path``."""
+    before = getattr(session.config, "_tree_before", None)
+    after = _tree_status()
+    if before is None or after is None or getattr(session.config.option, "collectonly", False):
+        return
+    if new := sorted(after - before):
+        print("\nthe test suite changed the working tree (every test must write under tmp_path):\n  "
+              + "\n  ".join(new))
+        session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _run_from_a_scratch_folder(tmp_path_factory):
+    """The whole session runs from a scratch folder, so a relative path a run writes by default
+    (Lightning's ``config.yaml`` without a logger, ``outputs/``) never lands in the checkout."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 MICRO = TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_positions=32)
 
 

@@ -11,6 +11,8 @@ names no field of its group with the accepted fields, before parsing.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -45,9 +47,33 @@ warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` i
 #   bf16-mixed (the CLI's default) the master weights ARE fp32, so its size estimate is right.
 warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
 
+
+class _NoAdverts(logging.Filter):
+    """Drops Lightning's "Tip: ... try installing litlogger / litmodels" lines, printed on every
+    run: advertisements for hosted services, nothing a reclight user needs to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("\U0001f4a1 Tip:")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
+
+CPU_BF16_ENV = "RECLIGHT_CPU_BF16"
+"""Overrides the CPU bf16 check: ``1`` answers "native bf16" on any CPU (so the bf16 default
+paths run, emulated, on an AVX2-only machine: how the test suite exercises both CPU kinds on
+one), ``0`` answers "none"; unset reads ``/proc/cpuinfo``."""
+
+
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has bf16 matrix instructions (x86 ``avx512_bf16`` or ``amx_bf16``, read
-    from ``/proc/cpuinfo``; False where that file does not exist)."""
+    from ``/proc/cpuinfo``; False where that file does not exist), unless ``RECLIGHT_CPU_BF16``
+    says otherwise (:data:`CPU_BF16_ENV`). The one function that decides."""
+    forced = os.environ.get(CPU_BF16_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={forced!r} is not valid; accepted: 1 (treat this CPU as having native "
+                             "bf16), 0 (as having none), or unset (read /proc/cpuinfo)")
+        return forced == "1"
     try:
         with open(cpuinfo) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -56,20 +82,32 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def default_precision() -> str:
-    """``bf16-mixed`` (bf16 autocast, fp32 master weights; with ``model.engine.dtype`` null also a
-    bf16 rollout engine) where the hardware computes bf16 natively: a CUDA GPU that supports it,
-    or a CPU with bf16 instructions; else ``32-true``. Measured on the main job: bf16 learns as well
-    as fp32 over 3 seeds (docs/benchmarks.md); on an AVX2-only CPU bf16 autocast is emulated and
-    a step took 2.3x as long as in fp32 (10 steps of configs/arithmetic.yaml: 40.3 s against
-    17.5 s with the fast engine and the fused forward)."""
+def precision_choice() -> tuple[str, str]:
+    """``(trainer.precision default, why)``: ``bf16-mixed`` (bf16 autocast, fp32 master weights;
+    with ``model.engine.dtype`` null also a bf16 rollout engine) where the hardware computes bf16
+    natively: a CUDA GPU that supports it, or a CPU with bf16 instructions; else ``32-true``.
+    Measured on the main job: bf16 learns as well as fp32 over 3 seeds (docs/benchmarks.md); on an
+    AVX2-only CPU bf16 autocast is emulated and a step took 2.3x as long as in fp32 (10 steps of
+    configs/arithmetic.yaml: 40.3 s against 17.5 s with the fast engine and the fused forward)."""
     if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", "the CUDA GPU computes bf16 natively"
+        return "32-true", "the CUDA GPU has no native bf16"
+    if os.environ.get(CPU_BF16_ENV) is not None:
+        forced = cpu_has_bf16()
+        return ("bf16-mixed" if forced else "32-true"), f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]} in the environment"
+    if cpu_has_bf16():
+        return "bf16-mixed", "this CPU has native bf16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo)"
+    return "32-true", ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo), where bf16 "
+                       "autocast is emulated and about 2.3x slower")
+
+
+def default_precision() -> str:
+    """The CLI's ``trainer.precision`` default (:func:`precision_choice`)."""
+    return precision_choice()[0]
 
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "precision": default_precision(),  # pass --trainer.precision to choose; see default_precision
     "max_steps": 500,
     "val_check_interval": 50,
     "num_sanity_val_steps": 0,
@@ -80,6 +118,13 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "outputs", "name": "reclight"},
     },
 }
+"""The CLI's trainer defaults; ``precision`` is added when the CLI is built (:func:`trainer_defaults`)."""
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """:data:`TRAINER_DEFAULTS` with the precision of this machine, decided when the CLI is built
+    (not at import, so ``RECLIGHT_CPU_BF16`` set by a caller takes effect)."""
+    return {**TRAINER_DEFAULTS, "precision": default_precision()}
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -154,6 +199,7 @@ class ReclightCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse types
         given = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        self.precision_given = any(k == "trainer.precision" for k, _ in _given_keys(given))
         if errors := key_errors(given):
             parser.error("; ".join(errors) + " (RLModule's arguments are typed groups: see `reclight fit --help`)")
         super().parse_arguments(parser, args)
@@ -184,6 +230,9 @@ class ReclightCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path last: resuming from {plan.ckpt_path} (step {plan.resume_step})")
         allowed = list(cfg.get("allow_changes") or [])
         self.model.allow_changes = allowed
+        why = "set in the config" if getattr(self, "precision_given", False) else f"the default: {precision_choice()[1]}"
+        self.model.precision_reason = why
+        rank_zero_info(f"trainer.precision: {self.trainer.precision} ({why})")
         if plan.ckpt_path is not None:  # refuse a changed setting before any model is loaded
             saved = torch.load(plan.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             self.model.resume_changes = check_resume_config(saved.get("reclight", {}).get(RECORD_KEY), run_record(
@@ -217,11 +266,19 @@ class ReclightCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:
-    """Entry point of the ``reclight`` console script (``args`` for tests)."""
+    """Entry point of the ``reclight`` console script (``args`` for tests).
+
+    ``--help`` shows every field's docstring: jsonargparse reads them from the source only when
+    asked (a process-wide setting that makes each parse several times slower), so only for help."""
+    given = sys.argv[1:] if args is None else args
+    if any(a in ("-h", "--help") for a in given):
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return ReclightCLI(
         RLModule,
         RLDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults=trainer_defaults(),
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

@@ -22,8 +22,11 @@ WAIT_POLICY_DEFAULT = "PASSIVE"
 
 
 def configure_process() -> None:
-    """Set the OpenMP wait policy (see the module docstring) unless the user chose one."""
+    """Set the OpenMP wait policy (see the module docstring) unless the user chose one, and
+    silence jsonargparse's deprecation notices about the API calls Lightning's CLI makes
+    (Lightning's code, not the user's: nothing they can act on)."""
     os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY_DEFAULT)
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 
 def entrypoint() -> None:

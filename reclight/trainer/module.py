@@ -144,6 +144,8 @@ class RLModule(LightningModule):
         self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
         self._skip_guard = NonFiniteGuard(guards.max_consecutive_skips)
         self.allow_changes: list[str] = []  # settings a resume may change (the CLI's --allow_changes)
+        self.precision_reason = "set by the caller"  # the CLI says why it chose trainer.precision
+        self.engine_resolved: dict[str, Any] = {}  # model.engine name/dtype as resolved for this run
         self.resume_checked = False  # the CLI compared the run record before loading (trainer/resume.py)
         self.resume_changes: list[str] = []  # the allowed settings that differ from the checkpoint's
         self.val_acc, self.val_reward, self.val_len = MeanMetric(), MeanMetric(), MeanMetric()
@@ -223,8 +225,14 @@ class RLModule(LightningModule):
         if cfg.name == "auto":
             rank_zero_info(f"model.engine.name auto: {name}" + (f" (the fast engine does not support {why})" if why else ""))
         dtype = cfg.dtype
-        if dtype is None and name != "vllm" and str(self.trainer.precision).startswith("bf16"):
+        precision = str(self.trainer.precision)
+        if dtype is None and name != "vllm" and precision.startswith("bf16"):
             dtype = "bfloat16"
+        if cfg.dtype is None:
+            shown = dtype or str(next(self.policy.parameters()).dtype).removeprefix("torch.")
+            rank_zero_info(f"model.engine.dtype null: {shown} (follows trainer.precision {precision}"
+                           + ("" if name != "vllm" else "; vLLM chooses its own") + ")")
+        self.engine_resolved = {"name": name, "dtype": dtype}
         return dataclasses.replace(cfg, name=name, dtype=dtype)
 
     def _fit_context(self) -> None:
@@ -372,7 +380,7 @@ class RLModule(LightningModule):
 
     def _advantages(self, batch: RolloutBatch, logp_ref: Tensor | None) -> tuple[Tensor, Tensor]:
         """Group advantages and ``keep`` [B, K] of the batch's rewards, after the algorithm's
-        trainer-side shaping (ALGORITHMS.md 6.3, 6.6): DAPO's overlong penalty and filter, and the
+        trainer-side shaping (docs/algorithms.md sections 6.3, 6.6): DAPO's overlong penalty and filter, and the
         KL penalty in the reward. RED-Drop's random choice is seeded by (seed, step, rank)."""
         a, rewards = self.algo, batch.rewards
         truncated = None

@@ -59,6 +59,9 @@ FREE_PREFIXES = (
 )
 """Settings that do not change what is trained on: they may differ on resume (stop rules,
 metrics, the warm-up (not re-run on resume), a cache folder, GPU memory, the evaluation's size)."""
+INFO_PREFIX = "resolved."
+"""Record entries that say what the defaults resolved to on the machine that ran (precision and why,
+the engine's name and dtype): stored for the reader, never compared on resume."""
 NEVER_ALLOWED = ("model.sync",)
 """The queued rollouts and the engine follow the saved schedule: it cannot change on resume."""
 NOTES = {
@@ -122,6 +125,10 @@ def run_record(module: Any, datamodule: Any, trainer: Any) -> dict[str, Any]:
     if trainer is not None:
         out["trainer.precision"] = str(trainer.precision)
         out["trainer.world_size"] = int(trainer.world_size)
+    # What the defaults resolved to on this machine, and why (informational: not compared).
+    out["resolved.precision_reason"] = str(getattr(module, "precision_reason", ""))
+    for k, v in (getattr(module, "engine_resolved", None) or {}).items():
+        out[f"resolved.engine.{k}"] = _plain(v)
     return {k: v for k, v in out.items() if not k.startswith(FREE_PREFIXES)}
 
 
@@ -143,7 +150,8 @@ def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, A
         rank_zero_warn(f"--ckpt_path={str(path)!r} holds no record of its run's settings (written by an older reclight): "
                        "they are not compared with this run's")
         return []
-    changes = [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+    changes = [(k, saved[k], current[k]) for k in sorted(set(saved) & set(current))
+               if saved[k] != current[k] and not k.startswith(INFO_PREFIX)]
     text = [f"{k}{NOTES.get(k, '')}: the checkpoint has {a!r}, this run {b!r}" for k, a, b in changes]
     refused = [t for (k, _, _), t in zip(changes, text) if not _matches(k, allowed)]
     if refused:

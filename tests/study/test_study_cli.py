@@ -87,9 +87,12 @@ def _done(cfg, jobs) -> list:
 def test_study_end_to_end_killed_and_resumed(tmp_path):
     """`reclight study` as a user runs it (a subprocess, its own process group): SIGKILL the whole
     group once the first run has finished, rerun the same command, and count: every command that
-    had finished is skipped and left untouched, the others run, and the report covers all 4 runs."""
-    path = write_study(tmp_path / "micro.yaml", micro_study(tmp_path))
-    cfg = study_from_dict(micro_study(tmp_path))
+    had finished is skipped and left untouched, the others run, and the report covers both runs.
+    One seed (one warm-up, two arms): each command is a process that spends most of its time
+    importing, and a second seed would only repeat what the first shows."""
+    study = micro_study(tmp_path, seeds=[0])
+    path = write_study(tmp_path / "micro.yaml", study)
+    cfg = study_from_dict(study)
     jobs = make_plan(cfg, validate_commands(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([RECLIGHT, "study", "--config", str(path)], cwd=ROOT, env=env, start_new_session=True,
@@ -102,7 +105,7 @@ def test_study_end_to_end_killed_and_resumed(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     finished = _done(cfg, jobs)
-    assert 3 <= len(finished) < len(jobs)  # both warm-ups and at least one run; not everything
+    assert 2 <= len(finished) < len(jobs)  # the warm-up and at least one run; not everything
     stamps = {j.folder: (j.folder / ("warmup.json" if j.is_warmup else "logs/metrics.csv")).stat().st_mtime_ns
               for j in finished}
 
@@ -120,12 +123,12 @@ def test_study_end_to_end_killed_and_resumed(tmp_path):
 
     out = tmp_path / "study"
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["seeds"] for r in summary["rows"]] == [2] and summary["rows"][0]["verdict"] == "inconclusive"
+    assert [r["seeds"] for r in summary["rows"]] == [1] and summary["rows"][0]["verdict"] == "inconclusive"
     cells = summary["cells"]["periodic"]
-    for seed in ("0", "1"):  # paired: both arms of a seed start from the same warm-up
-        assert cells["clip"]["per_seed"][seed]["before"] == cells["reinforce"]["per_seed"][seed]["before"]
+    # paired: both arms of a seed start from the same warm-up
+    assert cells["clip"]["per_seed"]["0"]["before"] == cells["reinforce"]["per_seed"]["0"]["before"]
     report = (out / "report.md").read_text()
-    assert "Runs complete: 4 of 4" in report and "| clipping not worse | periodic |" in report
+    assert "Runs complete: 2 of 2" in report and "| clipping not worse | periodic |" in report
     assert (out / "periodic.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for j in jobs[2:]:  # every run folder records the command it ran, the one the dry run prints
+    for j in jobs[1:]:  # every run folder records the command it ran, the one the dry run prints
         assert json.loads((j.folder / "run.json").read_text())["command"] == j.shell()

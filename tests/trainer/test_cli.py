@@ -81,12 +81,25 @@ def _smoke(tmp_path, *extra):
                  "--data.task", "conftest.DigitTask", *extra])
 
 
-def test_smoke_fit_changes_every_parameter_and_runs_twice(tmp_path, monkeypatch):
+def test_smoke_fit_changes_every_parameter_and_runs_twice(tmp_path, monkeypatch, caplog):
     from transformers import AutoModelForCausalLM
 
+    from reclight.trainer.cli import precision_choice
+    from reclight.trainer.resume import run_record
+
     monkeypatch.chdir(tmp_path)  # the config file is saved in the run folder
+    caplog.set_level("INFO")
     cli = _smoke(tmp_path)
     assert cli.trainer.global_step == 2
+    # issue #20 item 2: the first lines say which precision and engine dtype were chosen, and why;
+    # the run record (saved in every checkpoint) says it too
+    precision, why = precision_choice()
+    assert f"trainer.precision: {precision} (the default: {why})" in caplog.text
+    dtype = "bfloat16" if precision.startswith("bf16") else "float32"
+    assert f"model.engine.dtype null: {dtype} (follows trainer.precision {precision})" in caplog.text
+    record = run_record(cli.model, cli.datamodule, cli.trainer)
+    assert record["resolved.precision_reason"] == f"the default: {why}"
+    assert record["resolved.engine.name"] == "fast" and record["trainer.precision"] == precision
     init = AutoModelForCausalLM.from_pretrained(next((tmp_path / "tiny").iterdir()))
     init_params = dict(init.named_parameters())
     for name, p in cli.model.policy.named_parameters():
@@ -136,3 +149,19 @@ def test_console_script_exits_zero_after_a_successful_fit(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ReclightCLI object" not in proc.stdout + proc.stderr
+
+
+def test_help_shows_every_fields_docstring(capsys):
+    """`reclight fit --help` prints each typed field's docstring (read from the source only for
+    --help: the setting is process-wide and slows every later parse, so it is reset here)."""
+    from jsonargparse import set_parsing_settings
+
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--help"])
+        assert e.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--model.optim.lr LR Learning rate." in out
+        assert "--model.sampling.num_samples NUM_SAMPLES K: responses per prompt" in out
+    finally:
+        set_parsing_settings(docstring_parse_attribute_docstrings=False)

@@ -43,6 +43,19 @@ def test_prompts_shard_into_whole_groups_per_rank():
         dm.setup("fit")
 
 
+def _single(out, tiny_dir, *extra):
+    """The single-process reference, in this process (the worker's own code, one thread like each
+    rank of the 2-process run): a subprocess would only add ~7 s of imports."""
+    import ddp_worker
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ddp_worker.main(1, str(out), str(tiny_dir), *extra)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run(world, out, tiny_dir, *extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parents[2]), str(WORKER.parents[1])]), OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -75,7 +88,7 @@ def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, u
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    _run(1, single, tiny, algorithm, loss_agg, "ddp", updates)
+    _single(single, tiny, algorithm, loss_agg, "ddp", updates)
     _run(2, ddp, tiny, algorithm, loss_agg, "ddp", updates)
     ref = torch.load(single / "rank0.pt")
     for rank in (0, 1):

@@ -79,6 +79,7 @@ def test_default_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monk
     the CLI's default precision is bf16-mixed only with bf16 instructions or a bf16 GPU."""
     from reclight.trainer import cli
 
+    monkeypatch.delenv(cli.CPU_BF16_ENV, raising=False)  # the suite may run with RECLIGHT_CPU_BF16 set
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
     assert not cli.cpu_has_bf16(str(info))
@@ -86,9 +87,22 @@ def test_default_precision_is_bf16_only_where_the_hardware_has_it(tmp_path, monk
     assert cli.cpu_has_bf16(str(info))
     assert not cli.cpu_has_bf16(str(tmp_path / "missing"))  # not Linux: no bf16 assumed
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # RECLIGHT_CPU_BF16 overrides /proc/cpuinfo (the suite's way to run the bf16 default on an AVX2
+    # machine), and the reason the CLI prints names it
+    monkeypatch.setenv(cli.CPU_BF16_ENV, "1")
+    assert cli.cpu_has_bf16(str(tmp_path / "missing"))
+    assert cli.precision_choice() == ("bf16-mixed", "RECLIGHT_CPU_BF16=1 in the environment")
+    monkeypatch.setenv(cli.CPU_BF16_ENV, "0")
+    assert not cli.cpu_has_bf16(str(info)) and cli.default_precision() == "32-true"
+    assert cli.trainer_defaults()["precision"] == "32-true"
+    monkeypatch.setenv(cli.CPU_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match=r"RECLIGHT_CPU_BF16='yes' is not valid; accepted: 1 .*, 0 .*, or unset"):
+        cli.cpu_has_bf16()
+    monkeypatch.delenv(cli.CPU_BF16_ENV)
     for has, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(cli, "cpu_has_bf16", lambda has=has: has)
         assert cli.default_precision() == expected
+    assert "no native bf16" in cli.precision_choice()[1]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for supported, expected in ((True, "bf16-mixed"), (False, "32-true")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda supported=supported: supported)

@@ -5,7 +5,7 @@ engine's weight sync gathers the full (unsharded) weights."""
 import pytest
 import torch
 
-from test_ddp import _run
+from test_ddp import _run, _single
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_fsdp2_two_processes_equal_single_process(tmp_path):
     # The 2-process run goes first, on a fresh tiny_dir: only rank 0 may write the model
     # (transformers' save_pretrained writes nothing on other ranks) while rank 1 waits for it.
     _run(2, fsdp, tiny, "grpo", "token_mean", "fsdp")
-    _run(1, single, tiny, "grpo", "token_mean", "fsdp")
+    _single(single, tiny, "grpo", "token_mean", "fsdp")
     ref = torch.load(single / "rank0.pt")
     assert ref["sharded"] == "Parameter"
     for rank in (0, 1):

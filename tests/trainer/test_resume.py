@@ -1,7 +1,7 @@
 """Exact resume after SIGKILL and SIGTERM (issues #5 item 1, #17 items 1-2), through the real
 ``reclight fit`` command.
 
-Per setting (periodic sync, constant lag, on-policy after a supervised warm-up), a reference
+Per setting (periodic sync after a supervised warm-up; a constant lag with 4 updates per batch), a reference
 run of ``tests/configs/resume.yaml`` (7 steps, a checkpoint after every step) goes straight
 through (started once per setting, shared by its cases). Each case stops a second run at a
 known point: SIGKILL while parked at the start of a step (after ``step=c.ckpt`` is on disk,
@@ -89,13 +89,15 @@ def assert_same(a, b, where=""):
         assert a == b, (where, a, b)
 
 
-PERIODIC = ("periodic", ["--model.sync.sync_interval", "3"])  # k=3, d=0
-LAG = ("lag", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2"])  # k=1, d=2
-# issue #13: 2 epochs x 2 mini-batches = 4 updates per batch, one-side IS clipping (its ratio
-# moves from the second update on), with a lag: the kill lands between batches of 4 updates each
-UPDATES = ("lag_updates", [*LAG[1], "--model.algorithm", "rec_oneside_is", "--model.updates",
-                           "{epochs: 2, mini_batches: 2}"])
-WARMUP = ("on_policy_warmup", ["--model.warmup", WARMUP_CFG])  # on-policy (k=1, d=0) after a short warm-up
+# Two settings, each with one straight reference run shared by its cases:
+# - periodic sync (k=3, d=0) after a short supervised warm-up (the warm-up must not run again on
+#   resume; the engine holds theta_3 at step 4);
+# - a constant lag (k=1, d=2: two batches queued at a kill) with 2 epochs x 2 mini-batches = 4
+#   updates per batch and one-side IS clipping (its ratio moves from the second update on;
+#   issue #13): the kill lands between batches of 4 updates each.
+PERIODIC = ("periodic_warmup", ["--model.sync.sync_interval", "3", "--model.warmup", WARMUP_CFG])
+LAG = ("lag_updates", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2",
+                       "--model.algorithm", "rec_oneside_is", "--model.updates", "{epochs: 2, mini_batches: 2}"])
 _REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 
@@ -119,16 +121,14 @@ def reference(tmp_path_factory, setting):
     [
         # SIGKILL while parked at the start of step `at` (step=at.ckpt is on disk), resumed with
         # --ckpt_path <file> into a folder of its own: its logs join the killed run's
-        (PERIODIC, "sigkill", 4, "own folder"),  # the engine holds theta_3 at step 4
+        (PERIODIC, "sigkill", 4, "own folder"),  # the engine holds theta_3 at step 4; no second warm-up
         (LAG, "sigkill", 3, "last"),  # two batches queued; `--ckpt_path last` continues the killed run's folder
-        (WARMUP, "sigkill", 2, "own folder"),  # the warm-up must not run again on resume
-        (UPDATES, "sigkill", 3, "own folder"),  # U = 4 updates per batch (issue #13)
         # SIGTERM during step `at`'s update: the step is finished, then checkpointed (interrupted-step=at+1)
         (PERIODIC, "sigterm update", 4, "interrupted"),
         # SIGTERM when step `at`'s rollout starts: it is abandoned, the checkpoint is step `at`'s start
         (LAG, "sigterm rollout", 3, "interrupted"),
     ],
-    ids=["periodic-sigkill", "lag-sigkill-last", "warmup-sigkill", "updates-2x2-sigkill", "periodic-sigterm-update", "lag-sigterm-rollout"],
+    ids=["periodic-warmup-sigkill", "lag-updates-2x2-sigkill-last", "periodic-sigterm-update", "lag-sigterm-rollout"],
 )
 def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_factory, setting, stop, at, resume):
     name, sync = setting
@@ -171,7 +171,7 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_f
     for version_log in ("killed", "resumed"):  # issue #17, item 7: no noise a user cannot act on
         text = (tmp_path / f"{version_log}.log").read_text()
         assert "manual optimization" not in text and "LeafSpec" not in text and "not resumable" not in text
-    if setting is WARMUP:  # the warm-up ran once, and not again on resume
+    if setting is PERIODIC:  # the warm-up ran once, and not again on resume
         assert "warm-up:" in log("reference", ref_folder) and "warm-up" not in log("resumed")
 
     final = f"step={MAX_STEPS}.ckpt"
@@ -203,6 +203,6 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_f
     assert sorted(joined) == sorted(ref_rows) == list(range(MAX_STEPS))
     for step in ref_rows:
         assert joined[step] == ref_rows[step], step
-    assert bool(metric_rows(ref_csv, warmup=True)) == (setting is WARMUP)
+    assert bool(metric_rows(ref_csv, warmup=True)) == (setting is PERIODIC)
     columns = set().union(*joined.values())
     assert {"reward/mean", "val/acc", "train/lr", "train/skipped_steps", "grad/norm", "kl/init"} <= columns
