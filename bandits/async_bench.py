@@ -36,7 +36,7 @@ from torch import Tensor
 
 from bandits.problems import PromptedProblem
 from bandits.simulate import OPTIMIZERS, per_row_policy_loss
-from reclight.advantages import group_advantages
+from reclight.advantages import group_advantages, shape_rewards
 from reclight.algorithms import AlgorithmConfig
 from reclight.checks import check_choice
 from reclight.clock import AsyncClock, ClockConfig, ClockCosts, PromptStream, ScriptedGenerator, StepPlan
@@ -140,12 +140,20 @@ def run_schedule(problem: PromptedProblem, cfg: AlgorithmConfig, plans: Sequence
         record()
         prompts, outcomes, rewards, logp_behav = sample_batch(problem, plan, snapshots, group_size, seed)
         rows, n_groups, _ = rewards.shape
-        adv, keep = group_advantages(rewards.flatten(0, 1), cfg, adv_gen)
-        adv, keep = adv.view(rows, n_groups, -1), keep.view(rows, n_groups, -1)
+        flat = rewards.flatten(0, 1)  # [R*B, K]
+        # The trainer's reward shaping: each episode's length is its prompt's horizon (none is
+        # truncated), the longest horizon plays max_new_tokens (DAPO's overlong penalty).
+        lengths = problem.horizons[prompts][None, :, None].expand(rows, -1, flat.shape[-1]).flatten(0, 1).to(flat)
+        shaped, shaping_keep = shape_rewards(flat, torch.ones_like(flat, dtype=torch.bool), lengths,
+                                             torch.zeros_like(flat, dtype=torch.bool), cfg,
+                                             max_new_tokens=problem.horizon)
+        adv, keep = group_advantages(shaped, cfg, adv_gen)
+        adv, keep = adv.view(rows, n_groups, -1), (keep & shaping_keep).view(rows, n_groups, -1)
         mask = problem.token_mask(prompts)[None, :, None, :] & keep[..., None]  # [R, B, K, T]
         logp_prox = problem.token_logp(logits.detach(), outcomes, prompts) if cfg.needs_proximal else None
         logp = problem.token_logp(logits, outcomes, prompts)
-        loss, metrics = per_row_policy_loss(logp, logp_behav, adv, mask, cfg, logp_prox)
+        # L of seq_mean_token_sum_norm: the longest horizon T, the bench's max_new_tokens
+        loss, metrics = per_row_policy_loss(logp, logp_behav, adv, mask, cfg, logp_prox, norm_length=problem.horizon)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()

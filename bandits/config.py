@@ -17,6 +17,7 @@ from reclight.stats import MIN_SEEDS
 from reclight.checks import check_bool, check_choice, check_float, check_int, check_out_dir, check_subset
 from reclight.clock import WEIGHT_UPDATES, ClockCosts
 from reclight.sync import PAPER_SETTINGS
+from reclight.updates import check_mini_batches
 
 ENVS = ("bandit", "chain")
 
@@ -96,8 +97,10 @@ class ClaimsConfig:
     """``adam`` or ``sgd`` (both elementwise, so rows stay independent)."""
     presets: list[str] = field(default_factory=lambda: list(PAPER_PRESETS))
     """Algorithms to run (names of ``reclight.algorithms.PRESETS``; default: the paper's 14).
-    Presets that need a reference policy (``grpo_kl``) are not run by the bench, and the trainer-side
-    knobs of a preset (DAPO's overlong penalty: the bench's outcomes have no length) do not apply."""
+    Presets that need a reference policy (``grpo_kl``) are not run by the bench. Reward shaping is
+    the trainer's own (``reclight.advantages.shape_rewards``): every episode's length is the horizon
+    T and none is truncated, so DAPO's overlong penalty is one constant per group here; Dr. GRPO's
+    constant L is T too (1 for the bandit, ``chain.horizon``)."""
     settings: list[str] = field(default_factory=lambda: list(PAPER_SETTINGS))
     """Off-policy settings (names of ``reclight.sync.PAPER_SETTINGS``)."""
     multi_epochs: int = 1
@@ -142,12 +145,11 @@ class ClaimsConfig:
             self.bandit = BanditConfig(**self.bandit)
         if isinstance(self.chain, dict):
             self.chain = ChainConfig(**self.chain)
-        groups = {"bandit": self.bandit.n_contexts, "chain": self.chain.groups_per_step}
+        groups = {"bandit": (self.bandit.n_contexts, "bandit.n_contexts"),
+                  "chain": (self.chain.groups_per_step, "chain.groups_per_step")}
         for env in self.envs:
-            if groups[env] % self.multi_mini_batches:
-                raise ValueError(
-                    f"multi_mini_batches={self.multi_mini_batches} is not valid with {env}'s {groups[env]} groups "
-                    f"per step; accepted: a divisor of {groups[env]}")
+            n, source = groups[env]
+            check_mini_batches(n, self.multi_mini_batches, "multi_mini_batches", f"groups per step of {env} ({source})")
 
     @property
     def multi_setting(self) -> str | None:

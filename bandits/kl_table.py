@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reclight.losses import KL_ESTIMATORS, kl_terms
+from reclight.algorithms import KL_ESTIMATORS
+from reclight.losses import kl_terms
 
 
 def expected_kl_gradient(theta: Tensor, logp_ref: Tensor, mu: Tensor | None, estimator: str,

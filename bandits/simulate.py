@@ -21,7 +21,10 @@ One training step t, for every row at once:
 Departures from an LLM run, on purpose: the policy is tabular (no generalisation between
 contexts), the reward is exact Bernoulli(p) of the outcome, and the metrics ``reward/expected``,
 ``kl/opt`` and ``policy/entropy`` are exact expectations under the current policy, not
-estimates from the batch.
+estimates from the batch. Every episode has the same length T, which stands for the trainer's
+``max_new_tokens`` where a loss needs one (the L of ``seq_mean_token_sum_norm``, Dr. GRPO).
+The mini-batch rows and the merge of the updates' metrics are the trainer's own
+(``reclight.updates``).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from torch import Tensor
 from torch.func import vmap
 
 from bandits.problems import TabularProblem
-from reclight.advantages import group_advantages
+from reclight.advantages import group_advantages, shape_rewards
 from reclight.algorithms import AlgorithmConfig
 from reclight.checks import check_choice, check_int
 from reclight.losses import policy_loss
 from reclight.sync import behavior_version, version_needed
+from reclight.updates import check_mini_batches, merge_update_metrics, update_rows
 
 OPTIMIZERS = ("adam", "sgd")
 EXACT_KEYS = ("reward/expected", "kl/opt", "policy/entropy")
@@ -83,12 +87,17 @@ def per_row_policy_loss(
     mask: Tensor,  # [R, B, K, T] bool
     cfg: AlgorithmConfig,
     logp_prox: Tensor | None = None,  # [R, B, K, T]: the policy at the start of the step
+    *,
+    norm_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # loss [R], metrics {key: [R]}
     """``reclight.losses.policy_loss`` applied to each row separately (vmapped), so each row's
-    ``token_mean`` divides by its own count of kept tokens, as a run of that seed alone would."""
+    ``token_mean`` divides by its own count of kept tokens, as a run of that seed alone would.
+    ``norm_length``: L of ``loss_agg: seq_mean_token_sum_norm`` (Dr. GRPO); the bench passes its
+    episode length T, its analogue of the trainer's ``max_new_tokens``."""
     if logp_prox is None:
-        return vmap(lambda lp, lb, a, m: policy_loss(lp, lb, a, m, cfg))(logp, logp_behav, adv, mask)
-    return vmap(lambda lp, lb, a, m, lx: policy_loss(lp, lb, a, m, cfg, logp_prox=lx))(
+        return vmap(lambda lp, lb, a, m: policy_loss(lp, lb, a, m, cfg, norm_length=norm_length))(
+            logp, logp_behav, adv, mask)
+    return vmap(lambda lp, lb, a, m, lx: policy_loss(lp, lb, a, m, cfg, logp_prox=lx, norm_length=norm_length))(
         logp, logp_behav, adv, mask, logp_prox)
 
 
@@ -130,6 +139,7 @@ def run_preset(
     check_int("epochs", epochs, minimum=1)
     check_int("mini_batches", mini_batches, minimum=1)
     n_set, seeds = len(settings), logits_init.shape[0]
+    horizon = problem.horizon  # T: the L of seq_mean_token_sum_norm (the trainer's max_new_tokens)
     generator = torch.Generator().manual_seed(seed)
     problem = problem.repeat_rows(n_set)
     logits = logits_init.repeat(n_set, 1, 1).clone().requires_grad_(True)  # [R, S, A]
@@ -147,27 +157,27 @@ def run_preset(
         logits_behav, stale = ring.behaviour(step)
         prompts, outcomes, rewards = problem.sample(logits_behav, group_size, generator)
         rows, n_groups, _ = rewards.shape
-        adv, keep = group_advantages(rewards.flatten(0, 1), cfg, generator)
-        adv, keep = adv.view(rows, n_groups, -1), keep.view(rows, n_groups, -1)
+        flat = rewards.flatten(0, 1)  # [R*B, K]
+        # The trainer's reward shaping (DAPO's overlong penalty and filter): every episode has the
+        # horizon's length and none is truncated, so the penalty is one constant per group.
+        shaped, kept = shape_rewards(flat, torch.ones_like(flat, dtype=torch.bool), torch.full_like(flat, problem.horizon),
+                                     torch.zeros_like(flat, dtype=torch.bool), cfg, max_new_tokens=problem.horizon)
+        adv, keep = group_advantages(shaped, cfg, generator)
+        adv, keep = adv.view(rows, n_groups, -1), (keep & kept).view(rows, n_groups, -1)
         logp_behav = problem.token_logp(logits_behav, outcomes, prompts)  # [R, B, K, T]
         logp_prox = problem.token_logp(logits.detach(), outcomes, prompts) if cfg.needs_proximal else None
         mask = keep[..., None].expand_as(logp_behav)
-        if n_groups % mini_batches:
-            raise ValueError(f"mini_batches={mini_batches} is not valid; accepted: a divisor of the {n_groups} "
-                             "groups sampled per step")
+        check_mini_batches(n_groups, mini_batches, "mini_batches", "groups sampled per step")
         updates = []
-        for _ in range(epochs):
-            for m in range(mini_batches):
-                g = torch.arange(m, n_groups, mini_batches)  # whole groups, as in the trainer
-                logp = problem.token_logp(logits, outcomes[:, g], prompts[g])
-                loss, metrics = per_row_policy_loss(logp, logp_behav[:, g], adv[:, g], mask[:, g], cfg,
-                                                    None if logp_prox is None else logp_prox[:, g])
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                updates.append(metrics)
-        metrics = {k: torch.stack([u[k] for u in updates]).amax(0) if k.endswith("max")
-                   else torch.stack([u[k] for u in updates]).mean(0) for k in updates[0]}
+        for g in update_rows(n_groups, epochs, mini_batches):  # whole groups, as in the trainer
+            logp = problem.token_logp(logits, outcomes[:, g], prompts[g])
+            loss, metrics = per_row_policy_loss(logp, logp_behav[:, g], adv[:, g], mask[:, g], cfg,
+                                                None if logp_prox is None else logp_prox[:, g], norm_length=horizon)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            updates.append(metrics)
+        metrics = dict(merge_update_metrics(updates))
         ring.record(step + 1, logits)
         metrics["rollout/staleness"] = stale
         for key in STEP_KEYS:

@@ -275,11 +275,17 @@ def run_reclight(spec: Spec, gate: Gate) -> None:
     from reclight.trainer.data import RLDataModule
     from reclight.trainer.module import RLModule
 
+    try:  # the typed model.algorithm group (arm options algorithm.preset=..., algorithm.<field>=...)
+        from reclight.trainer.config import AlgorithmGroup
+
+        algorithm: Any = AlgorithmGroup(preset="grpo")
+    except ImportError:  # an older checkout (src=DIR): a preset name and algorithm_overrides
+        algorithm = "grpo"
     B = len(spec.prompts[0])
     opts = dict(spec.options)
     trainer_opts = {k.split(".", 1)[1]: opts.pop(k) for k in list(opts) if k.startswith("trainer.")}
     sampling = SamplingConfig(num_samples=spec.K, max_new_tokens=spec.max_new_tokens, temperature=1.0)
-    module_kw: dict[str, Any] = dict(policy=PolicyConfig(name_or_path=spec.model_dir), algorithm="grpo",
+    module_kw: dict[str, Any] = dict(policy=PolicyConfig(name_or_path=spec.model_dir), algorithm=algorithm,
                                      sampling=sampling, optim=OptimConfig(lr=spec.lr, grad_clip=1.0), warmup=None,
                                      monitor=MonitorConfig(log_kl_init=False), seed=spec.seed)
     module_kw = _with_options(RLModule, module_kw, opts)

@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/sharing.sh [STEPS] [ENV=VALUE ...]
 #   bash benchmarks/sharing.sh 100 OMP_WAIT_POLICY=ACTIVE     # torch's default: idle threads spin
-#   bash benchmarks/sharing.sh 100 OMP_WAIT_POLICY=PASSIVE    # reclight's default (reclight.trainer.launch)
+#   bash benchmarks/sharing.sh 100 OMP_WAIT_POLICY=PASSIVE    # reclight's default (reclight.launch)
 #   bash benchmarks/sharing.sh 100 OMP_NUM_THREADS=1
 #
 # Prints the wall time of the run alone and of each run of the pair, in seconds. Each run writes

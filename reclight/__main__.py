@@ -1,5 +1,5 @@
-"""``python -m reclight``: the ``reclight`` command (:mod:`reclight.trainer.launch`)."""
+"""``python -m reclight``: the ``reclight`` command (:mod:`reclight.launch`)."""
 
-from reclight.trainer.launch import entrypoint
+from reclight.launch import entrypoint
 
 entrypoint()

@@ -91,6 +91,54 @@ def overlong_penalty(lengths: Tensor, length: int, cache: int) -> Tensor:  # [B,
     return out.to(torch.get_default_dtype())
 
 
+def truncated_responses(
+    response_ids: Tensor,  # [B, K, T] long
+    response_mask: Tensor,  # [B, K, T] bool
+    eos_ids: list[int],
+    max_new_tokens: int,
+) -> Tensor:  # [B, K] bool
+    """Responses cut at ``max_new_tokens`` without an end token (DAPO's "overlong" samples)."""
+    has_eos = (torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)) & response_mask).any(-1)
+    return ~has_eos & (response_mask.sum(-1) >= max_new_tokens)
+
+
+def shape_rewards(
+    rewards: Tensor,  # [B, K]
+    valid: Tensor,  # [B, K] bool: the reward function returned a usable number
+    lengths: Tensor,  # [B, K] response lengths in tokens
+    truncated: Tensor,  # [B, K] bool: cut at max_new_tokens without an end token
+    cfg: AlgorithmConfig,
+    *,
+    max_new_tokens: int,
+    logp_behav: Tensor | None = None,  # [B, K, T]: needed with kl_coef > 0 and kl_in "reward"
+    logp_ref: Tensor | None = None,  # [B, K, T]
+    mask: Tensor | None = None,  # [B, K, T] bool
+) -> tuple[Tensor, Tensor]:  # rewards [B, K], keep [B, K] bool
+    """The algorithm's reward shaping before the group advantages (docs/algorithms.md sections
+    6.3, 6.6), the one place the trainer and the bench both take it from:
+
+    1. ``overlong_penalty`` (DAPO): r_i += the soft penalty of |y_i| against (L, C) (L defaults to
+       ``max_new_tokens``), on valid samples only;
+    2. ``kl_coef > 0`` with ``kl_in: reward``: r_i -= beta * sum_t (logp_behav - logp_ref);
+    3. ``overlong_filter``: ``keep`` is False for truncated samples. The caller ANDs it into
+       :func:`group_advantages`' own ``keep`` AFTER the advantages: a truncated sample still counts
+       in its group's baseline (as DAPO does), it only leaves the loss.
+
+    Everything else passes through unchanged (no shaping: ``(rewards, all True)``)."""
+    keep = torch.ones_like(valid, dtype=torch.bool)
+    if cfg.overlong_penalty:
+        length, cache = cfg.overlong_bounds(max_new_tokens)
+        rewards = rewards + torch.where(valid, overlong_penalty(lengths, length, cache).to(rewards), 0.0)
+    if cfg.kl_coef > 0 and cfg.kl_in == "reward":
+        if logp_behav is None or logp_ref is None or mask is None:
+            raise ValueError("kl_in='reward' with kl_coef > 0 needs logp_behav, logp_ref and mask [B, K, T]; accepted: "
+                             "pass all three")
+        rewards = rewards - kl_reward_penalty(logp_behav, logp_ref, mask, cfg.kl_coef)
+    if cfg.overlong_filter:
+        keep = keep & ~truncated.bool()
+    return rewards, keep
+
+
 def group_advantages(
     rewards: Tensor,  # [B, K]
     cfg: AlgorithmConfig,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
 
@@ -37,6 +37,8 @@ RATIO_ANCHORS = ("behavior", "proximal")
 BEHAVIOR_CORRECTIONS = ("none", "truncate", "mask")
 CORRECTION_LEVELS = ("token", "sequence")
 MIN_GROUP_SIZE = 2
+FIELD_PREFIX = "model.algorithm."
+"""Errors name a field as the trainer's command line spells it (``model.algorithm.eps_low``)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class AlgorithmConfig:
     The defaults are the paper's recommended default, ``rec_oneside_nois``.
     """
 
-    clip_mode: str = "one_side"
+    clip_mode: Literal[CLIP_MODES] = "one_side"
     """Keep mask M: ``none``, ``one_side``, ``two_side`` or ``ring`` (it zeroes gradient,
     never clamps values)."""
     eps_low: float = 0.2
@@ -64,31 +66,31 @@ class AlgorithmConfig:
     clipped-surrogate gradient)."""
     std_normalize: bool = False
     """Divide group advantages by the group's population std + 1e-6 (GRPO)."""
-    regularizer: str = "none"
+    regularizer: Literal[REGULARIZERS] = "none"
     """Per-token loss term: ``none``, ``k2`` (OPMD, coef*(logp - logp_behav)^2) or
     ``forward_kl`` (AsymRE, -coef*logp)."""
     regularizer_coef: float = 0.0
     """Coefficient of the regularizer; must be >= 0."""
-    advantage_weighting: str = "none"
+    advantage_weighting: Literal[ADVANTAGE_WEIGHTINGS] = "none"
     """``none`` or ``exp`` (RED-Weight: A -> A*exp(A/weight_temperature))."""
     weight_temperature: float = 1.0
     """Temperature of RED-Weight; must be > 0."""
-    drop: str = "none"
+    drop: Literal[DROP_MODES] = "none"
     """``none`` or ``balance`` (RED-Drop: drop negatives until #neg == #pos per group)."""
-    loss_agg: str = "token_mean"
+    loss_agg: Literal[LOSS_AGGS] = "token_mean"
     """``token_mean``, ``seq_mean_token_mean``, ``seq_mean_token_sum`` or
     ``seq_mean_token_sum_norm`` (Dr. GRPO: sum(l) / (N_seq * L), a constant normalizer)."""
     norm_length: int | None = None
     """L of ``seq_mean_token_sum_norm``; None: the caller's (the trainer passes max_new_tokens)."""
-    ratio_anchor: str = "behavior"
+    ratio_anchor: Literal[RATIO_ANCHORS] = "behavior"
     """What the ratio rho (mask and IS factor) is measured against (docs/algorithms.md section 6.2):
     ``behavior`` (mu, the policy that sampled: the paper) or ``proximal`` (theta_t, the trainer's
     weights at the start of the step, AReaL's decoupled PPO); ``proximal`` also weights the
     advantage by w = pi_t / mu (detached), corrected by ``behavior_correction``."""
-    behavior_correction: str = "none"
+    behavior_correction: Literal[BEHAVIOR_CORRECTIONS] = "none"
     """``proximal`` only: ``none`` (A *= w), ``truncate`` (TIS: A *= min(w, cap)) or ``mask``
     (MIS: tokens or sequences with w > cap or w < 1/cap get M = 0, the others A *= w)."""
-    behavior_correction_level: str = "token"
+    behavior_correction_level: Literal[CORRECTION_LEVELS] = "token"
     """``token``: w per token; ``sequence``: w = exp(sum_t (logp_prox - logp_behav)) for every
     token of the sequence."""
     behavior_correction_cap: float = 2.0
@@ -96,9 +98,9 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     """beta >= 0 of a KL penalty to the reference policy (the policy at the start of RL); 0 = off
     (docs/algorithms.md section 6.3)."""
-    kl_estimator: str = "k3"
+    kl_estimator: Literal[KL_ESTIMATORS] = "k3"
     """``k1`` (-d), ``k2`` (d^2 / 2) or ``k3`` (exp(d) - d - 1), d = logp_ref - logp."""
-    kl_in: str = "loss"
+    kl_in: Literal[KL_IN] = "loss"
     """``loss``: beta * k per token in the loss (gradient through logp, not masked by M);
     ``reward``: r_i -= beta * sum_t (logp_behav - logp_ref) before the group advantages."""
     kl_importance_weighted: bool = False
@@ -106,7 +108,7 @@ class AlgorithmConfig:
     entropy_coef: float = 0.0
     """>= 0: adds -entropy_coef * H_t per token (the full-vocabulary entropy of pi_theta,
     differentiable)."""
-    ratio_level: str = "token"
+    ratio_level: Literal[RATIO_LEVELS] = "token"
     """``token`` or ``sequence`` (GSPO): rho_i = exp(mean over the sequence's valid tokens of
     (logp - logp_anchor)) for every token of sequence i, in the mask and the IS factor."""
     is_clip: tuple[float, float] | None = None
@@ -130,7 +132,7 @@ class AlgorithmConfig:
     4096 of 20480)."""
 
     def __post_init__(self) -> None:
-        f = "AlgorithmConfig."
+        f = FIELD_PREFIX
         check_choice(f + "clip_mode", self.clip_mode, CLIP_MODES)
         check_choice(f + "regularizer", self.regularizer, REGULARIZERS)
         check_choice(f + "advantage_weighting", self.advantage_weighting, ADVANTAGE_WEIGHTINGS)
@@ -208,7 +210,7 @@ class AlgorithmConfig:
         length = self.overlong_length or max_new_tokens
         cache = self.overlong_cache if self.overlong_cache is not None else max(1, length // 5)
         if cache > length:
-            raise invalid("AlgorithmConfig.overlong_cache", cache, f"an integer in [1, overlong_length={length}] "
+            raise invalid(FIELD_PREFIX + "overlong_cache", cache, f"an integer in [1, overlong_length={length}] "
                           f"(the length is max_new_tokens={max_new_tokens} unless overlong_length is set)")
         return length, cache
 
@@ -226,7 +228,7 @@ def _check_fields(overrides: dict[str, Any]) -> None:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(
-            f"AlgorithmConfig has no field {', '.join(map(repr, unknown))}; "
+            f"{FIELD_PREFIX.rstrip('.')} has no field {', '.join(map(repr, unknown))}; "
             f"accepted: {', '.join(sorted(known))}"
         )
 

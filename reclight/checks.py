@@ -139,3 +139,13 @@ def check_out_dir(field: str, value: Any) -> str:
         if parent == probe:
             return os.fspath(value)
         probe = parent
+
+
+GLOBAL_SEED_ENV = "PL_GLOBAL_SEED"
+"""Where ``seed_everything`` (Lightning's, the CLI's ``--seed_everything``) leaves the run's seed."""
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or the run's global seed when it is None (``seed_everything``, else 0): the one
+    fallback of every ``seed: null`` field (``model.seed``, ``data.seed``)."""
+    return int(os.environ.get(GLOBAL_SEED_ENV, 0)) if seed is None else int(seed)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from reclight.algorithms import AlgorithmConfig
+from reclight.algorithms import KL_ESTIMATORS, AlgorithmConfig
 
 
 def clip_mask(
@@ -112,9 +112,6 @@ def aggregate(
     if loss_agg == "seq_mean_token_sum":
         return seq_sum.sum() / n
     raise ValueError(f"loss_agg={loss_agg!r} is not valid")
-
-
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def kl_terms(

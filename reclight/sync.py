@@ -84,9 +84,9 @@ class SyncConfig:
     """Every batch comes from the initial policy (d = the run's total steps)."""
 
     def __post_init__(self) -> None:
-        check_int("sync.sync_interval", self.sync_interval, minimum=1)
-        check_int("sync.sync_offset", self.sync_offset, minimum=0)
-        check_bool("sync.offline", self.offline)
+        check_int("model.sync.sync_interval", self.sync_interval, minimum=1)
+        check_int("model.sync.sync_offset", self.sync_offset, minimum=0)
+        check_bool("model.sync.offline", self.offline)
 
     def offset(self, total_steps: int) -> int:
         """The effective d of a run of ``total_steps`` steps (offline: at least total_steps)."""

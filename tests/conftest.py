@@ -27,7 +27,7 @@ from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.models.tiny import TinyModelConfig
 from reclight.tasks.arithmetic import Arithmetic
-from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
+from reclight.trainer.config import AlgorithmGroup, MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 
@@ -102,9 +102,12 @@ class Recorder(pl.Callback):
 def micro_module(tmp_path, **kwargs) -> RLModule:
     """The micro model's module (lr 3e-2, K=3, 3 new tokens, no warm-up, the HF engine and the
     HF training forward: the same code on both sides, so on-policy ratios are exactly 1 in fp32);
-    ``kwargs`` override RLModule arguments, and ``lr=...`` / ``log_kl_init=...`` the fields of
-    their groups."""
+    ``kwargs`` override RLModule arguments, ``lr=...`` / ``log_kl_init=...`` the fields of their
+    groups, and ``algorithm=<preset>`` with ``algorithm_overrides={...}`` make the algorithm group."""
     optim = OptimConfig(lr=kwargs.pop("lr", 3e-2), **kwargs.pop("optim_kwargs", {}))
+    if "algorithm" in kwargs or "algorithm_overrides" in kwargs:  # a preset name and fields to change
+        kwargs["algorithm"] = AlgorithmGroup(preset=kwargs.pop("algorithm", "rec_oneside_nois"),
+                                             **kwargs.pop("algorithm_overrides", {}))
     monitor = MonitorConfig(log_kl_init=kwargs.pop("log_kl_init", True))
     args = dict(policy=PolicyConfig(tiny=MICRO, tiny_dir=str(tmp_path / "tiny")), optim=optim, monitor=monitor,
                 seed=0, warmup=None, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),

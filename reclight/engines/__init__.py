@@ -17,7 +17,8 @@ import torch
 from reclight.engines.base import Generation, RolloutEngine, SamplingConfig
 from reclight.engines.config import EngineConfig
 
-__all__ = ["EngineConfig", "Generation", "RolloutEngine", "SamplingConfig", "build_engine", "resolve_engine_name"]
+__all__ = ["EngineConfig", "Generation", "RolloutEngine", "SamplingConfig", "build_engine", "resolve_engine_config",
+           "resolve_engine_name"]
 
 
 def resolve_engine_name(cfg: EngineConfig, policy: torch.nn.Module, sampling: SamplingConfig,
@@ -35,6 +36,27 @@ def resolve_engine_name(cfg: EngineConfig, policy: torch.nn.Module, sampling: Sa
     if stop_strings:
         problems.append(f"the task's stop strings {stop_strings!r}")
     return ("hf", "; ".join(problems)) if problems else ("fast", "")
+
+
+def resolve_engine_config(cfg: EngineConfig, policy: torch.nn.Module, sampling: SamplingConfig,
+                          stop_strings: tuple[str, ...], precision: str) -> tuple[EngineConfig, list[str]]:
+    """``model.engine`` with its defaults resolved for a run, and the lines that say what was
+    chosen and why: ``name: auto`` (:func:`resolve_engine_name`) and ``dtype: null`` (bf16 under a
+    bf16 trainer ``precision``, else the policy's own dtype; vLLM chooses its own)."""
+    import dataclasses
+
+    name, why = resolve_engine_name(cfg, policy, sampling, stop_strings)
+    notes = []
+    if cfg.name == "auto":
+        notes.append(f"model.engine.name auto: {name}" + (f" (the fast engine does not support {why})" if why else ""))
+    dtype = cfg.dtype
+    if dtype is None and name != "vllm" and precision.startswith("bf16"):
+        dtype = "bfloat16"
+    if cfg.dtype is None:
+        shown = dtype or str(next(policy.parameters()).dtype).removeprefix("torch.")
+        notes.append(f"model.engine.dtype null: {shown} (follows trainer.precision {precision}"
+                     + ("" if name != "vllm" else "; vLLM chooses its own") + ")")
+    return dataclasses.replace(cfg, name=name, dtype=dtype), notes
 
 
 def build_engine(

@@ -31,12 +31,12 @@ class SamplingConfig:
     """Longest response, in tokens; longer responses are cut (and usually scored wrong)."""
 
     def __post_init__(self) -> None:
-        check_int("SamplingConfig.num_samples", self.num_samples, minimum=2, accepted=(
+        check_int("model.sampling.num_samples", self.num_samples, minimum=2, accepted=(
             "an integer >= 2 (K, the group size: every preset is group-relative, its baseline is the mean reward "
             "of the other samples)"))
-        check_float("SamplingConfig.temperature", self.temperature, gt=0, accepted="a number > 0")
-        check_float("SamplingConfig.top_p", self.top_p, gt=0, le=1, accepted="0 < top_p <= 1")
-        check_int("SamplingConfig.max_new_tokens", self.max_new_tokens, minimum=1)
+        check_float("model.sampling.temperature", self.temperature, gt=0, accepted="a number > 0")
+        check_float("model.sampling.top_p", self.top_p, gt=0, le=1, accepted="0 < top_p <= 1")
+        check_int("model.sampling.max_new_tokens", self.max_new_tokens, minimum=1)
 
 
 @dataclass

@@ -74,3 +74,25 @@ def response_logprobs(
     if ent_flat is not None:
         entropy = torch.zeros(B, K, T, dtype=torch.float32, device=hidden.device).masked_scatter(mask, ent_flat)
     return logp, entropy
+
+
+def resolve_forward_impl(impl: str, compile: bool, model_config: Any, sharded: bool) -> tuple[str, str | None]:
+    """``(impl, note)``: ``model.train_forward.impl`` for this policy, ``fused`` or ``hf`` (``auto``:
+    fused where it applies, with a note saying which and why). An explicit ``fused`` that cannot
+    apply, or ``compile`` with an ``auto`` that resolves to ``hf``, is an error naming why."""
+    from reclight.checks import invalid
+    from reclight.kernels.llama import llama_problems
+
+    problems = llama_problems(model_config)
+    if sharded:  # FSDP: the fused forward reads the full parameters outside the wrapped modules' forward
+        problems.insert(0, "a sharded policy (FSDP)")
+    if impl == "fused" and problems:
+        raise invalid("model.train_forward.impl", "fused", "'hf' or 'auto' here: the fused forward does not "
+                      "support " + "; ".join(problems))
+    if impl != "auto":
+        return impl, None
+    impl = "hf" if problems else "fused"
+    if impl == "hf" and compile:
+        raise invalid("model.train_forward.compile", True, "false here: model.train_forward.impl auto is "
+                      "'hf' for this policy (" + "; ".join(problems) + "), and only the fused forward compiles")
+    return impl, f"model.train_forward.impl auto: {impl}" + (f" ({'; '.join(problems)})" if problems else "")

@@ -82,3 +82,13 @@ def unsharded_copy(policy: torch.nn.Module) -> torch.nn.Module:
     if missing or unexpected:
         raise RuntimeError(f"unsharded_copy: state dict mismatch (missing {missing}, unexpected {unexpected})")
     return fresh
+
+
+def shard_on_mesh(policy: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2 over the data-parallel dimension of Lightning's ``ModelParallelStrategy`` mesh
+    (``configs/strategy/fsdp.yaml``); tensor parallelism is not implemented (refused)."""
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
+        raise ValueError(f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()} is not "
+                         "valid; accepted: 1 (reclight shards the policy with FSDP over data_parallel only)")
+    return shard_policy(policy, mesh["data_parallel"] if "data_parallel" in names else mesh)

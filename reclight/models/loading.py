@@ -67,22 +67,37 @@ def check_dtype_for_device(dtype: str, device: torch.device, field: str = "model
                       "trainer.precision 16-mixed or bf16-mixed", stacklevel=2)
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32",
-                   attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a Hugging Face causal LM id or local folder.
-
-    ``attn_implementation`` picks the HF attention kernel (None: the transformers default).
-
-    The tokenizer is set to left padding (generation) with a pad token (EOS when it has none).
-    Every weight is checked to be finite (:func:`check_finite_weights`).
-    Set ``HF_HUB_OFFLINE=1`` to forbid any network access.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer of a Hugging Face causal LM id or local folder, set to left padding
+    (generation) with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(name_or_path: str) -> Any:
+    """The model's config alone (its sizes and positions), without loading any weight."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name_or_path)
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32",
+                   attn_implementation: str | None = None, tokenizer: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for a Hugging Face causal LM id or local folder (``tokenizer``: one
+    already loaded with :func:`load_tokenizer`).
+
+    ``attn_implementation`` picks the HF attention kernel (None: the transformers default).
+    Every weight is checked to be finite (:func:`check_finite_weights`).
+    Set ``HF_HUB_OFFLINE=1`` to forbid any network access.
+    """
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(name_or_path) if tokenizer is None else tokenizer
     kw = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype), **kw)
     check_finite_weights(model, name_or_path)

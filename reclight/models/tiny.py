@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from reclight.checks import check_int
+from reclight.checks import check_int, invalid
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # string.printable minus vertical tab, form feed and carriage return (never in our prompts).
@@ -44,12 +44,10 @@ class TinyModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
-            check_int(f"TinyModelConfig.{name}", getattr(self, name), minimum=1)
+            check_int(f"model.policy.tiny.{name}", getattr(self, name), minimum=1)
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"TinyModelConfig.hidden_size={self.hidden_size} is not valid; accepted: a multiple "
-                f"of num_heads={self.num_heads}"
-            )
+            raise invalid("model.policy.tiny.hidden_size", self.hidden_size,
+                          f"a multiple of model.policy.tiny.num_heads={self.num_heads}")
 
 
 def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast

@@ -33,6 +33,8 @@ class RolloutBatch:
     gen_seconds: float = 0.0  # wall time of generation + scoring (for throughput)
     sampled_groups: int = 0  # oversampling: groups sampled for this step (0: no oversampling)
     informative_groups: int = 0  # ... of which informative (rewards not all equal)
+    token_version: Tensor | None = None  # [B, K, T] long: the version that sampled each token (asynchronous schedule)
+    metrics: dict[str, float] | None = None  # what the rollout path measured for this step (logged as given)
 
     def to(self, device: torch.device | str, **kwargs: Any) -> "RolloutBatch":
         """Every tensor moved to ``device`` (Lightning's ``batch_to_device`` calls this)."""

@@ -31,7 +31,8 @@ _REPORTED_FAILURES: set[tuple[str, str]] = set()
 DEFAULT_MAX_ABS_REWARD = 1e6
 """Rewards beyond this magnitude are refused (failed samples): 1e38 is finite, but an advantage
 of that size overflows the loss to inf (fp32 and bf16 both end at 3.4e38) and any large one
-swamps the gradient; real rewards are O(1), seldom O(100)."""
+swamps the gradient; real rewards are O(1), seldom O(100). The default of
+``model.guards.max_abs_reward`` and of every function that takes ``max_abs_reward``."""
 
 
 def _check_reward(value: object, max_abs_reward: float) -> tuple[float | None, str, str]:

@@ -37,9 +37,10 @@ WARMUP_KEYS = ("model.policy", "model.warmup", "model.seed", "data.task", "seed_
                "model.train_forward.attn_implementation")
 """What the supervised warm-up depends on: the arms and settings may not change these (every arm
 of a seed starts from ONE warmed-up model)."""
-RESERVED_KEYS = ("model.algorithm", "model.sync", "trainer.logger", "seed_everything")
+RESERVED_KEYS = ("model.algorithm.preset", "model.sync", "trainer.logger", "seed_everything")
 """Set by the study itself for every run (the arm's preset, the setting, the run folder, the
-seed). An arm may set ``model.algorithm_overrides`` (the study passes null otherwise)."""
+seed). An arm may set other ``model.algorithm`` fields (``model.algorithm.std_normalize: true``);
+the base may not (every arm's algorithm is its preset plus its own overrides)."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,10 @@ class Arm:
     name: str
     """Its name in the report, the claims and the run folders."""
     preset: str
-    """A name of ``reclight.algorithms.PRESETS`` (``--model.algorithm``)."""
+    """A name of ``reclight.algorithms.PRESETS`` (``--model.algorithm.preset``)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Extra ``reclight fit`` arguments: dotted key -> value, a value may be a mapping (a config
-    snippet), e.g. ``{model.algorithm_overrides: {std_normalize: true}}`` or, once that group
+    snippet), e.g. ``{model.algorithm.std_normalize: true}`` or, once that group
     lands, ``{model.updates: {epochs: 2, mini_batches: 2}}``."""
     configs: tuple[str, ...] = ()
     """Extra config files of this arm, composed after the base's."""
@@ -204,7 +205,10 @@ def _overrides(where: str, value: Any, reserved: tuple[str, ...] = RESERVED_KEYS
         if not isinstance(key, str) or not re.match(r"^[A-Za-z_][\w.]*$", key):
             raise invalid(f"{where} key", key, "a dotted `reclight fit` key such as model.optim.lr")
         for r in reserved:
-            if key == r or key.startswith(r + "."):
+            inner = value[key]  # a mapping may reach a reserved key too: {model.algorithm: {preset: ...}}
+            for part in r[len(key) + 1:].split(".") if r.startswith(key + ".") else ():
+                inner = inner.get(part) if isinstance(inner, dict) and part in inner else None
+            if key == r or key.startswith(r + ".") or (r.startswith(key + ".") and inner is not None):
                 raise invalid(f"{where}.{key}", value[key], f"any key but {', '.join(reserved)} (the study sets them: "
                               "the preset goes in the arm, the schedule in settings, the seeds in seeds)")
     return dict(value)
@@ -345,8 +349,7 @@ def study_from_dict(raw: Any, source: str = "the study config", check_files: boo
         settings=tuple(settings), seeds=seeds, claims=(),
         margin=check_float("margin", v["margin"], gt=0, lt=1, accepted="0 < margin < 1 (accuracy units: every "
                            "statistic lies in [0, 1], so a margin >= 1 makes greater/less unreachable)"),
-        base_overrides=_overrides("base_overrides", v.get("base_overrides"),
-                                  RESERVED_KEYS + ("model.algorithm_overrides",)),
+        base_overrides=_overrides("base_overrides", v.get("base_overrides"), RESERVED_KEYS + ("model.algorithm",)),
         last_evals=check_int("last_evals", v.get("last_evals", 3), minimum=1),
         collapse_floor=check_float("collapse_floor", v.get("collapse_floor", 0.2), ge=0, le=1,
                                    accepted="a number in [0, 1] (accuracy)"),

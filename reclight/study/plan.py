@@ -9,7 +9,7 @@ Folders, all under ``out_dir``::
                                       logger's logs/ (metrics.csv, config.yaml, hparams.yaml)
 
 A run's command is the base configs, then the base overrides, the seed, the arm's preset
-(``--model.algorithm``, ``--model.algorithm_overrides=null``), the arm's configs and overrides,
+(``--model.algorithm.preset``), the arm's configs and overrides,
 the setting (``--model.sync``), the warmed-up model (``--model.policy.name_or_path=<warmup
 folder>``, ``--model.warmup=null``) and the run folder (a CSV logger writing straight into it).
 Later arguments win, so an arm's override replaces the base's.
@@ -54,7 +54,7 @@ def base_args(cfg: StudyConfig, seed: int) -> list[str]:
 
 
 def arm_args(arm: Arm) -> list[str]:
-    args = [f"--model.algorithm={arm.preset}", "--model.algorithm_overrides=null"]
+    args = [f"--model.algorithm.preset={arm.preset}"]
     args += [a for path in arm.configs for a in ("--config", path)]
     return args + [_arg(k, v) for k, v in arm.overrides.items()]
 

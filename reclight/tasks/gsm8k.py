@@ -22,14 +22,7 @@ import re
 from decimal import Decimal
 
 from reclight.tasks.base import Example, Task, check_task_args
-from reclight.tasks.jsonl import (
-    DataError,
-    Row,
-    held_out_indices,
-    hf_rows,
-    read_task_file,
-    require_nonempty,
-)
+from reclight.tasks.jsonl import DataError, Row, held_out_indices, require_nonempty, task_rows
 
 DEFAULT_PROMPT = (
     "{question}\n\nSolve the problem step by step. Then write the final answer, a single number, "
@@ -142,11 +135,8 @@ class GSM8K(Task):
         return examples[: self.max_examples]
 
     def _rows(self, source_split: str) -> tuple[list[Row], str, str]:
-        if self.data_dir is None:
-            rows = hf_rows(self.hf_dataset, self.hf_config, source_split, _FIELDS)
-            return rows, f"{self.hf_dataset}[{source_split}]", f"gsm8k/{source_split}"
-        file_arg = f"{source_split}_file"
-        return read_task_file("gsm8k", self.data_dir, file_arg, getattr(self, file_arg), _FIELDS)
+        return task_rows("gsm8k", self.data_dir, source_split, getattr(self, f"{source_split}_file"), _FIELDS,
+                         hf_dataset=self.hf_dataset, hf_config=self.hf_config)
 
     def _example(self, row: Row, source: str, uid_prefix: str) -> Example:
         gold = row.record["answer"]

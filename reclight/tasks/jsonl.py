@@ -190,12 +190,21 @@ def hf_rows(
     return rows_from_records(records, required_fields, f"{dataset}[{split}]")
 
 
-def read_task_file(
-    task_prefix: str, data_dir: str, file_arg: str, file_name: str, required_fields: Mapping[str, type]
+def task_rows(
+    task_prefix: str, data_dir: str | None, split: str, file_name: str, required_fields: Mapping[str, type], *,
+    hf_dataset: str, hf_config: str | None = None,
 ) -> tuple[list[Row], str, str]:
-    """Read ``data_dir/file_name`` for a task: ``(rows, source, uid_prefix)``, where ``source``
-    is the path (for error messages) and ``uid_prefix`` is ``"<task_prefix>/<file name>"``.
-    Errors name the config field ``data_dir / <file_arg>``."""
+    """The rows of one source split of a task: ``(rows, source, uid_prefix)``.
+
+    With ``data_dir``: the file ``data_dir/file_name`` (errors name the config field
+    ``data_dir / <split>_file``); ``source`` is the path and ``uid_prefix``
+    ``"<task_prefix>/<file name>"``. Without: ``split`` of the Hugging Face data set
+    ``hf_dataset`` (``hf_config``); ``source`` is ``"<hf_dataset>[<split>]"`` and ``uid_prefix``
+    ``"<task_prefix>/<split>"``. ``source`` locates rows in later messages (``<source>:<line>``).
+    """
+    if data_dir is None:
+        rows = hf_rows(hf_dataset, hf_config, split, required_fields)
+        return rows, f"{hf_dataset}[{split}]", f"{task_prefix}/{split}"
     path = Path(data_dir) / file_name
-    rows = read_jsonl(path, required_fields, config_field=f"data_dir / {file_arg}")
+    rows = read_jsonl(path, required_fields, config_field=f"data_dir / {split}_file")
     return rows, str(path), f"{task_prefix}/{path.name}"

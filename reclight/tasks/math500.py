@@ -26,14 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 from reclight.tasks.base import SPLITS, Example, Task, check_task_args
-from reclight.tasks.jsonl import (
-    DataError,
-    Row,
-    held_out_indices,
-    hf_rows,
-    read_task_file,
-    require_nonempty,
-)
+from reclight.tasks.jsonl import DataError, Row, held_out_indices, require_nonempty, task_rows
 
 DEFAULT_PROMPT = (
     "{problem}\n\nSolve the problem step by step. Put your final answer in \\boxed{{}}."
@@ -161,13 +154,10 @@ class Math500(Task):
         return examples[: self.max_examples]
 
     def _rows(self, source_split: str) -> tuple[list[Row], str, str]:
-        if self.data_dir is None:
-            if source_split == "train":
-                raise ValueError("Math500: train_file needs data_dir (no Hugging Face train split)")
-            rows = hf_rows(self.hf_dataset, None, "test", _FIELDS)
-            return rows, f"{self.hf_dataset}[test]", "math500/test"
-        file_arg = f"{source_split}_file"
-        return read_task_file("math500", self.data_dir, file_arg, getattr(self, file_arg), _FIELDS)
+        if self.data_dir is None and source_split == "train":
+            raise ValueError("Math500: train_file needs data_dir (no Hugging Face train split)")
+        return task_rows("math500", self.data_dir, source_split, getattr(self, f"{source_split}_file"), _FIELDS,
+                         hf_dataset=self.hf_dataset)
 
     def _filter(self, rows: list[Row], source: str) -> list[Row]:
         if self.subject is not None:

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from reclight.engines.stop import StopRequested
 from reclight.trainer.checkpoint import AtomicCheckpointIO, validate_checkpoint
-from reclight.trainer.config import moved_key_message, unknown_field_message
+from reclight.trainer.keys import given_keys, key_errors
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 from reclight.trainer.resume import RECORD_KEY, RunLock, check_resume_config, plan_run_folder, run_record, start_loggers
@@ -127,56 +127,16 @@ def trainer_defaults() -> dict[str, Any]:
     return {**TRAINER_DEFAULTS, "precision": default_precision()}
 
 
-def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted key, value)`` of every node of a parsed YAML tree (groups and leaves)."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            key = f"{prefix}.{k}" if prefix else str(k)
-            yield key, v
-            yield from _flatten(v, key)
-
-
-def _yaml(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _given_keys(args: list[str]) -> Iterator[tuple[str, Any]]:
-    """The ``(key, value)`` pairs a command line sets, including those of its ``--config`` files."""
-    for i, arg in enumerate(args):
-        if not arg.startswith("--"):
-            continue
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
-        if key == "config" and value is not None:
-            path = Path(value)
-            yield from _flatten(_yaml(path.read_text()) if path.is_file() else _yaml(value))
-        else:
-            yield key.removesuffix("+"), _yaml(value) if isinstance(value, str) else value
-            if isinstance(value, str) and isinstance(parsed := _yaml(value), dict):
-                yield from _flatten(parsed, key)
-
-
-def key_errors(args: list[str]) -> list[str]:
-    """Messages for every key of ``args`` (and its config files) that moved to a typed group, or
-    that names no field of its group (with the accepted fields)."""
-    messages = []
-    for key, value in _given_keys(args):
-        parts = key.split(".")
-        found = None
-        for n in range(1, len(parts) + 1):
-            found = moved_key_message(".".join(parts[:n]), value if n == len(parts) else None)
-            if found:
-                break
-        found = found or unknown_field_message(key, value)
-        if found and found not in messages:
-            messages.append(found)
-    return messages
+def _our_error(e: ValueError) -> ValueError:
+    """jsonargparse reports a failed ``X | None`` group as "Does not validate against any of the
+    Union subtypes", listing each subtype's error: the one in the project's form (``<field>=<value>
+    is not valid; accepted: ...``) is the user's, the rest (the value is not None) is noise."""
+    text = str(e)
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        ours = [line.strip()[2:] for line in text.splitlines() if " is not valid" in line and line.strip().startswith("- ")]
+        if ours:
+            return ValueError("; ".join(ours))
+    return e
 
 
 class ReclightCLI(LightningCLI):
@@ -187,6 +147,12 @@ class ReclightCLI(LightningCLI):
                  "[model.optim.lr, data.prompts_per_step]; 'all': every one but model.sync). Any other difference "
                  "is refused: it voids an exact resume (reclight.trainer.resume).",
         )
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # an optional group (model.warmup: WarmupConfig | None) wraps its own error
+            raise _our_error(e) from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -199,7 +165,7 @@ class ReclightCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse types
         given = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        self.precision_given = any(k == "trainer.precision" for k, _ in _given_keys(given))
+        self.precision_given = any(k == "trainer.precision" for k, _ in given_keys(given))
         if errors := key_errors(given):
             parser.error("; ".join(errors) + " (RLModule's arguments are typed groups: see `reclight fit --help`)")
         super().parse_arguments(parser, args)
@@ -285,25 +251,3 @@ def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:
         args=args,
         run=run,
     )
-
-
-def entrypoint() -> None:
-    """The ``reclight`` console script. Returns None on purpose: the generated wrapper calls
-    ``sys.exit(entrypoint())``, and exiting with ``main()``'s CLI object would print it and
-    report failure (exit status 1) after a successful run.
-
-    ``reclight study ...`` is dispatched here, before LightningCLI is built: a study is not a
-    Trainer method (LightningCLI's subcommands are fit/validate/test/predict, each parsing a
-    model, data module and trainer), it is many ``reclight fit`` runs (:mod:`reclight.study`)."""
-    if sys.argv[1:2] == ["study"]:
-        # By name, at run time: the study layer sits ABOVE the trainer (it parses and warms up
-        # through it; tests/core/test_imports.py), and this console script is the one place that
-        # routes a command up to it.
-        import importlib
-
-        raise SystemExit(importlib.import_module("reclight.study.cli").main(sys.argv[2:]))
-    main()
-
-
-if __name__ == "__main__":
-    entrypoint()

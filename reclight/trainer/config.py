@@ -7,6 +7,7 @@ so the parser refuses a misspelt value, and every value is checked in ``__post_i
 ========================  ====================================================================
 group                     what
 ========================  ====================================================================
+``model.algorithm``       the preset and any of its fields (:class:`AlgorithmGroup`)
 ``model.policy``          which model is trained, its dtype and prompt rendering
 ``model.engine``          the rollout engine (:mod:`reclight.engines.config`)
 ``model.train_forward``   how the training forward computes log-probs
@@ -22,12 +23,23 @@ group                     what
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Optional
 
+from reclight.algorithms import FIELD_PREFIX, PRESETS, AlgorithmConfig, get_algorithm
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
+from reclight.engines.base import SamplingConfig
+from reclight.engines.config import EngineConfig
 from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_path
 from reclight.models.tiny import TinyModelConfig
+from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD
+from reclight.sync import SyncConfig
+from reclight.trainer.warmup import WarmupConfig
 
 
 @dataclass(frozen=True)
@@ -150,7 +162,7 @@ class GuardsConfig:
     max_consecutive_skips: int = 3
     """A step whose loss or gradient is not finite is skipped (weights and optimizer state
     untouched, counted in ``train/skipped_steps``); stop after this many in a row."""
-    max_abs_reward: float = 1e6
+    max_abs_reward: float = DEFAULT_MAX_ABS_REWARD
     """A reward of larger magnitude fails its sample like a NaN one (no gradient, counted in
     ``reward/failed``): 1e38 is finite but overflows the loss; raise this for rewards on a
     large scale."""
@@ -181,86 +193,68 @@ class MonitorConfig:
         check_int("model.monitor.eval_max_new_tokens", self.eval_max_new_tokens, minimum=1, allow_none=True)
 
 
-MOVED_KEYS: dict[str, str] = {
-    "model.model_name_or_path": "model.policy.name_or_path",
-    "model.tiny": "model.policy.tiny",
-    "model.tiny_dir": "model.policy.tiny_dir",
-    "model.dtype": "model.policy.dtype",
-    "model.use_chat_template": "model.policy.use_chat_template",
-    "model.engine_dtype": "model.engine.dtype",
-    "model.engine_options": "model.engine.fast (compile_decode) or model.engine.vllm (gpu_memory_utilization, "
-                            "max_model_len, enforce_eager, recompute_logp_behav)",
-    "model.attn_implementation": "model.train_forward.attn_implementation",
-    "model.micro_batch_size": "model.train_forward.micro_batch_size",
-    "model.lr": "model.optim.lr",
-    "model.weight_decay": "model.optim.weight_decay",
-    "model.betas": "model.optim.betas",
-    "model.grad_clip": "model.optim.grad_clip",
-    "model.lr_warmup_steps": "model.optim.lr_warmup_steps",
-    "model.max_failed_reward_frac": "model.guards.max_failed_reward_frac",
-    "model.max_consecutive_skips": "model.guards.max_consecutive_skips",
-    "model.log_kl_init": "model.monitor.log_kl_init",
-    "model.eval_max_new_tokens": "model.monitor.eval_max_new_tokens",
-    "sync": "model.sync",
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``field -> docstring`` of a dataclass whose fields are documented by the string literal
+    that follows each one (this project's style), read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for field_node, doc in zip(body, body[1:]):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(field_node.target, ast.Name)
+                and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+            docs[field_node.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def _algorithm_group() -> type:
+    """``model.algorithm``: a preset name plus every :class:`~reclight.algorithms.AlgorithmConfig`
+    field, each null by default (= the preset's value). Generated from ``AlgorithmConfig`` so the
+    two cannot drift: same names, same types (``Literal`` choices), the same docstrings (shown by
+    ``reclight fit --help``)."""
+    hints = typing.get_type_hints(AlgorithmConfig)
+    docs = _attribute_docs(AlgorithmConfig)
+    fields: list[tuple[str, Any, Any]] = [("preset", Literal[tuple(PRESETS)], dataclasses.field(default=DEFAULT_PRESET))]
+    args = [f"    preset: the preset the other fields start from ({', '.join(PRESETS)}; docs/algorithms.md section 3)."]
+    for f in dataclasses.fields(AlgorithmConfig):
+        fields.append((f.name, Optional[hints[f.name]], dataclasses.field(default=None)))
+        args.append(f"    {f.name}: {docs.get(f.name, '')} (null: the preset's value)")
+
+    def resolve(self: Any) -> AlgorithmConfig:
+        """The algorithm this group describes: the preset with every non-null field applied (validated)."""
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(AlgorithmConfig)
+                     if getattr(self, f.name) is not None}
+        return get_algorithm(self.preset, **overrides)
+
+    def post_init(self: Any) -> None:
+        check_choice(FIELD_PREFIX + "preset", self.preset, tuple(PRESETS))
+        self.resolve()  # every field checked now, when the config is parsed
+
+    group = dataclasses.make_dataclass("AlgorithmGroup", fields, frozen=True,
+                                       namespace={"resolve": resolve, "__post_init__": post_init})
+    group.__module__ = __name__
+    group.__doc__ = ("The algorithm (docs/algorithms.md): a preset and any of its fields changed, e.g.\n"
+                     "``{preset: dapo, eps_high: 0.3}``. A null field keeps the preset's value (so a knob a preset\n"
+                     "sets, such as cispo's is_clip, is turned off by choosing another preset).\n\nArgs:\n"
+                     + "\n".join(args) + "\n")
+    return group
+
+
+DEFAULT_PRESET = "rec_oneside_nois"
+AlgorithmGroup = _algorithm_group()
+
+
+MODEL_GROUPS: dict[str, type] = {
+    "policy": PolicyConfig,
+    "algorithm": AlgorithmGroup,
+    "sampling": SamplingConfig,
+    "sync": SyncConfig,
+    "updates": UpdatesConfig,
+    "engine": EngineConfig,
+    "train_forward": TrainForwardConfig,
+    "optim": OptimConfig,
+    "warmup": WarmupConfig,
+    "guards": GuardsConfig,
+    "monitor": MonitorConfig,
 }
-"""Keys of the flat layout (before the typed groups) and where each one lives now."""
-
-GROUP_STRINGS: dict[str, str] = {
-    "model.engine": "model.engine.name: {value}",
-    "model.train_forward": "model.train_forward.impl: {value}",
-}
-"""Keys that were strings and are groups now: ``--model.engine fast`` -> ``model.engine.name``.
-``fused_compiled`` (two switches in one value) is now ``impl: fused`` + ``compile: true``."""
-
-
-def moved_key_message(key: str, value: object = None) -> str | None:
-    """What to write instead of an old ``key`` (None: ``key`` did not move)."""
-    if key in MOVED_KEYS:
-        return f"{key} moved to {MOVED_KEYS[key]}"
-    if key in GROUP_STRINGS and isinstance(value, str):
-        if key == "model.train_forward" and value == "fused_compiled":
-            new = "model.train_forward: {impl: fused, compile: true}"
-        else:
-            new = GROUP_STRINGS[key].format(value=value)
-        return f"{key}={value!r} is a group now; write {new}"
-    return None
-
-
-def _group_types() -> dict[str, type]:
-    """``model.<arg>`` -> its dataclass type, for every typed group of ``RLModule``."""
-    import dataclasses
-    import typing
-
-    from reclight.trainer.module import RLModule
-
-    hints = typing.get_type_hints(RLModule.__init__)
-    out = {}
-    for name, tp in hints.items():
-        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
-        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
-            out[f"model.{name}"] = args[0]
-    return out
-
-
-def unknown_field_message(key: str, value: object) -> str | None:
-    """For a key inside a typed group that names no field (``model.engine.vllm.gpu_memory_utilisation``):
-    the message naming the key, the value and the accepted fields of that group (None: fine)."""
-    import dataclasses
-    import typing
-
-    parts = key.split(".")
-    if len(parts) < 3 or parts[0] != "model":
-        return None
-    tp = _group_types().get(".".join(parts[:2]))
-    path = ".".join(parts[:2])
-    for name in parts[2:]:
-        if tp is None or not dataclasses.is_dataclass(tp):
-            return None
-        names = [f.name for f in dataclasses.fields(tp)]
-        if name not in names:
-            return f"{key}={value!r} is not valid: {path} has no field {name!r}; accepted: {', '.join(names)}"
-        hint = typing.get_type_hints(tp)[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        tp = args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
-        path = f"{path}.{name}"
-    return None
+"""``RLModule``'s typed groups, ``model.<name>`` on the command line (a test checks this table against
+``RLModule.__init__``'s signature; the CLI's key checks read it instead of importing the module)."""

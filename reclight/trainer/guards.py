@@ -28,7 +28,8 @@ def check_reward_failures(num_failed: int, num_samples: int, step: int, max_fail
             f"beyond model.guards.max_abs_reward) for {num_failed} of "
             f"{num_samples} samples ({num_failed / num_samples:.0%}), more than "
             f"model.guards.max_failed_reward_frac={max_failed_reward_frac:g}; fix the task's reward function (the first "
-            "error of each kind is logged by reclight.rollout), or raise max_failed_reward_frac (1.0 never stops)"
+            "error of each kind is logged by reclight.rollout), or raise model.guards.max_failed_reward_frac (1.0 never "
+            "stops)"
         )
 
 
@@ -57,7 +58,7 @@ class NonFiniteGuard:
                 f"step {step}: {self.consecutive} steps in a row had a non-finite loss or gradient (this one: "
                 f"loss={loss}, grad norm={grad_norm}); stopping at model.guards.max_consecutive_skips="
                 f"{self.max_consecutive}. Each was skipped without changing the weights or the optimizer state; "
-                "lower model.optim.lr, check the rewards' scale, or raise max_consecutive_skips"
+                "lower model.optim.lr, check the rewards' scale, or raise model.guards.max_consecutive_skips"
             )
         return True
 

@@ -1,23 +1,13 @@
-"""Per-step metrics of the rollout batch that are not the loss's own: degenerate samples."""
+"""Per-step metrics of the rollout batch that are not the loss's own: rewards, lengths, entropy,
+staleness, degenerate samples, rollout throughput."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from reclight.advantages import uniform_groups
-
-
-@torch.no_grad()
-def truncated_responses(
-    response_ids: Tensor,  # [B, K, T] long
-    response_mask: Tensor,  # [B, K, T] bool
-    eos_ids: list[int],
-    max_new_tokens: int,
-) -> Tensor:  # [B, K] bool
-    """Responses cut at ``max_new_tokens`` without an end token (DAPO's "overlong" samples)."""
-    has_eos = (torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device)) & response_mask).any(-1)
-    return ~has_eos & (response_mask.sum(-1) >= max_new_tokens)
+from reclight.advantages import truncated_responses, uniform_groups
+from reclight.rollout.batch import RolloutBatch
 
 
 @torch.no_grad()
@@ -51,3 +41,32 @@ def rollout_health(
     }
 
 
+
+
+@torch.no_grad()
+def batch_metrics(batch: RolloutBatch, entropy: Tensor, eos_ids: list[int], max_new_tokens: int) -> dict[str, Tensor]:
+    """The step's metrics of its rollout batch (``entropy`` [B, K, T]: the policy's per-token
+    entropy from the update's forward): reward and accuracy of the valid samples, response
+    lengths, entropy, staleness (step - the version of each sample's oldest token), the degenerate
+    samples of :func:`rollout_health`, DAPO's informative fraction, the rollout's tokens/s, and
+    whatever the rollout path measured itself (``batch.metrics``: the asynchronous schedule's)."""
+    m = batch.response_mask
+    n_tok = m.sum().clamp(min=1)
+    staleness = (batch.step - batch.version).float()
+    valid = batch.reward_valid
+    out = {
+        "reward/mean": (batch.rewards * valid).sum() / valid.sum().clamp(min=1),
+        "reward/acc": batch.correct.float().mean(),
+        "reward/failed": (~valid).sum().float(),
+        "response/len_mean": m.sum(-1).float().mean(),
+        "response/len_max": m.sum(-1).float().max(),
+        "policy/entropy": (entropy * m).sum() / n_tok,
+        "rollout/staleness_mean": staleness.mean(),
+        "rollout/staleness_max": staleness.max(),
+        **rollout_health(batch.response_ids, m, batch.rewards, valid, eos_ids, max_new_tokens),
+        **({"data/informative_frac": torch.tensor(batch.informative_groups / batch.sampled_groups)}
+           if batch.sampled_groups else {}),
+        "throughput/rollout_tok_s": n_tok / max(batch.gen_seconds, 1e-9),
+    }
+    out.update({k: torch.tensor(float(v)) for k, v in (batch.metrics or {}).items()})
+    return out

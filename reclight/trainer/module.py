@@ -34,8 +34,6 @@ Departures from a textbook trainer, listed up front:
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import time
 import warnings
 from typing import Any
@@ -46,22 +44,32 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from reclight.advantages import group_advantages, kl_reward_penalty, overlong_penalty
-from reclight.algorithms import get_algorithm
-from reclight.checks import check_int, invalid
-from reclight.engines import build_engine, resolve_engine_name
+from reclight.advantages import group_advantages, shape_rewards, truncated_responses
+from reclight.checks import check_int, invalid, run_seed
+from reclight.engines import build_engine, resolve_engine_config
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
-from reclight.models.forward import response_logprobs
-from reclight.models.loading import Frozen, check_dtype_for_device, frozen_copy, load_causal_lm
+from reclight.kernels.compile import check_cpp_compiler
+from reclight.models.forward import resolve_forward_impl, response_logprobs
+from reclight.models.loading import (
+    Frozen,
+    check_dtype_for_device,
+    frozen_copy,
+    load_causal_lm,
+    load_model_config,
+    load_tokenizer,
+)
+from reclight.models.fsdp import shard_on_mesh
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
 from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.queue import RolloutQueue
 from reclight.sync import SyncConfig
+from reclight.updates import check_mini_batches, merge_update_metrics, micro_batches, update_rows
 from reclight.trainer.checkpoint import check_state_dict_matches, rng_state, set_rng_state
 from reclight.trainer.config import (
+    AlgorithmGroup,
     GuardsConfig,
     MonitorConfig,
     OptimConfig,
@@ -72,8 +80,9 @@ from reclight.trainer.config import (
 from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
-from reclight.trainer.metrics import rollout_health, truncated_responses
-from reclight.trainer.resume import RECORD_KEY, check_resume_config, run_record
+from reclight.trainer.metrics import batch_metrics
+from reclight.trainer.prompts import PromptSource
+from reclight.trainer.resume import RECORD_KEY, apply_optim_config, check_resume_config, run_record
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 # Lightning warns that the module's on_before_batch_transfer takes precedence over the data
@@ -87,8 +96,9 @@ class RLModule(LightningModule):
 
     Args:
         policy: the trained model (``model.policy``).
-        algorithm: preset name (``reclight.algorithms.PRESETS``).
-        algorithm_overrides: fields of ``AlgorithmConfig`` to change, e.g. ``{eps_high: 0.28}``.
+        algorithm: the preset and any of its fields (``model.algorithm``: ``{preset: dapo, eps_high:
+            0.3}``; :class:`~reclight.trainer.config.AlgorithmGroup`); a preset name alone also works
+            from Python.
         sampling: K, temperature, top_p and max_new_tokens of the behaviour policy.
         sync: the off-policy schedule: weights pushed every ``sync_interval`` steps, the engine
             ``sync_offset`` steps ahead, or ``offline``.
@@ -105,8 +115,7 @@ class RLModule(LightningModule):
     def __init__(
         self,
         policy: PolicyConfig = PolicyConfig(),
-        algorithm: str = "rec_oneside_nois",
-        algorithm_overrides: dict[str, Any] | None = None,
+        algorithm: AlgorithmGroup = AlgorithmGroup(),
         sampling: SamplingConfig = SamplingConfig(),
         sync: SyncConfig = SyncConfig(),
         updates: UpdatesConfig = UpdatesConfig(),
@@ -122,7 +131,9 @@ class RLModule(LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         # Everything cheap is validated here, before any model is loaded.
-        self.algo = get_algorithm(algorithm, **(algorithm_overrides or {}))
+        if isinstance(algorithm, str):
+            algorithm = AlgorithmGroup(preset=algorithm)
+        self.algo = algorithm.resolve()
         check_int("model.seed", seed, minimum=0, allow_none=True)
         if self.algo.overlong_penalty:
             self.algo.overlong_bounds(sampling.max_new_tokens)  # the cache must fit the length
@@ -139,6 +150,7 @@ class RLModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.rollouts: RolloutQueue | None = None
+        self.prompts: PromptSource | None = None  # the data, fitted to the model (configure_model)
         self._init_policy: Frozen | None = None
         self._pending_rollouts: dict[str, Any] | None = None  # queue state, restored in on_fit_start
         self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
@@ -154,26 +166,12 @@ class RLModule(LightningModule):
     # -- set-up ---------------------------------------------------------------------------------
     @property
     def run_seed(self) -> int:
-        seed = self.hparams.seed
-        return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
+        return run_seed(self.hparams.seed)
 
     @property
     def eval_max_new_tokens(self) -> int:
         cap = self.monitor_cfg.eval_max_new_tokens
         return self.sampling.max_new_tokens if cap is None else cap
-
-    def setup(self, stage: str) -> None:
-        """Checks that need the data module and the number of ranks, before the model loads
-        (Lightning calls this after the data module's setup and before configure_model)."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        m = self.updates_cfg.mini_batches
-        if dm is not None and m > 1:
-            world = self.trainer.world_size
-            per_rank = dm.prompts_per_step // world
-            if per_rank % m:
-                raise invalid("model.updates.mini_batches", m, f"a divisor of the {per_rank} prompts per rank "
-                              f"(data.prompts_per_step={dm.prompts_per_step} over {world} rank(s)): each mini-batch "
-                              "holds whole groups")
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -186,90 +184,46 @@ class RLModule(LightningModule):
                                else torch.device("cpu"))
         path = cfg.name_or_path or str(build_tiny(cfg.tiny_dir, cfg.tiny, seed=self.run_seed))
         self._model_path = path
-        self.policy, self.tokenizer = load_causal_lm(path, cfg.dtype,
-                                                     attn_implementation=self.forward_cfg.attn_implementation)
+        self.tokenizer = load_tokenizer(path)
+        # The data fitted to the model's context, and the checks that relate it to this run's
+        # settings: before any weight is loaded.
+        if self._trainer is not None and self.trainer.datamodule is not None:  # else a bare module: no data
+            self.prompts = self._prompt_source(load_model_config(path))
+        self.policy, _ = load_causal_lm(path, cfg.dtype, attn_implementation=self.forward_cfg.attn_implementation,
+                                        tokenizer=self.tokenizer)
         self.policy.train()
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
-        self.forward_impl = self._resolve_forward_impl(
-            mesh is not None or (self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__))
+        sharded = mesh is not None or (self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__)
+        f = self.forward_cfg
+        self.forward_impl, note = resolve_forward_impl(f.impl, f.compile, self.policy.config, sharded)
+        if note:
+            rank_zero_info(note)
         if mesh is not None:
-            self._shard_policy(mesh)
-        self._check_compiler()
-        self._fit_context()
+            shard_on_mesh(self.policy, mesh)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type == "cpu":
+            check_cpp_compiler([name for name, on in (("model.train_forward.compile=true", f.compile),
+                                                      ("model.engine.fast.compile_decode=true", self.engine_cfg.compiles))
+                                if on])
 
-    def _resolve_forward_impl(self, sharded: bool) -> str:
-        """``model.train_forward.impl`` for this policy: ``fused`` or ``hf`` (``auto``: fused where
-        it applies). An explicit ``fused`` that cannot apply is an error naming why."""
-        from reclight.kernels.llama import llama_problems
-
-        impl = self.forward_cfg.impl
-        problems = llama_problems(self.policy.config)
-        if sharded:  # FSDP: the fused forward reads the full parameters outside the wrapped modules' forward
-            problems.insert(0, "a sharded policy (FSDP)")
-        if impl == "fused" and problems:
-            raise invalid("model.train_forward.impl", "fused", "'hf' or 'auto' here: the fused forward does not "
-                          "support " + "; ".join(problems))
-        if impl == "auto":
-            impl = "hf" if problems else "fused"
-            if impl == "hf" and self.forward_cfg.compile:
-                raise invalid("model.train_forward.compile", True, "false here: model.train_forward.impl auto is "
-                              "'hf' for this policy (" + "; ".join(problems) + "), and only the fused forward compiles")
-            rank_zero_info(f"model.train_forward.impl auto: {impl}" + (f" ({'; '.join(problems)})" if problems else ""))
-        return impl
-
-    def _engine_config(self, stop_strings: tuple[str, ...]) -> EngineConfig:
-        """``model.engine`` with its defaults resolved for this run: ``name: auto`` (fast where it
-        applies, else hf) and ``dtype: null`` (bf16 under a bf16 trainer precision, else the policy's)."""
-        cfg = self.engine_cfg
-        name, why = resolve_engine_name(cfg, self.policy, self.sampling, stop_strings)
-        if cfg.name == "auto":
-            rank_zero_info(f"model.engine.name auto: {name}" + (f" (the fast engine does not support {why})" if why else ""))
-        dtype = cfg.dtype
-        precision = str(self.trainer.precision)
-        if dtype is None and name != "vllm" and precision.startswith("bf16"):
-            dtype = "bfloat16"
-        if cfg.dtype is None:
-            shown = dtype or str(next(self.policy.parameters()).dtype).removeprefix("torch.")
-            rank_zero_info(f"model.engine.dtype null: {shown} (follows trainer.precision {precision}"
-                           + ("" if name != "vllm" else "; vLLM chooses its own") + ")")
-        self.engine_resolved = {"name": name, "dtype": dtype}
-        return dataclasses.replace(cfg, name=name, dtype=dtype)
-
-    def _fit_context(self) -> None:
-        """Responses must fit the model's positions, and every prompt the rest of them
-        (:mod:`reclight.trainer.context`; the data module drops or cuts the longer prompts)."""
-        positions = max_positions(self.policy.config)
-        if positions is None:
-            return
-        check_response_budget(positions, self.sampling.max_new_tokens, self.eval_max_new_tokens,
-                              f"the model {self._model_path!r}")
-        new = max(self.sampling.max_new_tokens, self.eval_max_new_tokens)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if hasattr(dm, "fit_to_context"):
-            dm.fit_to_context(self.tokenizer, positions - new, self.policy_cfg.use_chat_template,
-                              f"the model's {positions} positions minus max_new_tokens {new}")
-
-    def _check_compiler(self) -> None:
-        compiled = [name for name, on in (("model.train_forward.compile=true", self.forward_cfg.compile),
-                                          ("model.engine.fast.compile_decode=true", self.engine_cfg.compiles)) if on]
-        device = self.trainer.strategy.root_device if self._trainer is not None else next(self.policy.parameters()).device
-        if compiled and device.type == "cpu":
-            from reclight.kernels.compile import cpp_compiler_missing
-
-            if missing := cpp_compiler_missing():
-                raise ValueError(f"{' and '.join(compiled)} need(s) a C++ compiler for torch.compile on CPU ({missing}); "
-                                 "accepted without one: train_forward.compile false, engine.fast.compile_decode false")
-
-    def _shard_policy(self, mesh: Any) -> None:
-        """FSDP2 over the data-parallel dimension of Lightning's ``ModelParallelStrategy`` mesh
-        (``configs/strategy/fsdp.yaml``); tensor parallelism is not implemented."""
-        from reclight.models.fsdp import shard_policy
-
-        names = mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() != 1:
-            raise ValueError(f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()} is not "
-                             "valid; accepted: 1 (reclight shards the policy with FSDP over data_parallel only)")
-        shard_policy(self.policy, mesh["data_parallel"] if "data_parallel" in names else mesh)
+    def _prompt_source(self, config: Any) -> PromptSource:
+        """The run's prompts, the one thing the module reads of the data module
+        (:meth:`RLDataModule.prompt_source`): every prompt fits the model's positions minus the
+        longer response cap (:mod:`reclight.trainer.context`), and a mini-batch holds whole groups."""
+        dm = self.trainer.datamodule
+        if not hasattr(dm, "prompt_source"):
+            raise TypeError(f"RLModule needs a data module with prompt_source() (RLDataModule); got {type(dm).__name__}")
+        positions, budget, why = max_positions(config), None, ""
+        if positions is not None:
+            check_response_budget(positions, self.sampling.max_new_tokens, self.eval_max_new_tokens,
+                                  f"the model {self._model_path!r}")
+            new = max(self.sampling.max_new_tokens, self.eval_max_new_tokens)
+            budget, why = positions - new, f"the model's {positions} positions minus max_new_tokens {new}"
+        source = dm.prompt_source(self.tokenizer, budget, self.policy_cfg.use_chat_template, why)
+        check_mini_batches(source.groups_per_rank, self.updates_cfg.mini_batches, "model.updates.mini_batches",
+                           f"prompts per rank (data.prompts_per_step={source.groups_per_rank * source.world} over "
+                           f"{source.world} rank(s))")
+        return source
 
     def configure_optimizers(self) -> Any:
         from reclight.models.fsdp import is_sharded
@@ -289,23 +243,27 @@ class RLModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
+        p = self.prompts
         if self.warmup_cfg is not None and self.trainer.ckpt_path is None:
-            task = getattr(dm, "fitted_task", dm.task)  # its splits fitted to the model's context
             stats = supervised_warmup(
-                self.policy, self.tokenizer, task, self.warmup_cfg, seed=self.run_seed,
+                self.policy, self.tokenizer, p.fitted_task, self.warmup_cfg, seed=self.run_seed,
                 max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
                 log=self._log_warmup,
             )
             self.print(f"warm-up: {stats}")
-        engine = build_engine(self._engine_config(tuple(dm.task.stop_strings)), self.policy, self.tokenizer,
-                              self.sampling, stop_strings=tuple(dm.task.stop_strings), model_path=self._model_path,
-                              seed=self.run_seed)
+        stop = tuple(p.task.stop_strings)
+        engine_cfg, notes = resolve_engine_config(self.engine_cfg, self.policy, self.sampling, stop,
+                                                  str(self.trainer.precision))
+        for note in notes:
+            rank_zero_info(note)
+        self.engine_resolved = {"name": engine_cfg.name, "dtype": engine_cfg.dtype}
+        engine = build_engine(engine_cfg, self.policy, self.tokenizer, self.sampling,
+                              stop_strings=stop, model_path=self._model_path, seed=self.run_seed)
         self.rollouts = RolloutQueue(
-            engine, dm.prompts_for_step, dm.task, self.tokenizer, sync=self.sync_cfg,
+            engine, p.for_step, p.task, self.tokenizer, sync=self.sync_cfg,
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
             use_chat_template=self.policy_cfg.use_chat_template,
-            keep_groups=dm.kept_per_rank if getattr(dm, "oversample", 1.0) > 1 else None,
+            keep_groups=p.groups_per_rank if p.oversampled else None,
             max_abs_reward=self.guards_cfg.max_abs_reward,
         )
         if self._pending_rollouts is not None:
@@ -313,18 +271,6 @@ class RLModule(LightningModule):
             self._pending_rollouts = None
         if (self.monitor_cfg.log_kl_init or self.algo.needs_reference) and self._init_policy is None:
             self._init_policy = frozen_copy(self.policy)
-
-    def _apply_optim_config(self) -> None:
-        """A resume with ``--allow_changes model.optim...``: the restored AdamW state carries the
-        checkpoint's lr, betas and weight decay (and the schedule its base lr); the config's win."""
-        o, sched = self.optim_cfg, self.lr_schedulers()
-        for opt in self.trainer.optimizers:
-            for g in opt.param_groups:
-                g.update(lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        if sched is not None:
-            sched.base_lrs = [o.lr] * len(sched.base_lrs)
-            for g, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-                g["lr"] = base * f(sched.last_epoch)
 
     def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
         # Warm-up runs before the RL steps: log to the loggers directly (self.log is not allowed).
@@ -340,13 +286,12 @@ class RLModule(LightningModule):
             set_rng_state(self._pending_rng)
             self._pending_rng = None
         if any(k.startswith("model.optim.") for k in self.resume_changes):
-            self._apply_optim_config()
+            o = self.optim_cfg
+            apply_optim_config(self.trainer.optimizers, self.lr_schedulers(), o.lr, o.weight_decay, o.betas)
         if self.global_step == 0:  # the "before" figure: greedy accuracy at the start of RL
             metrics = self._evaluate("val")
-            dm = self.trainer.datamodule
-            if hasattr(dm, "prompt_counts"):  # prompts too long for the model's positions (train + val)
-                kind = "dropped" if dm.long_prompts == "drop" else "truncated"
-                metrics[f"prompts/{kind}"] = float(sum(dm.prompt_counts.values()))
+            name, count = self.prompts.context_counts()  # prompts too long for the model's positions (train + val)
+            metrics[name] = count
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=0)
             self.print(f"start of RL: {metrics}")
@@ -370,52 +315,31 @@ class RLModule(LightningModule):
         logp = torch.zeros_like(batch.logp_behav)  # [B, K, T], filled by each update (detached)
         entropy = torch.zeros_like(batch.logp_behav)
         updates = []
-        for i, rows in enumerate(self._mini_batches(batch)):
+        u = self.updates_cfg
+        for i, rows in enumerate(update_rows(batch.rewards.shape[0], u.epochs, u.mini_batches, batch.rewards.device)):
             counts = self._global_counts(mask[rows])
             loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy, logp_prox, logp_ref)
             metrics["grad/norm"] = self._clip_and_step(loss, batch.step, last=i == self.updates_cfg.count - 1)
             updates.append(metrics)
-        self._log_step(batch, _merge_updates(updates), logp, entropy, logp_ref, time.perf_counter() - start)
+        self._log_step(batch, merge_update_metrics(updates), logp, entropy, logp_ref, time.perf_counter() - start)
         return sum(updates[-1][k] for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy"))
 
     def _advantages(self, batch: RolloutBatch, logp_ref: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Group advantages and ``keep`` [B, K] of the batch's rewards, after the algorithm's
-        trainer-side shaping (docs/algorithms.md sections 6.3, 6.6): DAPO's overlong penalty and filter, and the
-        KL penalty in the reward. RED-Drop's random choice is seeded by (seed, step, rank)."""
-        a, rewards = self.algo, batch.rewards
-        truncated = None
-        if a.overlong_penalty or a.overlong_filter:
-            truncated = truncated_responses(batch.response_ids, batch.response_mask, eos_ids(self.tokenizer),
-                                            self.sampling.max_new_tokens)
-        if a.overlong_penalty:
-            length, cache = a.overlong_bounds(self.sampling.max_new_tokens)
-            penalty = overlong_penalty(batch.response_mask.sum(-1), length, cache).to(rewards)
-            rewards = rewards + torch.where(batch.reward_valid, penalty, 0.0)
-        if a.kl_coef > 0 and a.kl_in == "reward":
-            rewards = rewards - kl_reward_penalty(batch.logp_behav, logp_ref, batch.response_mask, a.kl_coef)
+        """Group advantages and ``keep`` [B, K] of the batch's rewards after the algorithm's reward
+        shaping (:func:`reclight.advantages.shape_rewards`). RED-Drop's random choice is seeded by
+        (seed, step, rank)."""
+        m = batch.response_mask
+        truncated = truncated_responses(batch.response_ids, m, eos_ids(self.tokenizer), self.sampling.max_new_tokens)
+        rewards, kept = shape_rewards(batch.rewards, batch.reward_valid, m.sum(-1), truncated, self.algo,
+                                      max_new_tokens=self.sampling.max_new_tokens, logp_behav=batch.logp_behav,
+                                      logp_ref=logp_ref, mask=m)
         drop_rng = torch.Generator(device=rewards.device).manual_seed(self.rollouts.seed_for(batch.step))
-        adv, keep = group_advantages(rewards, a, drop_rng, valid=batch.reward_valid)
-        if a.overlong_filter:
-            keep = keep & ~truncated
-        return adv, keep
+        adv, keep = group_advantages(rewards, self.algo, drop_rng, valid=batch.reward_valid)
+        return adv, keep & kept
 
     @property
     def _needs_prox(self) -> bool:
         return self.algo.needs_proximal or self.monitor_cfg.log_mismatch
-
-    def _mini_batches(self, batch: RolloutBatch) -> list[slice | Tensor]:
-        """The prompt rows of each of the batch's epochs x mini_batches updates, in order. One
-        mini-batch: all rows (a slice: no copy). M > 1: mini-batch m is rows m, m + M, ... (whole
-        groups), the same every epoch; strided, not contiguous, so that the union over ranks of
-        each rank's mini-batch m is the single-process mini-batch m (contiguous blocks would mix
-        differently on different numbers of ranks). verl (``ppo_mini_batch_size``,
-        ``ppo_epochs``) splits each rank's batch contiguously, and TRL's ``num_iterations``
-        re-uses the whole batch: neither promises the same updates on any number of ranks."""
-        B, u = batch.rewards.shape[0], self.updates_cfg
-        if u.mini_batches == 1:
-            return [slice(0, B)] * u.epochs
-        parts = [torch.arange(m, B, u.mini_batches, device=batch.rewards.device) for m in range(u.mini_batches)]
-        return parts * u.epochs
 
     def _check_rewards(self, batch: RolloutBatch) -> None:
         """Stop the run past ``guards.max_failed_reward_frac`` (same decision on every rank)."""
@@ -445,7 +369,7 @@ class RLModule(LightningModule):
                                logp_ref=None if logp_ref is None else logp_ref[r],
                                norm_length=self.sampling.max_new_tokens, **counts)
         loss_sum = torch.zeros((), device=self.device)
-        micro = self._micro_batches(rows)
+        micro = micro_batches(rows, self.forward_cfg.micro_batch_size)
         for sl in micro:
             logp, ent = self._logprobs(self.policy, batch, sl, return_entropy=True)
             loss, metrics = policy_loss(logp, batch.logp_behav[sl], adv[sl], mask[sl], self.algo,
@@ -459,14 +383,6 @@ class RLModule(LightningModule):
                                      entropy=entropy_out[rows] if self.algo.entropy_coef > 0 else None, **extra(rows))
         return loss_sum, metrics
 
-    def _micro_batches(self, rows: slice | Tensor) -> list[slice | Tensor]:
-        """``rows`` cut into ``train_forward.micro_batch_size`` prompts each (whole groups)."""
-        n = rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
-        mb = self.forward_cfg.micro_batch_size or n
-        if isinstance(rows, slice):
-            return [slice(s, min(s + mb, rows.stop)) for s in range(rows.start, rows.stop, mb)]
-        return list(rows.split(mb))
-
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch, rows: slice | Tensor,
                   return_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
         f = self.forward_cfg
@@ -478,7 +394,7 @@ class RLModule(LightningModule):
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:  # [B, K, T]
         """``model``'s log-probs of the batch's tokens, in the training forward's micro-batches."""
         out = torch.zeros_like(batch.logp_behav)
-        for sl in self._micro_batches(slice(0, batch.rewards.shape[0])):
+        for sl in micro_batches(slice(0, batch.rewards.shape[0]), self.forward_cfg.micro_batch_size):
             out[sl] = self._logprobs(model, batch, sl)[0]
         return out
 
@@ -509,29 +425,16 @@ class RLModule(LightningModule):
     @torch.no_grad()
     def _log_step(self, batch: RolloutBatch, metrics: dict[str, Tensor], logp: Tensor, entropy: Tensor,
                   logp_ref: Tensor | None, train_seconds: float) -> None:
+        """Log the step: its updates' loss metrics, the batch's own (:func:`batch_metrics`), the
+        trainer's state and ``kl/init``."""
         m = batch.response_mask
-        n_tok = m.sum().clamp(min=1)
-        staleness = (batch.step - batch.version).float()
-        valid = batch.reward_valid
         out = {
             **metrics,
-            "reward/mean": (batch.rewards * valid).sum() / valid.sum().clamp(min=1),
-            "reward/acc": batch.correct.float().mean(),
-            "reward/failed": (~valid).sum().float(),
-            "response/len_mean": m.sum(-1).float().mean(),
-            "response/len_max": m.sum(-1).float().max(),
-            "policy/entropy": (entropy * m).sum() / n_tok,
-            "rollout/staleness_mean": staleness.mean(),
-            "rollout/staleness_max": staleness.max(),
+            **batch_metrics(batch, entropy, eos_ids(self.tokenizer), self.sampling.max_new_tokens),
             "rollout/wait_s": torch.tensor(self.rollouts.last_wait_s),
             "train/skipped_steps": torch.tensor(float(self._skip_guard.total)),
             "train/lr": torch.tensor(self._lr_used),  # the LR of this step's update
-            **rollout_health(batch.response_ids, m, batch.rewards, valid, eos_ids(self.tokenizer),
-                             self.sampling.max_new_tokens),
-            **({"data/informative_frac": torch.tensor(batch.informative_groups / batch.sampled_groups)}
-               if batch.sampled_groups else {}),
-            "throughput/rollout_tok_s": n_tok / max(batch.gen_seconds, 1e-9),
-            "throughput/train_tok_s": n_tok / max(train_seconds, 1e-9),
+            "throughput/train_tok_s": m.sum().clamp(min=1) / max(train_seconds, 1e-9),
         }
         if logp_ref is not None and self.monitor_cfg.log_kl_init:
             out["kl/init"] = kl_estimate(logp, logp_ref, m, logp_behav=batch.logp_behav, estimator="k3")
@@ -541,11 +444,11 @@ class RLModule(LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------
     def _greedy(self, split: str, index: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        dm = self.trainer.datamodule
-        examples = dm.eval_examples(split)
+        examples = self.prompts.eval_examples(split)
         if index is not None:
             examples = [examples[i] for i in index]
-        return greedy_eval(self.policy, self.tokenizer, dm.task, examples, max_new_tokens=self.eval_max_new_tokens,
+        return greedy_eval(self.policy, self.tokenizer, self.prompts.task, examples,
+                           max_new_tokens=self.eval_max_new_tokens,
                            use_chat_template=self.policy_cfg.use_chat_template,
                            max_abs_reward=self.guards_cfg.max_abs_reward)
 
@@ -595,16 +498,3 @@ class RLModule(LightningModule):
         if "init_policy" in state and self.policy is not None:
             self._init_policy = frozen_copy(self.policy)
             self._init_policy.model.load_state_dict(state["init_policy"])
-
-
-def _merge_updates(updates: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One step's metrics from its updates' (each the metrics of one mini-batch update): the
-    mean over updates, except maxima and minima (``*/max``, ``*/min``), which are the max / min
-    over updates. One update: its own metrics, unchanged."""
-    if len(updates) == 1:
-        return updates[0]
-    out = {}
-    for key in updates[0]:
-        values = torch.stack([u[key].float() for u in updates])
-        out[key] = values.amax() if key.endswith("max") else values.amin() if key.endswith("min") else values.mean()
-    return out

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from reclight.checks import run_seed
 from reclight.trainer.checkpoint import CheckpointError
 
 RECORD_KEY = "run_config"
@@ -89,7 +90,7 @@ def _plain(value: Any) -> Any:
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping) and not prefix.endswith("algorithm_overrides"):
+    if isinstance(value, Mapping):
         for k, v in value.items():
             if not str(k).startswith("_"):  # LightningCLI's "_instantiator"
                 _flatten(f"{prefix}.{k}", v, out)
@@ -108,7 +109,9 @@ def run_record(module: Any, datamodule: Any, trainer: Any) -> dict[str, Any]:
     hp = module.hparams
     for name in _init_args(module):
         if name in hp:
-            _flatten(f"model.{name}", hp[name] or ({} if name == "algorithm_overrides" else hp[name]), out)
+            _flatten(f"model.{name}", hp[name], out)
+    for f in dataclasses.fields(module.algo):  # the algorithm as resolved (preset + fields), every field
+        out[f"model.algorithm.{f.name}"] = _plain(getattr(module.algo, f.name))
     out["model.seed"] = int(module.run_seed)
     if datamodule is not None:
         for name in _init_args(datamodule):
@@ -121,7 +124,7 @@ def run_record(module: Any, datamodule: Any, trainer: Any) -> dict[str, Any]:
             elif hasattr(datamodule, name):
                 out[f"data.{name}"] = _plain(getattr(datamodule, name))
         if getattr(datamodule, "seed", 0) is None:
-            out["data.seed"] = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            out["data.seed"] = run_seed(None)
     if trainer is not None:
         out["trainer.precision"] = str(trainer.precision)
         out["trainer.world_size"] = int(trainer.world_size)
@@ -408,3 +411,16 @@ class RunLock:
         for fd in self._fds:
             os.close(fd)  # closing the last descriptor drops the flock
         self._fds = []
+
+
+def apply_optim_config(optimizers: Sequence[Any], scheduler: Any, lr: float, weight_decay: float,
+                       betas: Sequence[float]) -> None:
+    """A resume with ``--allow_changes model.optim...``: the restored AdamW state carries the
+    checkpoint's lr, betas and weight decay (and the schedule its base lr); the config's win."""
+    for opt in optimizers:
+        for g in opt.param_groups:
+            g.update(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    if scheduler is not None:
+        scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+        for g, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            g["lr"] = base * f(scheduler.last_epoch)

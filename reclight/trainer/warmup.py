@@ -19,7 +19,7 @@ from torch import Tensor
 
 from reclight.checks import check_float, check_int
 from reclight.models.forward import response_logprobs
-from reclight.models.tokens import encode_prompts
+from reclight.models.tokens import encode_prompts, eos_ids, pad_id
 from reclight.tasks.base import Task
 from reclight.trainer.evaluation import greedy_eval
 
@@ -43,17 +43,19 @@ class WarmupConfig:
     """Check on the LAST this-many val examples (greedy)."""
 
     def __post_init__(self) -> None:
-        check_float("WarmupConfig.target_accuracy", self.target_accuracy, ge=0, le=1, accepted="[0, 1]")
+        check_float("model.warmup.target_accuracy", self.target_accuracy, ge=0, le=1, accepted="[0, 1]")
         for name in ("max_steps", "batch_size", "check_every", "check_size"):
-            check_int(f"WarmupConfig.{name}", getattr(self, name), minimum=1)
-        check_float("WarmupConfig.lr", self.lr, gt=0)
+            check_int(f"model.warmup.{name}", getattr(self, name), minimum=1)
+        check_float("model.warmup.lr", self.lr, gt=0)
 
 
 def _answer_tokens(tokenizer: Any, answers: Sequence[str]) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
-    eos = tokenizer.eos_token_id
+    """Each answer's tokens then one EOS (the first id when the tokenizer has several), right-padded
+    with the pad id (the first EOS id when there is none); ``mask`` marks answer and EOS tokens."""
+    eos = eos_ids(tokenizer)[0]
     rows = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
     T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), T), pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros(len(rows), T, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)

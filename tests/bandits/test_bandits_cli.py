@@ -34,7 +34,8 @@ def test_field_override_and_nested():
     ("--optimizer", "rmsprop", "optimizer='rmsprop' is not valid; accepted: adam, sgd"),
     ("--presets", "[reinforce,ppo]", "presets='ppo' is not valid; accepted: reinforce"),
     ("--settings", "[weekly]", "settings='weekly' is not valid; accepted: on_policy"),
-    ("--multi_mini_batches", "3", "multi_mini_batches=3 is not valid with bandit's 8 groups per step; accepted: a divisor of 8"),
+    ("--multi_mini_batches", "3", "multi_mini_batches=3 is not valid; accepted: a divisor of the 8 groups per step of bandit "
+     "(bandit.n_contexts)"),
     ("--chain.start", "0", "chain.start=0 is not valid"),
     ("--group_size", "1", "group_size=1 is not valid; accepted: an integer >= 2"),
     # issue #17 item 6: absurd margins against the reward scale, non-finite floats

@@ -161,3 +161,30 @@ def test_overlong_bounds_default_cache_and_config_errors():
     assert cfg.replace(overlong_length=20, overlong_cache=4).overlong_bounds(5) == (20, 4)
     with pytest.raises(ValueError, match=r"overlong_cache=8 is not valid; accepted: an integer in \[1, overlong_length=5\]"):
         cfg.replace(overlong_cache=8).overlong_bounds(5)
+
+
+def test_shape_rewards_penalty_kl_and_filter_by_hand():
+    """shape_rewards, the one reward-shaping step of the trainer and the bench (docs/algorithms.md
+    sections 6.3, 6.6). L = 10, C = 4 (overlong_length/cache), lengths [5, 7, 10, 10]:
+    penalties [0, (6-7)/4, -1, -1] = [0, -0.25, -1, -1], added to valid samples only (the
+    last one is invalid); the KL in the reward subtracts beta * sum_t (logp_behav - logp_ref) =
+    0.5 * (0.2 + 0.2) = 0.2 per sample here (two valid tokens of 0.2 each); the overlong filter
+    drops the truncated samples from the loss (keep) without touching their rewards."""
+    from reclight.advantages import shape_rewards
+
+    cfg = get_algorithm("dapo", overlong_length=10, overlong_cache=4, overlong_filter=True, kl_coef=0.5, kl_in="reward")
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    lengths = torch.tensor([[5, 7, 10, 10]])
+    truncated = torch.tensor([[False, False, True, False]])
+    logp_ref = torch.zeros(1, 4, 3)
+    logp_behav = torch.full((1, 4, 3), 0.2)
+    mask = torch.tensor([True, True, False]).expand(1, 4, 3)
+    shaped, keep = shape_rewards(rewards, valid, lengths, truncated, cfg, max_new_tokens=10,
+                                 logp_behav=logp_behav, logp_ref=logp_ref, mask=mask)
+    assert_close(shaped, torch.tensor([[1.0 - 0.2, 1.0 - 0.25 - 0.2, -1.0 - 0.2, 0.0 - 0.2]]), rtol=0, atol=1e-6)
+    assert keep.tolist() == [[True, True, False, True]]
+    plain, keep = shape_rewards(rewards, valid, lengths, truncated, get_algorithm("rec_oneside_nois"), max_new_tokens=10)
+    assert torch.equal(plain, rewards) and bool(keep.all())  # no shaping: unchanged, bitwise
+    with pytest.raises(ValueError, match=r"kl_in='reward' with kl_coef > 0 needs logp_behav, logp_ref and mask"):
+        shape_rewards(rewards, valid, lengths, truncated, cfg, max_new_tokens=10)

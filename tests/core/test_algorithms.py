@@ -100,7 +100,7 @@ def test_invalid_values_name_field_value_and_accepted(field, value, accepted):
     with pytest.raises(ValueError) as err:
         AlgorithmConfig(**{field: value})
     msg = str(err.value)
-    assert f"AlgorithmConfig.{field}={value!r}" in msg
+    assert f"model.algorithm.{field}={value!r}" in msg  # the field as the trainer's command line spells it
     assert f"accepted: {accepted}" in msg
 
 
@@ -117,5 +117,5 @@ def test_ring_outer_bounds_checked_only_for_ring():
 def test_unknown_preset_and_field():
     with pytest.raises(ValueError, match=r"algorithm preset 'ppo' is unknown; accepted: reinforce, grpo, "):
         get_algorithm("ppo")
-    with pytest.raises(ValueError, match=r"AlgorithmConfig has no field 'epsilon'; accepted: "):
+    with pytest.raises(ValueError, match=r"model.algorithm has no field 'epsilon'; accepted: "):
         get_algorithm("grpo", epsilon=0.2)

@@ -87,9 +87,9 @@ def test_rollout_seed_depends_on_seed_step_and_rank_only():
 
 
 def test_bad_settings_are_rejected():
-    with pytest.raises(ValueError, match=r"sync.sync_interval=0 is not valid; accepted: an integer >= 1"):
+    with pytest.raises(ValueError, match=r"model\.sync\.sync_interval=0 is not valid; accepted: an integer >= 1"):
         SyncConfig(sync_interval=0)
-    with pytest.raises(ValueError, match=r"sync.sync_offset=-1 is not valid; accepted: an integer >= 0"):
+    with pytest.raises(ValueError, match=r"model\.sync\.sync_offset=-1 is not valid; accepted: an integer >= 0"):
         SyncConfig(sync_offset=-1)
-    with pytest.raises(ValueError, match=r"sync.offline=1 is not valid; accepted: true or false"):
+    with pytest.raises(ValueError, match=r"model\.sync\.offline=1 is not valid; accepted: true or false"):
         SyncConfig(offline=1)

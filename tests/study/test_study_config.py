@@ -38,7 +38,10 @@ BAD = [
     ({"arms": {"clip": {"preset": "rec_oneside_nois", "settings": ["lag"]}}},
      "arms.clip.settings[0]='lag' is not valid; accepted: a setting of the study: periodic"),
     ({"arms": {"clip": {"preset": "rec_oneside_nois", "overrides": {"model.sync": {"sync_interval": 2}}}}},
-     "arms.clip.overrides.model.sync={'sync_interval': 2} is not valid; accepted: any key but model.algorithm"),
+     "arms.clip.overrides.model.sync={'sync_interval': 2} is not valid; accepted: any key but model.algorithm.preset"),
+    # the preset of an arm is its own field: a snippet that reaches model.algorithm.preset is refused too
+    ({"arms": {"clip": {"preset": "rec_oneside_nois", "overrides": {"model.algorithm": {"preset": "grpo"}}}}},
+     "arms.clip.overrides.model.algorithm={'preset': 'grpo'} is not valid; accepted: any key but model.algorithm.preset"),
     ({"arms": {"clip": {"preset": "rec_oneside_nois", "temperature": 2}}},
      "arms.clip.temperature=2 is not valid; accepted: no such field; arms.clip accepts preset, overrides, configs, "
      "settings"),

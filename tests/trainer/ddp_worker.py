@@ -2,7 +2,7 @@
 
 Used by tests/trainer/test_ddp.py (run as a script, because Lightning's CPU ``ddp`` strategy re-launches
 the script for every extra rank). Every process builds the same global rollout batch from a
-fixed generator and trains on its rank's share, chosen by ``RLDataModule.prompts_for_step``;
+fixed generator and trains on its rank's share, chosen by ``PromptSource.for_step``;
 after the step each rank saves its gradients and parameters to ``OUT/rank{r}.pt``.
 
     python tests/trainer/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY [EPOCHSxMINI_BATCHES]]]]
@@ -24,7 +24,7 @@ from reclight.models.tiny import TinyModelConfig
 from reclight.models.tokens import encode_prompts
 from reclight.rollout.batch import RolloutBatch
 from reclight.tasks.arithmetic import Arithmetic
-from reclight.trainer.config import MonitorConfig, OptimConfig, PolicyConfig, UpdatesConfig
+from reclight.trainer.config import AlgorithmGroup, MonitorConfig, OptimConfig, PolicyConfig, UpdatesConfig
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
 
@@ -35,8 +35,9 @@ def fixed_rollout(module: RLModule, datamodule: RLDataModule) -> RolloutBatch:
     """The GLOBAL batch of step 0: every prompt of the step, K random responses each, with
     random behaviour log-probs (ratios far from 1, so clipping acts), lengths and rewards."""
     g = torch.Generator().manual_seed(123)
-    idx = datamodule.sampler.indices(0)  # all ranks' prompts, in order
-    prompts = [datamodule.train_examples[i].prompt for i in idx]
+    src = module.prompts
+    idx = src.sampler.indices(0)  # all ranks' prompts, in order
+    prompts = [src.train[i].prompt for i in idx]
     prompt_ids, prompt_mask = encode_prompts(module.tokenizer, prompts, use_chat_template=False)
     vocab = module.policy.get_input_embeddings().num_embeddings
     lengths = torch.randint(1, T + 1, (B, K), generator=g)
@@ -61,7 +62,7 @@ class FixedRolloutModule(RLModule):
     def on_before_batch_transfer(self, batch, dataloader_idx):
         datamodule = self.trainer.datamodule
         full = fixed_rollout(self, datamodule)
-        mine, _ = datamodule.prompts_for_step(self.global_step)
+        mine, _ = self.prompts.for_step(self.global_step)
         rows = [full.example_index.tolist().index(i) for i in mine]
         state = {k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in full.state_dict().items()}
         return RolloutBatch.from_state_dict(state)
@@ -87,7 +88,7 @@ def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg:
     module = FixedRolloutModule(
         policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
                             tiny_dir=tiny_dir),
-        algorithm=algorithm, algorithm_overrides={"loss_agg": loss_agg},
+        algorithm=AlgorithmGroup(preset=algorithm, loss_agg=loss_agg),
         sampling=SamplingConfig(num_samples=K, max_new_tokens=T), optim=OptimConfig(grad_clip=0.0),
         monitor=MonitorConfig(log_kl_init=False), seed=0, warmup=None,  # the step is what is compared
         engine=EngineConfig(name="hf"),  # its weights are compared after the sync (the fast engine fuses them)

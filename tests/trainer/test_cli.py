@@ -32,7 +32,7 @@ def test_config_parses_through_the_cli(cfg, capsys):
     printed = capsys.readouterr().out
     assert "model:" in printed and "sync:" in printed
     if cfg.parent.name == "algo":
-        assert f"algorithm: {cfg.stem}" in printed
+        assert f"algorithm:\n    preset: {cfg.stem}\n" in printed
         cli = main(args, run=False)
         assert cli.model.algo == PRESETS[cfg.stem] and cli.model.policy is None
 
@@ -68,11 +68,23 @@ def test_old_flat_keys_in_a_yaml_file_name_their_new_key(tmp_path, capsys):
         assert part in err, part
 
 
-def test_bad_preset_fails_with_clear_message():
-    with pytest.raises(ValueError, match=r"preset 'rec_typo' is unknown; accepted: reinforce"):
-        main(["--config", str(ROOT / "configs/arithmetic.yaml"), "--model.algorithm", "rec_typo"], run=False)
-    with pytest.raises(ValueError, match=r"no field 'eps_hi'"):
-        main(["--config", str(ROOT / "configs/arithmetic.yaml"), "--model.algorithm_overrides", "{eps_hi: 0.3}"], run=False)
+def test_bad_preset_fails_with_clear_message(capsys):
+    for args, expected in ((["--model.algorithm.preset", "rec_typo"],
+                            "model.algorithm.preset='rec_typo' is not valid; accepted: reinforce, grpo"),
+                           (["--model.algorithm.eps_hi", "0.3"], "model.algorithm has no field 'eps_hi'")):
+        with pytest.raises(SystemExit) as e:
+            main(["--config", str(ROOT / "configs/arithmetic.yaml"), *args], run=False)
+        assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_algorithm_group_in_help_and_yaml(tmp_path):
+    """model.algorithm is a typed group: a preset plus every AlgorithmConfig field (null: the
+    preset's value), composable from YAML files and the command line."""
+    cfg = tmp_path / "arm.yaml"
+    cfg.write_text("model:\n  algorithm: {eps_high: 0.28}\n")
+    cli = main(["--config", str(ROOT / "configs/arithmetic.yaml"), "--config", str(ROOT / "configs/algo/dapo.yaml"),
+                "--config", str(cfg), "--model.algorithm.kl_coef", "0.01"], run=False)
+    assert cli.model.algo == PRESETS["dapo"].replace(eps_high=0.28, kl_coef=0.01)
 
 
 def _smoke(tmp_path, *extra):
@@ -165,3 +177,20 @@ def test_help_shows_every_fields_docstring(capsys):
         assert "--model.sampling.num_samples NUM_SAMPLES K: responses per prompt" in out
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)
+
+
+def test_model_groups_table_is_rlmodules_signature():
+    """The CLI's key checks read MODEL_GROUPS instead of importing the module (no import cycle):
+    it must list exactly RLModule's typed groups."""
+    import dataclasses
+    import typing
+
+    from reclight.trainer.config import MODEL_GROUPS
+    from reclight.trainer.module import RLModule
+
+    typed = {}
+    for name, tp in typing.get_type_hints(RLModule.__init__).items():
+        args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            typed[name] = args[0]
+    assert typed == MODEL_GROUPS

@@ -50,8 +50,10 @@ def test_over_long_prompts_are_dropped_and_counted(tmp_path):
     n_train = len(task.examples("train"))
     long_in_train = sum(len(e.prompt) > 29 for e in task.examples("train"))
     assert long_in_train == 2 - sum(len(e.prompt) > 29 for e in task.examples("val"))
-    assert len(dm.examples("train")) == n_train - long_in_train and dm.prompt_counts["train"] == long_in_train
-    assert all(len(e.prompt) <= 29 for e in dm.examples("train") + list(dm.examples("val")))
+    src = module.prompts  # the data as the module sees it (RLDataModule.prompt_source)
+    assert src is dm.source
+    assert len(src.train) == n_train - long_in_train and src.counts["train"] == long_in_train
+    assert all(len(e.prompt) <= 29 for e in list(src.train) + list(src.examples_of("val")))
     assert module.trainer.global_step == 2
 
 
@@ -61,8 +63,9 @@ def test_truncate_left_keeps_the_end_of_each_prompt(tmp_path):
     task = gsm8k(tmp_path, SHORT + LONG, template="{question} Answer after ####:")
     module, dm = fit(tmp_path, task, "truncate_left")
     originals = {e.uid: e.prompt for e in task.examples("train")}
-    cut = [e for e in dm.examples("train") if e.prompt != originals[e.uid]]
-    assert len(cut) == dm.prompt_counts["train"] >= 1 and len(dm.examples("train")) == len(originals)
+    src = module.prompts
+    cut = [e for e in src.train if e.prompt != originals[e.uid]]
+    assert len(cut) == src.counts["train"] >= 1 and len(src.train) == len(originals)
     for e in cut:
         assert e.prompt == originals[e.uid][-29:] and e.prompt.endswith(" Answer after ####:")
     assert module.trainer.global_step == 2
@@ -119,8 +122,8 @@ def test_gpt2_style_model_trains_with_its_long_prompts_dropped_and_logged(tmp_pa
                 "--data.task.init_args.seed", str(task.seed),
                 "--data.prompts_per_step", "2"])
     assert cli.trainer.global_step == 2
-    dm = cli.datamodule
-    assert all(len(e.prompt) <= 32 - 5 for e in dm.examples("train")) and sum(dm.prompt_counts.values()) == 2
+    src = cli.model.prompts
+    assert all(len(e.prompt) <= 32 - 5 for e in src.train) and sum(src.counts.values()) == 2
     with open(next((tmp_path / "logs").rglob("metrics.csv"))) as f:
         dropped = [float(r["prompts/dropped"]) for r in csv.DictReader(f) if r["prompts/dropped"]]
     assert dropped == [2.0]  # logged once, with the start-of-RL evaluation (step 0)

@@ -27,19 +27,26 @@ def test_prompts_shard_into_whole_groups_per_rank():
     single = RLDataModule(task=task, prompts_per_step=6, seed=3)
     single.trainer = None
     single.setup("fit")
+    whole = single.prompt_source()
+    sources = []
+    for rank in range(3):
+        dm = RLDataModule(task=task, prompts_per_step=6, seed=3)
+        dm.trainer = _FakeTrainer(3, rank)
+        dm.setup("fit")
+        sources.append(dm.prompt_source())
     for step in (0, 1, 17):
-        full, _ = single.prompts_for_step(step)
-        parts = []
-        for rank in range(3):
-            dm = RLDataModule(task=task, prompts_per_step=6, seed=3)
-            dm.trainer = _FakeTrainer(3, rank)
-            dm.setup("fit")
-            parts.append(dm.prompts_for_step(step)[0])
+        full, _ = whole.for_step(step)
+        parts = [src.for_step(step)[0] for src in sources]
         assert [len(p) for p in parts] == [2, 2, 2]
         assert sum(parts, []) == full
+    # the stream in admission order is the per-step view laid end to end, on every rank
+    for src in [whole, *sources]:
+        n = src.sampled_per_rank
+        assert [src.index_at(i) for i in range(3 * n)] == sum((src.for_step(t)[0] for t in range(3)), [])
     dm = RLDataModule(task=task, prompts_per_step=6, seed=3)
     dm.trainer = _FakeTrainer(4, 0)
-    with pytest.raises(ValueError, match=r"prompts_per_step=6 is not valid with 4 data-parallel ranks; accepted: a multiple of 4"):
+    with pytest.raises(ValueError, match=r"data.prompts_per_step=6 is not valid; accepted: a multiple of the 4 "
+                                         r"data-parallel ranks"):
         dm.setup("fit")
 
 

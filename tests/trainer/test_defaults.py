@@ -32,23 +32,22 @@ def test_auto_engine_is_fast_only_where_it_applies():
         assert resolve_engine_name(EngineConfig(name=explicit), QWEN, SamplingConfig(top_p=0.5)) == (explicit, "")
 
 
-def test_auto_forward_is_fused_for_llama_and_hf_otherwise(tmp_path):
-    module = micro_module(tmp_path, train_forward=TrainForwardConfig())  # impl auto
-    module.policy = LLAMA
-    assert module._resolve_forward_impl(sharded=False) == "fused"
-    assert module._resolve_forward_impl(sharded=True) == "hf"  # FSDP
-    module.policy = QWEN
-    assert module._resolve_forward_impl(sharded=False) == "hf"
-    module.forward_cfg = TrainForwardConfig(impl="fused")
+def test_auto_forward_is_fused_for_llama_and_hf_otherwise():
+    from reclight.models.forward import resolve_forward_impl
+
+    llama, qwen = LLAMA.config, QWEN.config
+    assert resolve_forward_impl("auto", False, llama, sharded=False) == ("fused", "model.train_forward.impl auto: fused")
+    assert resolve_forward_impl("auto", False, llama, sharded=True)[0] == "hf"  # FSDP
+    assert resolve_forward_impl("auto", False, qwen, sharded=False) == (
+        "hf", "model.train_forward.impl auto: hf (model_type='qwen2' (accepted: 'llama'))")
+    assert resolve_forward_impl("hf", False, llama, sharded=False) == ("hf", None)  # explicit: no note
     with pytest.raises(ValueError, match=r"model.train_forward.impl='fused' is not valid; accepted: 'hf' or 'auto' "
                                          r"here: the fused forward does not support model_type='qwen2'"):
-        module._resolve_forward_impl(sharded=False)
-    module.forward_cfg = TrainForwardConfig(compile=True)  # auto + compile: only if auto is fused
+        resolve_forward_impl("fused", False, qwen, sharded=False)
     with pytest.raises(ValueError, match=r"model.train_forward.compile=True is not valid; accepted: false here: "
                                          r"model.train_forward.impl auto is 'hf' for this policy \(model_type='qwen2'"):
-        module._resolve_forward_impl(sharded=False)
-    module.policy = LLAMA
-    assert module._resolve_forward_impl(sharded=False) == "fused"
+        resolve_forward_impl("auto", True, qwen, sharded=False)
+    assert resolve_forward_impl("auto", True, llama, sharded=False)[0] == "fused"
     with pytest.raises(ValueError, match=r"model.train_forward.compile=True is not valid; accepted: true only with "
                                          r"model.train_forward.impl: fused"):
         TrainForwardConfig(impl="hf", compile=True)

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-PROBE = ("import sys; from reclight.trainer import launch; launch.configure_process(); "
+PROBE = ("import sys; from reclight import launch; launch.configure_process(); "
          "assert 'torch' not in sys.modules, 'torch imported before the policy was set'; "
          "import os; print(os.environ['OMP_WAIT_POLICY'])")
 

@@ -12,7 +12,7 @@ from conftest import DigitTask, fit_micro, micro_module, micro_trainer
 from reclight.advantages import uniform_groups
 from reclight.models.tokens import eos_ids
 from reclight.trainer.data import RLDataModule
-from reclight.trainer.metrics import truncated_responses
+from reclight.advantages import truncated_responses
 
 
 class Capture(pl.Callback):

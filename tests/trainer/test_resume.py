@@ -97,7 +97,7 @@ def assert_same(a, b, where=""):
 #   issue #13): the kill lands between batches of 4 updates each.
 PERIODIC = ("periodic_warmup", ["--model.sync.sync_interval", "3", "--model.warmup", WARMUP_CFG])
 LAG = ("lag_updates", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2",
-                       "--model.algorithm", "rec_oneside_is", "--model.updates", "{epochs: 2, mini_batches: 2}"])
+                       "--model.algorithm.preset", "rec_oneside_is", "--model.updates", "{epochs: 2, mini_batches: 2}"])
 _REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 

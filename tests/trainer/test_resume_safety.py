@@ -93,7 +93,7 @@ def test_ckpt_path_last_fails_naming_where_it_looked(run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (["--model.algorithm", "grpo"], "model.algorithm: the checkpoint has 'rec_oneside_nois', this run 'grpo'"),
+    (["--model.algorithm.preset", "grpo"], "model.algorithm.preset: the checkpoint has 'rec_oneside_nois', this run 'grpo'"),
     (["--model.policy.tiny.hidden_size", "64"], "model.policy.tiny.hidden_size: the checkpoint has 32, this run 64"),
     (["--seed_everything", "7"], "model.seed (the run seed; null takes seed_everything): the checkpoint has 0, this run 7"),
     (["--data.prompts_per_step", "2"], "data.prompts_per_step: the checkpoint has 4, this run 2"),

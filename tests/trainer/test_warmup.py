@@ -12,7 +12,7 @@ from reclight.models.tiny import build_tiny
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 
-def _run(tmp_path, monkeypatch, accuracies, cfg):
+def _run(tmp_path, monkeypatch, accuracies, cfg, wrap=lambda tok: tok):
     checks = []
 
     def greedy_eval(model, tokenizer, task, examples, **kw):
@@ -24,6 +24,7 @@ def _run(tmp_path, monkeypatch, accuracies, cfg):
 
     monkeypatch.setattr(warmup_lib, "greedy_eval", greedy_eval)
     model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=0)))
+    tok = wrap(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logged = []
     stats = supervised_warmup(model, tok, DigitTask(), cfg, seed=0, max_new_tokens=3,
@@ -62,4 +63,45 @@ def test_out_of_steps_checks_once_more(tmp_path, monkeypatch):
 def test_bad_values_name_the_field(field, value, accepted):
     with pytest.raises(ValueError) as e:
         WarmupConfig(**{field: value})
-    assert str(e.value) == f"WarmupConfig.{field}={value!r} is not valid; accepted: {accepted}"
+    assert str(e.value) == f"model.warmup.{field}={value!r} is not valid; accepted: {accepted}"
+
+
+class _ListEosNoPad:
+    """A tokenizer as some generation configs have it: ``eos_token_id`` a list (the first is the
+    one to write) and no pad id. Everything else is the wrapped tokenizer's (None: a digit
+    tokenizer, digit d -> id 10 + d)."""
+
+    eos_token_id = [7, 9]
+    pad_token_id = None
+
+    def __init__(self, inner=None):
+        self.inner = inner
+
+    def __call__(self, text, **kw):
+        if self.inner is not None:
+            return self.inner(text, **kw)
+        return {"input_ids": [10 + int(c) for c in text]}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_answer_tokens_with_a_list_eos_and_no_pad_id():
+    """Answers "12" and "3": ids 11 12 then EOS 7 (the first of [7, 9]); the short row is padded
+    with 7 too (no pad id: the first EOS id), and its pad is masked out."""
+    ids, mask = warmup_lib._answer_tokens(_ListEosNoPad(), ["12", "3"])
+    assert ids.tolist() == [[11, 12, 7], [13, 7, 7]]
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_warmup_trains_with_a_list_eos_and_no_pad_id(tmp_path, monkeypatch):
+    """The whole warm-up with such a tokenizer (the tiny model's, its EOS given as a list with an
+    extra id, its pad id removed): it trains (the weights move) and stops at the target."""
+    def wrap(tok):
+        odd = _ListEosNoPad(tok)
+        odd.eos_token_id = [tok.eos_token_id, tok.pad_token_id]
+        return odd
+
+    cfg = WarmupConfig(target_accuracy=0.4, max_steps=50, batch_size=4, check_every=2, check_size=10)
+    stats, _, _, moved = _run(tmp_path, monkeypatch, [0.1, 0.5], cfg, wrap=wrap)
+    assert stats["warmup/steps"] == 2 and moved

@@ -128,13 +128,18 @@ def test_proximal_logp_equals_behaviour_logp_on_policy_in_fp32_and_not_with_a_bf
     assert all(abs(m["mismatch/weight_mean"] - 1) > 1e-5 for m in cap.metrics.values())
 
 
-def test_mini_batches_must_divide_the_per_rank_prompts_before_the_model_loads(tmp_path):
+def test_mini_batches_must_divide_the_per_rank_prompts_before_the_model_loads(tmp_path, monkeypatch):
+    import reclight.trainer.module as module_py
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before the check")
+
+    monkeypatch.setattr(module_py, "load_causal_lm", no_weights)
     module = micro_module(tmp_path, updates=UpdatesConfig(mini_batches=3))
     dm = RLDataModule(task=DigitTask(), prompts_per_step=2, eval_size=4, seed=0)
     with pytest.raises(ValueError, match=r"model.updates.mini_batches=3 is not valid; accepted: a divisor of the 2 "
                                          r"prompts per rank \(data.prompts_per_step=2 over 1 rank\(s\)\)"):
         micro_trainer(tmp_path, 1).fit(module, datamodule=dm)
-    assert not (tmp_path / "tiny").exists()
     for bad in ({"epochs": 0}, {"mini_batches": True}):
         with pytest.raises(ValueError, match=r"model.updates.\w+=.* is not valid; accepted: an integer >= 1"):
             UpdatesConfig(**bad)

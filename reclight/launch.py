@@ -1,5 +1,7 @@
-"""The ``reclight`` console script (and ``python -m reclight``): process-wide settings that must
-be made before torch is imported, then the CLI (:func:`reclight.trainer.cli.entrypoint`).
+"""The ``reclight`` command (the console script and ``python -m reclight``), the one top entry:
+process-wide settings that must be made before torch is imported, then ``reclight study ...``
+to the study (:mod:`reclight.study.cli`) and everything else to the trainer's LightningCLI
+(:func:`reclight.trainer.cli.main`). It sits above both, so neither routes a command upward.
 
 OpenMP waiting. torch's CPU kernels run on GNU OpenMP, whose idle worker threads spin (busy-wait)
 for a while after each parallel region before they sleep. Alone on a machine that saves a wake-up
@@ -17,6 +19,7 @@ this module imports nothing heavy before it does.
 from __future__ import annotations
 
 import os
+import sys
 
 WAIT_POLICY_DEFAULT = "PASSIVE"
 
@@ -30,8 +33,22 @@ def configure_process() -> None:
 
 
 def entrypoint() -> None:
-    """The ``reclight`` console script."""
-    configure_process()
-    from reclight.trainer.cli import entrypoint as cli_entrypoint
+    """The ``reclight`` console script. Returns None on purpose: the generated wrapper calls
+    ``sys.exit(entrypoint())``, and exiting with the CLI object would print it and report failure
+    (exit status 1) after a successful run.
 
-    cli_entrypoint()
+    ``reclight study ...`` goes to the study before any LightningCLI is built: a study is not a
+    Trainer method (LightningCLI's subcommands are fit/validate/test/predict, each parsing a
+    model, data module and trainer), it is many ``reclight fit`` runs (:mod:`reclight.study`)."""
+    configure_process()
+    if sys.argv[1:2] == ["study"]:
+        from reclight.study.cli import main as study_main
+
+        raise SystemExit(study_main(sys.argv[2:]))
+    from reclight.trainer.cli import main
+
+    main()
+
+
+if __name__ == "__main__":
+    entrypoint()
