@@ -178,3 +178,26 @@ class SigtermAt(pl.Callback):
                 return real(*args, **kwargs)
 
             engine.generate = generate
+
+
+class BatchLog(pl.Callback):
+    """Writes, per rank, every step's example indices and token versions and, at the end, a
+    checksum of the weights to ``<folder>/rank<r>.json`` (for multi-process tests)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.steps: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps[trainer.global_step] = {
+            "example_index": batch.example_index.tolist(),
+            "versions": sorted(set(batch.token_version[batch.response_mask].tolist()))
+            if batch.token_version is not None else None}
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+
+        weights = {k: float(v.double().sum()) for k, v in pl_module.policy.state_dict().items()}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"steps": self.steps, "weights": weights, "world": trainer.world_size}))

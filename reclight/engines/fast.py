@@ -63,6 +63,14 @@ def _check_supported(config: Any, sampling: SamplingConfig, stop_strings: tuple[
         raise ValueError("engine='fast' does not support " + "; ".join(problems) + "; use engine='hf'")
 
 
+def inverse_cdf_sample(logp: Tensor, u: Tensor) -> Tensor:  # logp [n, V] fp32, u [n, 1] in [0, 1) -> [n] long
+    """The token of each row whose running sum of ``softmax(logp)`` first EXCEEDS ``u * total``
+    (``u`` is scaled in place). Tokens of probability 0 are never drawn; exact up to the fp32
+    rounding of the running sum."""
+    cdf = logp.exp().cumsum_(-1)
+    return torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
+
+
 class FastLlamaEngine:
     """Sampling engine with its own fused copy of a Llama policy's weights.
 
@@ -270,10 +278,10 @@ class FastLlamaEngine:
         (``U * total``, located in the running sum of the probabilities). Exact up to the fp32
         rounding of the running sum; tokens of probability 0 are never drawn (``right=True``:
         the first index whose running sum EXCEEDS the draw). One uniform per row instead of
-        Gumbel-max's one per vocabulary entry: the random draws were 3% of a rollout."""
-        cdf = logp.exp().cumsum_(-1)
-        u = torch.rand(logp.shape[0], 1, generator=gen, device=logp.device, dtype=cdf.dtype).mul_(cdf[:, -1:])
-        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=vocab - 1)
+        Gumbel-max's one per vocabulary entry: the random draws were 3% of a rollout. ``vocab``
+        is ``logp``'s width (kept for callers)."""
+        u = torch.rand(logp.shape[0], 1, generator=gen, device=logp.device, dtype=logp.dtype)
+        return inverse_cdf_sample(logp, u)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, seed: int) -> Generation:  # [B, P] each
         ids, mask, logp = self._generate(prompt_ids, prompt_mask, seed)

@@ -11,7 +11,11 @@ trainer can still write a consistent, resumable checkpoint (:mod:`reclight.train
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 _requested: str | None = None
+_deferred = 0
 
 
 class StopRequested(Exception):
@@ -35,6 +39,21 @@ def clear_stop() -> None:
 
 
 def check_stop(where: str) -> None:
-    """Raise :class:`StopRequested` if a stop was requested (``where`` names the loop)."""
-    if _requested is not None:
+    """Raise :class:`StopRequested` if a stop was requested (``where`` names the loop), unless
+    stops are :func:`deferred` here."""
+    if _requested is not None and not _deferred:
         raise StopRequested(f"{where} abandoned: {_requested}")
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """No loop inside raises :class:`StopRequested`: for work that must not be abandoned half-way
+    because its state is not transactional (one step of the asynchronous schedule, whose clock,
+    KV cache and queued groups all advance together). A pending request is honoured at the next
+    check outside (the end of that training step: :mod:`reclight.trainer.signals`)."""
+    global _deferred
+    _deferred += 1
+    try:
+        yield
+    finally:
+        _deferred -= 1

@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 
 from reclight.algorithms import FIELD_PREFIX, PRESETS, AlgorithmConfig, get_algorithm
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
+from reclight.clock import ClockConfig
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_path
@@ -243,11 +244,42 @@ DEFAULT_PRESET = "rec_oneside_nois"
 AlgorithmGroup = _algorithm_group()
 
 
+def check_async_settings(clock: ClockConfig, sync: SyncConfig, engine: EngineConfig, sampling: SamplingConfig) -> None:
+    """``model.clock.enabled`` needs the fast engine's step-wise generator (weights swapped between
+    decoding steps, groups joining and leaving), full-distribution sampling, and no section-4
+    schedule beside it: refused at config time, naming the field, before any model loads."""
+    if engine.name in ("hf", "vllm"):
+        raise invalid("model.engine.name", engine.name, "fast or auto with model.clock.enabled true: the asynchronous "
+                      "schedule swaps weights between decoding steps, which HF generate and vLLM cannot")
+    if engine.compiles:
+        raise invalid("model.engine.fast.compile_decode", True, "false with model.clock.enabled true (the "
+                      "continuous-batching generator runs eagerly)")
+    if sampling.top_p != 1.0:
+        raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.clock.enabled true (the fast engine "
+                      "samples the full distribution)")
+    if sync != SyncConfig():
+        raise invalid("model.sync", dataclasses.asdict(sync), "the defaults {sync_interval: 1, sync_offset: 0, "
+                      "offline: false} with model.clock.enabled true: the clock's staleness rule decides which "
+                      "versions are trained on (docs/algorithms.md section 7), the section 4 schedule does not apply")
+
+
+def check_async_data(clock: ClockConfig, prompts: Any, group_size: int) -> None:
+    """The asynchronous schedule against the data: no DAPO oversampling (a step trains on the first
+    B complete groups; dropping uniform groups there is ``filter_uniform_groups``' job), and the
+    clock's own check of B and K."""
+    if prompts.oversampled:
+        raise invalid("data.oversample", prompts.sampled_per_rank / prompts.groups_per_rank,
+                      "1.0 with model.clock.enabled true: the trainer takes the first B completed groups; use "
+                      "model.algorithm.filter_uniform_groups to leave uniform groups out of the loss")
+    clock.check_against(prompts.groups_per_rank, group_size)
+
+
 MODEL_GROUPS: dict[str, type] = {
     "policy": PolicyConfig,
     "algorithm": AlgorithmGroup,
     "sampling": SamplingConfig,
     "sync": SyncConfig,
+    "clock": ClockConfig,
     "updates": UpdatesConfig,
     "engine": EngineConfig,
     "train_forward": TrainForwardConfig,

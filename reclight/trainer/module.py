@@ -46,7 +46,6 @@ from torchmetrics import MeanMetric
 
 from reclight.advantages import group_advantages, shape_rewards, truncated_responses
 from reclight.checks import check_int, invalid, run_seed
-from reclight.engines import build_engine, resolve_engine_config
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
@@ -64,7 +63,9 @@ from reclight.models.fsdp import shard_on_mesh
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
 from reclight.rollout.batch import RolloutBatch
+from reclight.rollout.build import build_rollouts
 from reclight.rollout.queue import RolloutQueue
+from reclight.clock import ClockConfig
 from reclight.sync import SyncConfig
 from reclight.updates import check_mini_batches, merge_update_metrics, micro_batches, update_rows
 from reclight.trainer.checkpoint import check_state_dict_matches, rng_state, set_rng_state
@@ -76,6 +77,8 @@ from reclight.trainer.config import (
     PolicyConfig,
     TrainForwardConfig,
     UpdatesConfig,
+    check_async_data,
+    check_async_settings,
 )
 from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
@@ -102,6 +105,7 @@ class RLModule(LightningModule):
         sampling: K, temperature, top_p and max_new_tokens of the behaviour policy.
         sync: the off-policy schedule: weights pushed every ``sync_interval`` steps, the engine
             ``sync_offset`` steps ahead, or ``offline``.
+        clock: the asynchronous schedule on a simulated clock instead (``model.clock.enabled``).
         updates: optimizer updates per rollout batch, ``epochs`` x ``mini_batches`` (``model.updates``).
         engine: the rollout engine and its options (``model.engine``).
         train_forward: how the training forward computes log-probs (``model.train_forward``).
@@ -118,6 +122,7 @@ class RLModule(LightningModule):
         algorithm: AlgorithmGroup = AlgorithmGroup(),
         sampling: SamplingConfig = SamplingConfig(),
         sync: SyncConfig = SyncConfig(),
+        clock: ClockConfig = ClockConfig(),
         updates: UpdatesConfig = UpdatesConfig(),
         engine: EngineConfig = EngineConfig(),
         train_forward: TrainForwardConfig = TrainForwardConfig(),
@@ -139,7 +144,10 @@ class RLModule(LightningModule):
             self.algo.overlong_bounds(sampling.max_new_tokens)  # the cache must fit the length
         if engine.name == "fast" and sampling.top_p != 1.0:
             raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
+        if clock.enabled:
+            check_async_settings(clock, sync, engine, sampling)
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
+        self.clock_cfg = clock
         self.updates_cfg = updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
         self.forward_impl = "hf" if train_forward.impl == "auto" else train_forward.impl  # resolved in configure_model
@@ -220,6 +228,8 @@ class RLModule(LightningModule):
             new = max(self.sampling.max_new_tokens, self.eval_max_new_tokens)
             budget, why = positions - new, f"the model's {positions} positions minus max_new_tokens {new}"
         source = dm.prompt_source(self.tokenizer, budget, self.policy_cfg.use_chat_template, why)
+        if self.clock_cfg.enabled:
+            check_async_data(self.clock_cfg, source, self.sampling.num_samples)
         check_mini_batches(source.groups_per_rank, self.updates_cfg.mini_batches, "model.updates.mini_batches",
                            f"prompts per rank (data.prompts_per_step={source.groups_per_rank * source.world} over "
                            f"{source.world} rank(s))")
@@ -251,21 +261,13 @@ class RLModule(LightningModule):
                 log=self._log_warmup,
             )
             self.print(f"warm-up: {stats}")
-        stop = tuple(p.task.stop_strings)
-        engine_cfg, notes = resolve_engine_config(self.engine_cfg, self.policy, self.sampling, stop,
-                                                  str(self.trainer.precision))
+        self.rollouts, self.engine_resolved, notes = build_rollouts(
+            self.engine_cfg, self.policy, self.tokenizer, self.sampling, p, sync=self.sync_cfg, clock=self.clock_cfg,
+            total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
+            use_chat_template=self.policy_cfg.use_chat_template, max_abs_reward=self.guards_cfg.max_abs_reward,
+            model_path=self._model_path, precision=str(self.trainer.precision))
         for note in notes:
             rank_zero_info(note)
-        self.engine_resolved = {"name": engine_cfg.name, "dtype": engine_cfg.dtype}
-        engine = build_engine(engine_cfg, self.policy, self.tokenizer, self.sampling,
-                              stop_strings=stop, model_path=self._model_path, seed=self.run_seed)
-        self.rollouts = RolloutQueue(
-            engine, p.for_step, p.task, self.tokenizer, sync=self.sync_cfg,
-            total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
-            use_chat_template=self.policy_cfg.use_chat_template,
-            keep_groups=p.groups_per_rank if p.oversampled else None,
-            max_abs_reward=self.guards_cfg.max_abs_reward,
-        )
         if self._pending_rollouts is not None:
             self.rollouts.load_state_dict(self._pending_rollouts)
             self._pending_rollouts = None

@@ -63,7 +63,7 @@ metrics, the warm-up (not re-run on resume), a cache folder, GPU memory, the eva
 INFO_PREFIX = "resolved."
 """Record entries that say what the defaults resolved to on the machine that ran (precision and why,
 the engine's name and dtype): stored for the reader, never compared on resume."""
-NEVER_ALLOWED = ("model.sync",)
+NEVER_ALLOWED = ("model.sync", "model.clock")
 """The queued rollouts and the engine follow the saved schedule: it cannot change on resume."""
 NOTES = {
     "model.seed": " (the run seed; null takes seed_everything)",

@@ -106,3 +106,40 @@ def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, u
                 torch.testing.assert_close(got[kind][name], value, rtol=0, atol=1e-6, msg=f"{kind} {name} rank {rank}")
     # the comparison means something: the gradient is far from zero
     assert sum(g.abs().sum() for g in ref["grads"].values()) > 1e-2
+
+
+@pytest.mark.slow
+def test_asynchronous_schedule_under_ddp_one_clock_per_rank(tmp_path):
+    """model.clock under DDP (2 CPU processes, gloo): one clock per rank over its own share of
+    the prompt stream. Every step each rank trains B / 2 groups from its block of the per-step
+    prompts (the two ranks' groups are disjoint, and at step 0, before any weight moved, they are
+    exactly the two blocks of step 0's prompts), its tokens' versions follow its own clock, and
+    the weights stay identical on both ranks (DDP's all-reduce), so the run stays in step."""
+    import json
+
+    root = WORKER.parents[2]
+    cmd = [sys.executable, "-m", "reclight", "fit", "--config", str(root / "configs/smoke_test.yaml"),
+           "--config", str(root / "configs/strategy/ddp.yaml"), "--trainer.accelerator", "cpu",
+           "--trainer.max_steps", "3", "--trainer.callbacks+=conftest.BatchLog", f"--trainer.callbacks.folder={tmp_path}",
+           "--trainer.logger", "false", "--trainer.limit_val_batches", "0", "--data.task", "conftest.DigitTask",
+           "--data.prompts_per_step", "4", "--model.sampling", "{num_samples: 3, max_new_tokens: 3}",
+           "--model.policy.tiny_dir", str(tmp_path / "tiny"),
+           "--model.clock", "{enabled: true, max_inflight: 3, staleness: pace, max_staleness: 1}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "tests"), str(root)]), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # in step: the same weights on both ranks
+    from conftest import DigitTask
+
+    for step in ("0", "1", "2"):
+        mine = [r["steps"][step]["example_index"] for r in ranks]
+        assert [len(m) for m in mine] == [2, 2] and not set(mine[0]) & set(mine[1])
+    for rank, log in enumerate(ranks):  # step 0: theta_0 only, groups from the rank's own first admissions
+        dm = RLDataModule(task=DigitTask(), prompts_per_step=4, seed=0)
+        dm.trainer = _FakeTrainer(2, rank)
+        dm.setup("fit")
+        source = dm.prompt_source()
+        assert set(log["steps"]["0"]["example_index"]) <= {source.index_at(i) for i in range(3)}  # 3 slots
+        assert log["steps"]["0"]["versions"] == [0]

@@ -98,6 +98,10 @@ def assert_same(a, b, where=""):
 PERIODIC = ("periodic_warmup", ["--model.sync.sync_interval", "3", "--model.warmup", WARMUP_CFG])
 LAG = ("lag_updates", ["--model.sync.sync_interval", "1", "--model.sync.sync_offset", "2",
                        "--model.algorithm.preset", "rec_oneside_is", "--model.updates", "{epochs: 2, mini_batches: 2}"])
+# The asynchronous schedule (issue #22): in-flight updates and eta = 1 on 6 slots, so the clock,
+# the in-flight sequences and their KV cache are checkpoint state at every kill.
+ASYNC = ("async", ["--model.clock", "{enabled: true, max_inflight: 6, weight_update: inflight, staleness: pace, "
+                   "max_staleness: 1}"])
 _REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 
@@ -127,8 +131,11 @@ def reference(tmp_path_factory, setting):
         (PERIODIC, "sigterm update", 4, "interrupted"),
         # SIGTERM when step `at`'s rollout starts: it is abandoned, the checkpoint is step `at`'s start
         (LAG, "sigterm rollout", 3, "interrupted"),
+        # the asynchronous schedule, killed mid-flight (groups in flight, completed groups queued)
+        (ASYNC, "sigkill", 3, "last"),
     ],
-    ids=["periodic-warmup-sigkill", "lag-updates-2x2-sigkill-last", "periodic-sigterm-update", "lag-sigterm-rollout"],
+    ids=["periodic-warmup-sigkill", "lag-updates-2x2-sigkill-last", "periodic-sigterm-update", "lag-sigterm-rollout",
+         "async-inflight-sigkill-last"],
 )
 def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_factory, setting, stop, at, resume):
     name, sync = setting
@@ -179,7 +186,9 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_f
     res = torch.load(run_dir(tmp_path, version) / "checkpoints" / final, weights_only=True)
     assert ref["global_step"] == res["global_step"] == MAX_STEPS
     assert {"rollouts", "init_policy", "rng", "skip_guard", "run_config"} <= set(res["reclight"])
-    assert len(res["lr_schedulers"]) == 1 and {"engine", "queue", "next_step", "num_syncs"} <= set(res["reclight"]["rollouts"])
+    rollout_state = {"engine", "clock", "batcher", "scored"} if setting is ASYNC else {"engine", "queue", "next_step",
+                                                                                       "num_syncs"}
+    assert len(res["lr_schedulers"]) == 1 and rollout_state <= set(res["reclight"]["rollouts"])
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "reclight"):
         assert_same(ref[key], res[key], key)
     # The run really trained: the weights moved away from the killed run's checkpoint.
