@@ -40,6 +40,7 @@ from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_pa
 from reclight.models.tiny import TinyModelConfig
 from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD
 from reclight.sync import SyncConfig
+from reclight.trainer.context import check_response_budget
 from reclight.trainer.warmup import WarmupConfig
 
 
@@ -242,6 +243,23 @@ def _algorithm_group() -> type:
 
 DEFAULT_PRESET = "rec_oneside_nois"
 AlgorithmGroup = _algorithm_group()
+
+
+def check_settings(policy: PolicyConfig, algo: AlgorithmConfig, sampling: SamplingConfig, sync: SyncConfig,
+                   clock: ClockConfig, engine: EngineConfig, monitor: MonitorConfig) -> None:
+    """The checks that relate several groups, run when the module is built (before any model
+    loads): DAPO's overlong cache fits ``max_new_tokens``; the fast engine samples with top_p 1;
+    the embedded tiny model's positions hold the responses; the asynchronous schedule's needs."""
+    if algo.overlong_penalty:
+        algo.overlong_bounds(sampling.max_new_tokens)
+    if engine.name == "fast" and sampling.top_p != 1.0:
+        raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
+    if clock.enabled:
+        check_async_settings(clock, sync, engine, sampling)
+    if policy.name_or_path is None:  # the embedded tiny model: its positions are known now
+        eval_cap = sampling.max_new_tokens if monitor.eval_max_new_tokens is None else monitor.eval_max_new_tokens
+        check_response_budget(policy.tiny.max_positions, sampling.max_new_tokens, eval_cap,
+                              "the embedded tiny model (model.policy.tiny.max_positions)")
 
 
 def check_async_settings(clock: ClockConfig, sync: SyncConfig, engine: EngineConfig, sampling: SamplingConfig) -> None:

@@ -45,7 +45,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from reclight.advantages import group_advantages, shape_rewards, truncated_responses
-from reclight.checks import check_int, invalid, run_seed
+from reclight.checks import check_int, run_seed
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
@@ -78,7 +78,7 @@ from reclight.trainer.config import (
     TrainForwardConfig,
     UpdatesConfig,
     check_async_data,
-    check_async_settings,
+    check_settings,
 )
 from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
@@ -140,21 +140,12 @@ class RLModule(LightningModule):
             algorithm = AlgorithmGroup(preset=algorithm)
         self.algo = algorithm.resolve()
         check_int("model.seed", seed, minimum=0, allow_none=True)
-        if self.algo.overlong_penalty:
-            self.algo.overlong_bounds(sampling.max_new_tokens)  # the cache must fit the length
-        if engine.name == "fast" and sampling.top_p != 1.0:
-            raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
-        if clock.enabled:
-            check_async_settings(clock, sync, engine, sampling)
+        check_settings(policy, self.algo, sampling, sync, clock, engine, monitor)
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
-        self.clock_cfg = clock
-        self.updates_cfg = updates
+        self.clock_cfg, self.updates_cfg = clock, updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
         self.forward_impl = "hf" if train_forward.impl == "auto" else train_forward.impl  # resolved in configure_model
         self.guards_cfg, self.monitor_cfg = guards, monitor
-        if policy.name_or_path is None:  # the embedded tiny model: its positions are known now
-            check_response_budget(policy.tiny.max_positions, sampling.max_new_tokens, self.eval_max_new_tokens,
-                                  "the embedded tiny model (model.policy.tiny.max_positions)")
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.rollouts: RolloutQueue | None = None
