@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reclight.clock import AsyncClock, ClockConfig, GroupRecord, PromptStream
+from reclight.clock import AsyncClock, ClockConfig, GroupRecord, PromptStream, synchronous_clock
 from reclight.engines.continuous import ContinuousEngine, GroupOutput
 from reclight.engines.fast import FastLlamaEngine
 from reclight.engines.stop import check_stop, deferred
@@ -152,7 +152,7 @@ class AsyncRolloutQueue:
         self.clock = AsyncClock(clock, groups_per_step, self.K, self.stream, _Generator(self))
         self.admitted: dict[int, int] = {}  # admission index n -> train index, until the group completes
         self.scored: dict[int, _Scored] = {}  # completed groups not yet trained or discarded
-        self.completed = {"groups": 0, "samples": 0, "reward_sum": 0.0, "length_sum": 0.0}
+        self.completed = {"groups": 0, "samples": 0, "reward_sum": 0.0, "length_sum": 0.0, "sync_clock": 0.0}
         self.policy: torch.nn.Module | None = None  # theta_s during batch_for_step (the weights a swap takes)
         self.last_wait_s = 0.0
 
@@ -192,7 +192,12 @@ class AsyncRolloutQueue:
             self.policy = None
         groups = [self.scored.pop(rec.n) for rec in plan.groups]
         batch = self._assemble(step, plan.groups, groups)
-        batch.metrics = {**plan.metrics, **self._selection(groups)}
+        # the synchronous loop's clock for the same batches and costs: the emulated speedup
+        self.completed["sync_clock"] = self.completed.get("sync_clock", 0.0) + synchronous_clock(self.cfg.costs,
+                                                                                              [plan.groups])
+        batch.metrics = {**plan.metrics, **self._selection(groups),
+                         "async/sync_clock": self.completed["sync_clock"],
+                         "async/speedup": self.completed["sync_clock"] / plan.train_end}
         batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
         return batch
 

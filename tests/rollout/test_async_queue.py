@@ -54,6 +54,8 @@ def test_pace_eta0_drain_with_b_slots_is_the_synchronous_on_policy_loop(tmp_path
         assert batch.example_index.tolist() == module.prompts.for_step(s)[0]  # groups sB .. (s+1)B - 1
         assert set(batch.token_version[batch.response_mask].tolist()) == {s}  # on-policy: theta_s only
         assert batch.version.eq(s).all() and batch.metrics["async/staleness_max"] == 0
+        # the synchronous loop with the same costs is this run: no emulated speedup (sync_cost is 0)
+        assert batch.metrics["async/speedup"] == pytest.approx(1.0, rel=1e-12)
     assert module.global_step == 4
 
 
@@ -69,8 +71,10 @@ def test_a_run_is_a_function_of_its_config_and_seed(tmp_path):
         assert x.metrics == y.metrics
     for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
         assert torch.equal(p, q), name
-    # in flight: some group was trained on tokens of an older version than the step's
+    # in flight: some group was trained on tokens of an older version than the step's, and the
+    # overlap of generation with training shows as an emulated speedup over the synchronous loop
     assert any(bool((rec_a.batches[s].version < s).any()) for s in rec_a.batches)
+    assert rec_a.batches[3].metrics["async/speedup"] > 1.0
 
 
 @pytest.mark.parametrize("recompute", [True, False])
