@@ -36,6 +36,8 @@ CASES = {
     "model.warmup": (["--model.warmup.lr", "0"], "model.warmup.lr=0.0 is not valid; accepted: lr > 0"),
     "model.algorithm": (["--model.algorithm.eps_low", "1.5"], "model.algorithm.eps_low=1.5 is not valid; accepted: "
                         "0 < eps_low < 1"),
+    "model.clock": (["--model.clock.max_inflight", "0"], "model.clock.max_inflight=0 is not valid; accepted: "),
+    "model.clock.costs": (["--model.clock.costs.decode_a", "-1"], "model.clock.costs.decode_a=-1.0 is not valid; "),
     "data": (["--data.eval_size", "0"], "data.eval_size=0 is not valid; accepted: None or an integer >= 1"),
 }
 
@@ -49,3 +51,10 @@ def test_a_bad_value_names_the_field_as_typed(group, tmp_path):
     # model.warmup is an optional group: the parser's "any of the Union subtypes" wrapping is unwrapped
     assert str(e.value).startswith(expected), str(e.value)
     assert not (tmp_path / "tiny").exists()  # failed before the model was built
+
+
+def test_every_group_of_the_module_has_a_case():
+    """A new config group gets its case here (one test per group, issue #21 item 7)."""
+    from reclight.trainer.config import MODEL_GROUPS
+
+    assert {f"model.{name}" for name in MODEL_GROUPS} | {"data"} <= set(CASES)
