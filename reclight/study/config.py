@@ -20,6 +20,7 @@ from typing import Any
 
 from reclight.algorithms import PRESETS
 from reclight.checks import check_bool, check_float, check_int, check_out_dir, invalid
+from reclight.clock import ClockConfig, ClockCosts
 from reclight.stats import RULES
 from reclight.sync import PAPER_SETTINGS
 
@@ -29,15 +30,19 @@ STATISTICS = {
     "early": "mean of the evaluations in (0, max_steps / 4] (how fast it starts)",
     "drawdown": "largest drop from the running best evaluation (max over k of best_{j<=k} - acc_k): instability",
     "collapsed": "1 if `final` < `collapse_floor`, else 0 (per seed; its mean is the fraction of seeds that collapsed)",
+    "len_trained": "mean over the steps of `response/len_mean`, the trained responses' length in tokens",
+    "staleness": "mean over the steps of `rollout/staleness_mean` (steps between a sample's oldest token's "
+                 "version and the step that trains it)",
 }
-"""Per-seed figures of a run's held-out accuracy curve (``val/acc``), all in [0, 1]."""
+"""Per-seed figures of a run: of its held-out accuracy curve (``val/acc``, in [0, 1]), and of
+the trained data (``len_trained``, ``staleness``: a claim on them gives its own ``margin``)."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WARMUP_KEYS = ("model.policy", "model.warmup", "model.seed", "data.task", "seed_everything",
                "model.sampling.max_new_tokens", "model.monitor.eval_max_new_tokens",
                "model.train_forward.attn_implementation")
 """What the supervised warm-up depends on: the arms and settings may not change these (every arm
 of a seed starts from ONE warmed-up model)."""
-RESERVED_KEYS = ("model.algorithm.preset", "model.sync", "trainer.logger", "seed_everything")
+RESERVED_KEYS = ("model.algorithm.preset", "model.sync", "model.clock", "trainer.logger", "seed_everything")
 """Set by the study itself for every run (the arm's preset, the setting, the run folder, the
 seed). An arm may set other ``model.algorithm`` fields (``model.algorithm.std_normalize: true``);
 the base may not (every arm's algorithm is its preset plus its own overrides)."""
@@ -55,11 +60,21 @@ class Setting:
     """d: the engine runs d steps ahead."""
     offline: bool = False
     """Every batch from the initial policy (d = the run's steps)."""
+    clock: dict[str, Any] | None = None
+    """An asynchronous schedule instead (docs/algorithms.md section 7): fields of ``model.clock``
+    (``enabled`` implied), e.g. ``{staleness: pace, max_staleness: 1, weight_update: inflight}``;
+    the run then keeps the section 4 defaults (k = 1, d = 0)."""
 
     def as_sync(self) -> dict[str, Any]:
         return {"sync_interval": self.sync_interval, "sync_offset": self.sync_offset, "offline": self.offline}
 
+    def as_clock(self) -> dict[str, Any] | None:
+        """The run's ``model.clock`` (None: the synchronous schedule)."""
+        return None if self.clock is None else {**self.clock, "enabled": True}
+
     def describe(self) -> str:
+        if self.clock is not None:
+            return "clock: " + ", ".join(f"{k}={v}" for k, v in self.clock.items() if k != "costs")
         return "offline (d = steps)" if self.offline else f"k={self.sync_interval}, d={self.sync_offset}"
 
 
@@ -108,6 +123,9 @@ class Claim:
     settings: tuple[str, ...] | None = None
     """Settings the claim is tested under, one report row each (null: every setting both arms
     run under); unused when both sides name their setting."""
+    margin: float | None = None
+    """This claim's delta, in the statistic's units (null: the study's ``margin``, in accuracy
+    units); required for ``len_trained`` and ``staleness``."""
 
 
 @dataclass(frozen=True)
@@ -220,10 +238,23 @@ def _setting(where: str, value: Any) -> Setting:
             raise invalid(where, value, f"one of {', '.join(PAPER)}, or a mapping {{name, sync_interval, sync_offset}}")
         return PAPER[value]
     v = _keys(where, value, _fields(Setting), required=("name",))
+    clock = v.get("clock")
+    if clock is not None:
+        if not isinstance(clock, dict) or "enabled" in clock:
+            raise invalid(f"{where}.clock", clock, "a mapping of model.clock fields (enabled is implied), e.g. "
+                          "{staleness: pace, max_staleness: 1}")
+        if {"sync_interval", "sync_offset", "offline"} & set(v):
+            raise invalid(f"{where}.clock", clock, "a setting with either model.clock fields or a (k, d) schedule, "
+                          "not both")
+        try:  # validated now, with the trainer's own checks (their messages name model.clock.<field>)
+            ClockConfig(**{**clock, "enabled": True,
+                           **({"costs": ClockCosts(**clock["costs"])} if isinstance(clock.get("costs"), dict) else {})})
+        except TypeError as e:
+            raise invalid(f"{where}.clock", clock, f"fields of model.clock ({e})") from None
     s = Setting(name=_name(f"{where}.name", v["name"]),
                 sync_interval=check_int(f"{where}.sync_interval", v.get("sync_interval", 1), minimum=1),
                 sync_offset=check_int(f"{where}.sync_offset", v.get("sync_offset", 0), minimum=0),
-                offline=check_bool(f"{where}.offline", v.get("offline", False)))
+                offline=check_bool(f"{where}.offline", v.get("offline", False)), clock=clock)
     if s.name in PAPER and PAPER[s.name] != s:
         raise invalid(f"{where}.name", s.name, f"a name other than the paper's {', '.join(PAPER)} for a custom (k, d)")
     return s
@@ -294,8 +325,14 @@ def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
     for side in ("a", "b"):
         _side(f"{where}.{side}", v[side], arms, names)
     settings = _setting_list(f"{where}.settings", v.get("settings"), names)
+    margin = v.get("margin")
+    if margin is not None:
+        margin = check_float(f"{where}.margin", margin, gt=0)
+    elif v["statistic"] in ("len_trained", "staleness"):
+        raise invalid(f"{where}.margin", None, f"a number > 0 in the units of {v['statistic']} (the study's margin "
+                      "is in accuracy units)")
     claim = Claim(text=v["text"].strip(), a=v["a"], b=v["b"], statistic=v["statistic"], rule=v["rule"],
-                  settings=settings)
+                  settings=settings, margin=margin)
     rows = claim_cells(cfg, claim)
     if not rows:
         raise invalid(where, f"{claim.a} vs {claim.b}", "a claim with at least one setting both arms run under")

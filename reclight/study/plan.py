@@ -62,6 +62,8 @@ def arm_args(arm: Arm) -> list[str]:
 def run_args(cfg: StudyConfig, arm: Arm, setting: Setting, seed: int, warmed: bool) -> list[str]:
     """The ``reclight fit`` arguments (after ``fit``) of one run."""
     args = base_args(cfg, seed) + arm_args(arm) + [_arg("model.sync", setting.as_sync())]
+    if setting.clock is not None:
+        args += [_arg("model.clock", setting.as_clock())]
     if warmed:
         args += [f"--model.policy.name_or_path={warmup_folder(cfg, seed)}", "--model.warmup=null"]
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",

@@ -31,7 +31,7 @@ from reclight.stats import LEVEL, MIN_SEEDS, count_line, count_verdicts, mean_ci
 from reclight.study.config import STATISTICS, StudyConfig, claim_cells, load_study
 from reclight.study.plan import LOGS, run_folder, warmup_folder
 
-SERIES = ("clip/frac", "policy/entropy", "kl/init", "reward/mean")
+SERIES = ("clip/frac", "policy/entropy", "kl/init", "reward/mean", "response/len_mean", "rollout/staleness_mean")
 """Per-step training metrics kept for the plots and the cell table."""
 STUDY_FILE = "study.yaml"
 
@@ -102,8 +102,13 @@ def run_statistics(run: RunData, cfg: StudyConfig) -> dict[str, float]:
     for x in a:
         best = max(best, x)
         drop = max(drop, best - x)
+    def series_mean(key: str) -> float:
+        values = [v for _, v in run.series.get(key, [])]
+        return statistics.fmean(values) if values else math.nan
+
     return {"final": final, "auc": statistics.fmean(periodic), "early": statistics.fmean(quarter),
-            "drawdown": drop, "collapsed": float(final < cfg.collapse_floor), "before": a[0]}
+            "drawdown": drop, "collapsed": float(final < cfg.collapse_floor), "before": a[0],
+            "len_trained": series_mean("response/len_mean"), "staleness": series_mean("rollout/staleness_mean")}
 
 
 def _tail_mean(points: list[tuple[int, float]], n: int = 20) -> float:
@@ -129,7 +134,8 @@ def claim_rows(cfg: StudyConfig, runs: dict[tuple[str, str], dict[int, RunData]]
             rows.append({"claim": claim.text, "setting": setting, "statistic": claim.statistic,
                          "measured": f"{claim.statistic}({left}) - {claim.statistic}({right})", "rule": claim.rule,
                          "a": f"{arm_a}@{set_a}", "b": f"{arm_b}@{set_b}", "paired_seeds": seeds, "deltas": deltas,
-                         **paired_verdict(claim.rule, deltas, cfg.margin)})
+                         "margin": cfg.margin if claim.margin is None else claim.margin,
+                         **paired_verdict(claim.rule, deltas, cfg.margin if claim.margin is None else claim.margin)})
     return rows
 
 
@@ -138,7 +144,8 @@ def cell_summary(cfg: StudyConfig, cell: dict[int, RunData]) -> dict[str, Any]:
     per_seed = {s: run_statistics(r, cfg) for s, r in cell.items() if r.complete}
     out: dict[str, Any] = {"seeds_complete": len(done), "per_seed": per_seed}
     for key in list(STATISTICS) + ["before"]:
-        out[key] = mean_ci([p[key] for p in per_seed.values()])
+        values = [p[key] for p in per_seed.values() if not math.isnan(p[key])]  # a metric a run did not log: none
+        out[key] = mean_ci(values) if values else (math.nan, math.nan, math.nan)
     out["clip_frac"] = statistics.fmean(v for r in done for _, v in r.series["clip/frac"]) if done else math.nan
     for key, name in (("policy/entropy", "entropy_last20"), ("kl/init", "kl_init_last20")):
         out[name] = statistics.fmean(_tail_mean(r.series[key]) for r in done) if done else math.nan
@@ -149,21 +156,29 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
 
-def _signed(x: float) -> str:
+def _signed_pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:+.1f}"
 
 
 VERDICT_CELL = {"yes": "holds", "no": "**contradicted**", "inconclusive": "inconclusive"}
 
 
+RAW_UNITS = {"len_trained": "tokens", "staleness": "steps"}
+"""Statistics reported in their own units (the others in accuracy points, x 100)."""
+
+
 def claims_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows; differences and intervals in accuracy points (x 100)."""
+    """Markdown rows; differences and intervals in accuracy points (x 100), or in the statistic's
+    own units (``RAW_UNITS``: tokens, steps)."""
     lines = ["| claim | setting | statistic (Delta = a - b) | rule | mean Delta | 95% CI | seeds | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        unit = RAW_UNITS.get(r.get("statistic", ""))
+        _signed = (lambda x: "-" if math.isnan(x) else f"{x:+.2f}") if unit else _signed_pct  # noqa: E731
         ci = "-" if math.isnan(r["lo"]) else f"[{_signed(r['lo'])}, {_signed(r['hi'])}]"
         verdict = VERDICT_CELL[r["verdict"]] + (f" ({r['why']})" if r["why"] else "")
-        lines.append(f"| {r['claim']} | {r['setting']} | {r['measured']} | {r['rule']} | {_signed(r['mean'])} | {ci} | "
+        measured = r["measured"] + (f" ({unit}; margin {r['margin']:g})" if unit else "")
+        lines.append(f"| {r['claim']} | {r['setting']} | {measured} | {r['rule']} | {_signed(r['mean'])} | {ci} | "
                      f"{r['seeds']} | {verdict} |")
     return lines
 

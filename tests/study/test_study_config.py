@@ -26,6 +26,15 @@ BAD = [
      "claims[0].b='ppo_arm' is not valid; accepted: an arm of the study: reinforce, clip"),
     ({"claims": _claim(a="clip@lag")}, "claims[0].a='clip@lag' is not valid; accepted: 'clip@<setting>' with a "
      "setting of the study: periodic"),
+    # asynchronous settings (model.clock): validated with the trainer's own checks; a claim on the
+    # trained data's length or staleness states its own margin
+    ({"settings": [{"name": "fast", "clock": {"max_inflight": 0}}]}, "model.clock.max_inflight=0 is not valid"),
+    ({"settings": [{"name": "fast", "clock": {"staleness": "pace", "sync_offset": 2}}]},
+     "settings[0].clock={'staleness': 'pace', 'sync_offset': 2} is not valid; accepted: fields of model.clock"),
+    ({"settings": [{"name": "fast", "sync_offset": 1, "clock": {"staleness": "pace"}}]},
+     "accepted: a setting with either model.clock fields or a (k, d) schedule, not both"),
+    ({"claims": _claim(statistic="len_trained")}, "claims[0].margin=None is not valid; accepted: a number > 0 in the "
+     "units of len_trained"),
     ({"seeds": []}, "seeds=[] is not valid; accepted: a non-empty list of distinct integers >= 0"),
     ({"seeds": [0, 0]}, "seeds=[0, 0] is not valid; accepted: distinct integers >= 0"),
     ({"seeds": [-1]}, "seeds[0]=-1 is not valid; accepted: an integer >= 0"),
@@ -122,3 +131,21 @@ def test_paper_study_covers_the_issue_claims(monkeypatch):
     assert presets >= {"reinforce", "rec_oneside_nois", "rec_oneside_is", "rec_oneside_nois_wide", "rec_twoside_nois",
                        "rec_ring_nois", "opmd", "asymre", "red_drop", "red_weight", "grpo"}
     assert any(a.overrides.get("model.updates") for a in cfg.arms)  # several updates per batch, on-policy
+
+
+def test_a_clock_setting_runs_with_model_clock(tmp_path):
+    """A setting with ``clock`` fields: its runs get ``--model.clock`` (enabled) and keep the
+    section 4 defaults; the real parser accepts them."""
+    import json
+
+    study = micro_study(tmp_path, settings=[{"name": "pace1", "clock": {"staleness": "pace", "max_staleness": 1,
+                                                                        "max_inflight": 3}}])
+    cfg = study_from_dict(study)
+    jobs = make_plan(cfg, validate_commands(cfg))
+    runs = [j for j in jobs if not j.is_warmup]
+    assert len(runs) == 4
+    for job in runs:
+        clock = [a for a in job.argv if a.startswith("--model.clock=")]
+        assert len(clock) == 1 and json.loads(clock[0].split("=", 1)[1]) == {
+            "staleness": "pace", "max_staleness": 1, "max_inflight": 3, "enabled": True}
+    assert cfg.settings[0].describe() == "clock: staleness=pace, max_staleness=1, max_inflight=3"
