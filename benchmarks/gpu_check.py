@@ -367,6 +367,73 @@ def section_mismatch(ctx: Context) -> None:
         del eng
 
 
+def section_async(ctx: Context) -> None:
+    """The asynchronous schedule on the device (docs/async.md): a short fit of the micro model with
+    in-flight weight updates and re-prefill, fp32 (trainer and engine), and every trained token's
+    ``logp_behav`` against the trainer's log-prob under the snapshot of the version that sampled it;
+    then the same fit with a bf16 engine (on a GPU its KV cache is bf16 too), which must finish."""
+    import lightning.pytorch as pl
+
+    from reclight.clock import ClockConfig, ClockCosts
+    from reclight.engines.base import SamplingConfig
+    from reclight.engines.config import EngineConfig
+    from reclight.models.forward import response_logprobs
+    from reclight.models.tiny import TinyModelConfig
+    from reclight.trainer.config import AlgorithmGroup, MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
+    from reclight.trainer.data import RLDataModule
+    from reclight.trainer.module import RLModule
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import DigitTask
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.batches, self.weights = {}, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.batches[trainer.global_step] = batch
+            self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+
+    def fit(dtype: str | None, steps: int) -> tuple[Any, Record]:
+        rec = Record()
+        module = RLModule(
+            policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                                     max_positions=32), tiny_dir=str(ctx.tmp / "async-tiny")),
+            algorithm=AlgorithmGroup(preset="rec_oneside_nois"), sampling=SamplingConfig(num_samples=4, max_new_tokens=6),
+            clock=ClockConfig(enabled=True, max_inflight=4, weight_update="inflight", staleness="none",
+                              recompute_kv_on_update=True, costs=ClockCosts(decode_a=1.0, decode_b=0.05, train_c=2.0,
+                                                                           train_e=0.01)),
+            engine=EngineConfig(name="fast", dtype=dtype), train_forward=TrainForwardConfig(impl="hf"),
+            optim=OptimConfig(lr=3e-2), monitor=MonitorConfig(log_kl_init=False), warmup=None, seed=0)
+        trainer = pl.Trainer(max_steps=steps, callbacks=[rec], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, default_root_dir=str(ctx.tmp),
+                             accelerator="gpu" if ctx.cuda else "cpu", devices=1, precision="32-true")
+        trainer.fit(module, datamodule=RLDataModule(task=DigitTask(), prompts_per_step=2, eval_size=4, seed=0))
+        return module, rec
+
+    module, rec = fit(None, 5)
+    worst, tokens, spanning = 0.0, 0, 0
+    for batch in rec.batches.values():
+        spanning += int((batch.token_version.amax(-1) > batch.token_version.amin(-1)).sum())
+        for v in batch.token_version[batch.response_mask].unique().tolist():
+            module.policy.load_state_dict(rec.weights[v])
+            with torch.no_grad():
+                logp, _ = response_logprobs(module.policy, batch.prompt_ids, batch.prompt_mask, batch.response_ids,
+                                            batch.response_mask, temperature=1.0)
+            sel = batch.response_mask & (batch.token_version == v)
+            worst = max(worst, float((batch.logp_behav[sel] - logp[sel]).abs().max()))
+            tokens += int(sel.sum())
+    ctx.detail("fp32", {"tokens": tokens, "samples_spanning_versions": spanning, "max_abs": worst})
+    ctx.bound(f"fp32 logp_behav vs the trainer under each token's version ({tokens} tokens, "
+              f"{spanning} samples span versions)", worst, 1e-4)
+    module, _ = fit("bfloat16", 3)
+    ok = module.global_step == 3
+    ctx.add("bf16 engine (bf16 KV cache on a GPU): steps done", str(module.global_step), "3", PASS if ok else FAIL,
+            float(module.global_step))
+
+
 def _model(ctx: Context, kind: str) -> torch.nn.Module:
     """The big model ``kind`` (built once, dropped by the section that names it in ``after``)."""
     models = ctx.shared.setdefault("models", {})
@@ -440,6 +507,7 @@ SECTIONS = (
     Section("qwen2", section_qwen2, 15),
     Section("fit", section_fit, 80, least=30, smoke_budget=120),
     Section("mismatch", section_mismatch, 20),
+    Section("async", section_async, 40),
     Section("compiled", section_compiled, 120, least=30),
     Section("rollout_hf", lambda ctx: section_rollout(ctx, "qwen2", "hf"), 65, least=20),
     Section("train_hf", lambda ctx: section_train(ctx, "qwen2", "hf"), 55, least=20, after=("qwen2",)),
