@@ -45,6 +45,10 @@ def entrypoint() -> None:
         from reclight.study.cli import main as study_main
 
         raise SystemExit(study_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["calibrate"]:  # measures the clock's costs through a short fit (reclight.trainer.calibrate)
+        from reclight.trainer.calibrate import main as calibrate_main
+
+        raise SystemExit(calibrate_main(sys.argv[2:]))
     from reclight.trainer.cli import main
 
     main()
