@@ -95,6 +95,9 @@ class AlgorithmConfig:
     token of the sequence."""
     behavior_correction_cap: float = 2.0
     """C > 1 of ``truncate`` / ``mask``."""
+    behavior_correction_floor: float | None = None
+    """``mask`` only: the lower edge of the kept band [floor, C] of the behaviour weight, 0 <= floor <= 1
+    (ICEPOP's separate lower bound); null: 1/C, the symmetric band (docs/algorithms.md section 6.8)."""
     kl_coef: float = 0.0
     """beta >= 0 of a KL penalty to the reference policy (the policy at the start of RL); 0 = off
     (docs/algorithms.md section 6.3)."""
@@ -130,6 +133,23 @@ class AlgorithmConfig:
     overlong_cache: int | None = None
     """C of ``overlong_penalty``, 1 <= C <= L; None: 20% of L rounded down, at least 1 (DAPO's
     4096 of 20480)."""
+    geo_mask: tuple[float, float] | None = None
+    """[low, high], 0 <= low <= 1 <= high: M = 0 for every token of a sequence whose geometric-mean
+    behaviour ratio exp(mean_t log w_t) leaves [low, high] (SkyRL's geometric sequence mask; verl's
+    seq_mean_k1 band [a, b] is [1/b, 1/a] here). w_t = pi_t / mu with the proximal anchor, pi_theta / mu
+    (detached, each update) with the behaviour anchor (docs/algorithms.md section 6.8)."""
+    token_veto: tuple[float | None, float | None] | None = None
+    """[low, high], either side null (no bound), 0 <= low <= 1 <= high: M = 0 for every token of a
+    sequence holding a token whose behaviour ratio w_t is below low or above high (SkyRL's outlier
+    thresholds; verl's former token veto is [threshold, null]); w_t as for ``geo_mask``."""
+    opsm_threshold: float | None = None
+    """delta >= 0: M = 0 for every token of a sequence with A < 0 whose mean over its tokens of
+    log(mu / pi_theta) (pi_theta detached, at every update) exceeds delta (DeepSeek-V3.2's off-policy
+    sequence masking, OPSM); null: off."""
+    truncation_correction: bool = False
+    """Top-p sampling: measure every ratio against the distribution the engine sampled, the truncated
+    and renormalised one: log mu = logp_behav - log S, S the probability mass top-p kept at that
+    position (recorded by the ``hf`` engine; needs model.sampling.top_p < 1)."""
 
     def __post_init__(self) -> None:
         f = FIELD_PREFIX
@@ -193,11 +213,52 @@ class AlgorithmConfig:
             raise invalid(f + "behavior_correction", self.behavior_correction,
                           "'none' with ratio_anchor 'behavior' (the ratio is already measured against mu: a "
                           "correction would count the behaviour ratio twice); set ratio_anchor: proximal")
+        self._check_rollout_corrections()
+
+    def _check_rollout_corrections(self) -> None:
+        """The fields of docs/algorithms.md section 6.8: bands hold 1 and have low <= high, thresholds
+        are finite, and each field is refused where it would do nothing."""
+        f = FIELD_PREFIX
+        if self.behavior_correction_floor is not None:
+            if self.behavior_correction != "mask":
+                raise invalid(f + "behavior_correction_floor", self.behavior_correction_floor,
+                              f"null with behavior_correction {self.behavior_correction!r} (the floor is the lower "
+                              "edge of the mask's band; set behavior_correction: mask)")
+            check_float(f + "behavior_correction_floor", self.behavior_correction_floor, ge=0.0, le=1.0,
+                        accepted="null or a number in [0, 1] (the band [floor, behavior_correction_cap] must "
+                        "hold w = 1)")
+        if self.geo_mask is not None:
+            object.__setattr__(self, "geo_mask", _band(f + "geo_mask", self.geo_mask, open_sides=False))
+        if self.token_veto is not None:
+            object.__setattr__(self, "token_veto", _band(f + "token_veto", self.token_veto, open_sides=True))
+        if self.opsm_threshold is not None:
+            check_float(f + "opsm_threshold", self.opsm_threshold, ge=0.0,
+                        accepted="null or a number >= 0 (delta; a negative one drops on-policy negatives too)")
+        check_bool(f + "truncation_correction", self.truncation_correction)
+
+    def check_sampling(self, engine: str, top_p: float) -> None:
+        """Config-time check against the run's engine (``model.engine.name``) and
+        ``model.sampling.top_p``: ``truncation_correction`` needs an engine that records the kept
+        mass S (``hf``; ``auto`` resolves to ``hf`` whenever top_p < 1) and a top_p that truncates."""
+        if not self.truncation_correction:
+            return
+        field = FIELD_PREFIX + "truncation_correction"
+        if engine in ("fast", "vllm"):
+            raise invalid(field, True, f"false with model.engine.name {engine!r}: that engine does not record the "
+                          "probability mass top-p kept (use model.engine.name: hf)")
+        if not top_p < 1.0:
+            raise invalid(field, True, f"false with model.sampling.top_p {top_p!r}: nothing is truncated (the "
+                          "correction needs top_p < 1)")
 
     @property
     def needs_proximal(self) -> bool:
         """Whether the loss needs ``logp_prox`` (the trainer then computes it once per batch)."""
         return self.ratio_anchor == "proximal"
+
+    @property
+    def rejects_sequences(self) -> bool:
+        """Whether a whole-sequence rule of section 6.8 is on (``geo_mask``, ``token_veto``, ``opsm_threshold``)."""
+        return self.geo_mask is not None or self.token_veto is not None or self.opsm_threshold is not None
 
     @property
     def needs_reference(self) -> bool:
@@ -221,6 +282,28 @@ class AlgorithmConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _band(field: str, value: Any, *, open_sides: bool) -> tuple[Any, Any]:
+    """``[low, high]`` with 0 <= low <= 1 <= high, finite; with ``open_sides`` either side may be None
+    (no bound), not both. Returns the pair as a tuple of floats (or None)."""
+    sides = "each a finite number or null, not both null" if open_sides else "two finite numbers"
+    accepted = f"null or [low, high] ({sides}) with 0 <= low <= 1 <= high"
+    try:
+        if isinstance(value, (str, bytes)) or len(value) != 2:
+            raise ValueError
+        low, high = value
+        if open_sides and low is None and high is None:
+            raise ValueError
+        low = None if (open_sides and low is None) else check_float(field, low, ge=0.0)
+        high = None if (open_sides and high is None) else check_float(field, high, ge=0.0)
+    except (ValueError, TypeError):
+        raise invalid(field, value, accepted) from None
+    if low is not None and high is not None and low > high:
+        raise invalid(field, value, accepted + f" (here low {low:g} > high {high:g})")
+    if (low is not None and low > 1.0) or (high is not None and high < 1.0):
+        raise invalid(field, value, accepted + " (a band without 1 rejects every on-policy sample)")
+    return low, high
 
 
 def _check_fields(overrides: dict[str, Any]) -> None:
@@ -278,8 +361,20 @@ PRESETS.update({
                                                        behavior_correction_level="token",
                                                        behavior_correction_cap=2.0),
 })
-"""The 14 presets of docs/algorithms.md section 3 (all ``token_mean``, no reference KL), then the six
-of section 6.7: ``grpo_kl``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``decoupled_tis``."""
+PRESETS.update({
+    # IcePop (NeMo-RL's truncated_importance_sampling_type "icepop", reference band 0.5-5): decoupled_tis
+    # whose token weight pi_t / mu is kept inside [0.5, 5] and zeroes the token's gradient outside it.
+    "icepop": PRESETS["decoupled_tis"].replace(behavior_correction="mask", behavior_correction_floor=0.5,
+                                               behavior_correction_cap=5.0),
+    # SkyRL's off-policy correction {tis_ratio_type: token (cap 2), sequence_mask_metric: geometric,
+    # geo_mask_low: 0.99, geo_mask_high: 1.01}: decoupled_tis plus the geometric sequence mask.
+    "geo_mask": PRESETS["decoupled_tis"].replace(geo_mask=(0.99, 1.01)),
+    # DeepSeek-V3.2's off-policy sequence masking on GRPO, delta = slime's default --opsm-delta 1e-4.
+    "opsm": PRESETS["grpo"].replace(opsm_threshold=1e-4),
+})
+"""The 14 presets of docs/algorithms.md section 3 (all ``token_mean``, no reference KL), the six of
+section 6.7 (``grpo_kl``, ``dr_grpo``, ``dapo``, ``gspo``, ``cispo``, ``decoupled_tis``) and the three of
+section 6.8 (``icepop``, ``geo_mask``, ``opsm``)."""
 PAPER_PRESETS = tuple(list(PRESETS)[:14])
 """The paper's 14 presets (the bandit bench's default set)."""
 

@@ -21,11 +21,17 @@ Departures from the textbook PPO/GRPO loss, listed up front:
 - Sequences with no valid token (RED-Drop drops, failed rewards) do not count in any
   denominator, so they do not dilute the loss.
 - Padding positions may hold any value (even inf/NaN log-probs): they are zeroed before use.
+- The rollout corrections of section 6.8 (ICEPOP's band, the geometric sequence mask, the token
+  veto, OPSM) reject by M = 0: a rejected token or sequence keeps its place in every denominator
+  (as AReaL, TRL, SkyRL and NeMo-RL do; verl's mask mode removes it), so the trainer's counts,
+  fixed before the loss, stay exact and micro-batches still sum to the batch.
 
 Imports only torch.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -172,7 +178,9 @@ def behavior_weight(
         sequence: w   = exp(sum_t (logp_prox_t - logp_behav_t)) for every token of the sequence
         none:     A~ *= w
         truncate: A~ *= min(w, C)                                   (TIS)
-        mask:     M = 0 where w > C or w < 1/C, else A~ *= w        (MIS)
+        mask:     M = 0 where w > C or w < F, else A~ *= w          (MIS; ICEPOP with its own floor)
+
+    F = ``behavior_correction_floor`` (null: 1/C, the symmetric band).
 
     Returns the factor on the advantage, the keep mask of ``mask`` mode (all true otherwise) and
     the tokens the correction changed (truncated or masked), for ``mismatch/corrected_frac``.
@@ -185,7 +193,9 @@ def behavior_weight(
     differs: the mask is two-sided (AReaL's drops only w > C), and the sequence weight is the plain
     product of token ratios, without verl's exp(+-20) safety clamp (truncate and mask are exact in
     log space; with ``none`` a huge sequence weight is the user's choice and the non-finite-step
-    guard catches an overflow)."""
+    guard catches an overflow). The floor F is ICEPOP's lower bound (NeMo-RL's
+    ``nemo_rl/algorithms/loss/loss_functions.py``, ``truncated_importance_sampling_type: icepop``:
+    w kept inside [min, max], zero outside), the same band at the ``sequence`` level."""
     log_w = torch.where(mask, logp_prox.detach() - logp_behav.detach(), 0.0)
     if cfg.behavior_correction_level == "sequence":
         log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
@@ -195,7 +205,9 @@ def behavior_weight(
         corrected = mask & (log_w > log_cap)
         weight = torch.where(corrected, cfg.behavior_correction_cap, log_w.exp())
     elif cfg.behavior_correction == "mask":
-        keep = (log_w <= log_cap) & (log_w >= -log_cap)
+        floor = cfg.behavior_correction_floor
+        log_floor = -log_cap if floor is None else torch.log(log_w.new_tensor(floor))
+        keep = (log_w <= log_cap) & (log_w >= log_floor)
         corrected = mask & ~keep
         weight = torch.where(keep, log_w, 0.0).exp()
     else:
@@ -214,6 +226,80 @@ def sequence_log_ratio(
     return (log_ratio.sum(-1, keepdim=True) / n).expand_as(log_ratio)
 
 
+def _log_bound(x: float | None, missing: float) -> float:
+    """log of a band edge for comparisons in log space: log 0 = -inf, no bound = ``missing``."""
+    if x is None:
+        return missing
+    return math.log(x) if x > 0 else -math.inf
+
+
+def rollout_rejections(
+    logp: Tensor,  # [B, K, T], log pi_theta of the sampled tokens (detached here)
+    logp_behav: Tensor,  # [B, K, T], log mu (the truncated distribution's with truncation_correction)
+    adv: Tensor,  # [B, K, 1] or [B, K, T], the advantage of each token's sequence
+    mask: Tensor,  # [B, K, T] bool
+    cfg: AlgorithmConfig,
+    logp_prox: Tensor | None = None,  # [B, K, T], log pi_t: the rule ratio's reference with the proximal anchor
+) -> dict[str, Tensor]:  # rule -> [B, K, T] bool, the valid tokens it rejects
+    """The whole-sequence rules of docs/algorithms.md section 6.8, each as the valid tokens it
+    rejects (every token of a rejected sequence). With ``ratio_anchor: proximal`` the behaviour
+    ratio is w_t = pi_t / mu (fixed within a step); with ``behavior`` it is pi_theta / mu, detached
+    and recomputed at every update (verl's bypass mode; at a batch's first update the two agree)::
+
+        geo_mask   [lo, hi]   reject i if mean_t log w_t < log lo or > log hi       (SkyRL: geometric)
+        token_veto [lo, hi]   reject i if some t has log w_t < log lo or > log hi   (SkyRL: outlier tokens)
+        opsm       delta      reject i if A_i < 0 and mean_t (log mu - log pi_theta) > delta   (DeepSeek-V3.2)
+
+    Means are over the sequence's valid tokens; comparisons are made in log space, boundaries kept
+    (a sequence whose mean log-ratio equals log lo, as the tensor's dtype rounds it, is kept; OPSM
+    keeps A = 0 and a mean equal to delta). OPSM always measures mu against the current pi_theta,
+    whatever the anchor, as DeepSeek-V3.2 and its peers define it.
+
+    Followed: SkyRL's ``skyrl/backends/skyrl_train/utils/off_policy_correction_utils.py``
+    (``compute_sequence_mask`` with ``geometric``, ``compute_outlier_token_mask``), verl's
+    ``verl/trainer/ppo/rollout_corr_helper.py`` (``compute_rollout_rejection_mask``, ``seq_mean_k1``:
+    its band bounds the mean of log(mu / pi), i.e. [a, b] there is [1/b, 1/a] here), TRL's
+    ``trl/trainer/grpo_trainer.py`` (``get_off_policy_mask``). reclight differs: no exp(+-20) clamp
+    (the comparisons are in log space, exact for any ratio), and OPSM's decision is per sequence by
+    construction (its advantage is per sequence; slime's ``compute_opsm_mask`` reads a per-token sign)."""
+    out: dict[str, Tensor] = {}
+    logp = logp.detach()
+    n = mask.sum(-1, keepdim=True).clamp(min=1)
+    if cfg.geo_mask is not None or cfg.token_veto is not None:
+        ref = logp_prox.detach() if cfg.needs_proximal else logp
+        log_w = torch.where(mask, ref - logp_behav, 0.0)
+    if cfg.geo_mask is not None:
+        low, high = cfg.geo_mask
+        geo = log_w.sum(-1, keepdim=True) / n  # [B, K, 1], log of the geometric-mean ratio
+        out["geo_mask"] = mask & ((geo < _log_bound(low, -math.inf)) | (geo > _log_bound(high, math.inf)))
+    if cfg.token_veto is not None:
+        low, high = cfg.token_veto
+        outlier = mask & ((log_w < _log_bound(low, -math.inf)) | (log_w > _log_bound(high, math.inf)))
+        out["token_veto"] = mask & outlier.any(-1, keepdim=True)
+    if cfg.opsm_threshold is not None:
+        kl = torch.where(mask, logp_behav - logp, 0.0).sum(-1, keepdim=True) / n  # k1 of KL(mu || pi_theta) per token
+        out["opsm"] = mask & (adv < 0) & (kl > cfg.opsm_threshold)
+    return out
+
+
+def effective_sample_size(
+    log_w: Tensor,  # [...], log of the importance weights
+    valid: Tensor,  # [...] bool, the entries that count
+) -> Tensor:  # scalar in (0, 1]
+    """Normalised effective sample size of the weights w over the valid entries::
+
+        ESS = (sum w)^2 / (n sum w^2)                  1: all equal; 1/n: one weight carries all
+
+    computed in log space (exp(2 LSE(log w) - LSE(2 log w)) / n), so a sequence weight that
+    overflows float32 still counts; 1 when nothing is valid. Followed: verl's
+    ``compute_rs_metrics`` (``rollout_rs_eff_sample_size`` = 1 / mean((w / mean w)^2), the same
+    number); reclight differs in not clamping w to the rejection band first."""
+    lw = torch.where(valid, log_w, -torch.inf).flatten()
+    n = valid.sum().to(lw.dtype)
+    ess = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0) - torch.log(n.clamp(min=1)))
+    return torch.where(n > 0, ess.clamp(max=1.0), torch.ones_like(ess))
+
+
 def policy_loss(
     logp: Tensor,  # [B, K, T], log pi_theta of the response tokens, with grad
     logp_behav: Tensor,  # [B, K, T], log mu recorded at sampling time
@@ -228,20 +314,24 @@ def policy_loss(
     num_seqs: Tensor | float | None = None,
     num_samples: Tensor | float | None = None,
     norm_length: int | None = None,
+    logp_kept_mass: Tensor | None = None,  # [B, K, T], log S of top-p at each token: truncation_correction
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The REC/REP/RED loss of docs/algorithms.md section 2 (see the module docstring), with the
     GRPO-family knobs of section 6: the ratio anchor (6.2), the reference KL and the entropy
     bonus (6.3), the sequence-level ratio, the clipped IS weight and the dual clip (6.4), the
-    constant normalizer (6.5).
+    constant normalizer (6.5), the rollout corrections (6.8).
 
     Per token, with rho against the anchor (token level, or GSPO's sequence level)::
 
         M   = clip_mask(rho, A) and not (dual_clip and A < 0 and rho > c) [and MIS's keep]
+              [and not rejected by geo_mask, token_veto, opsm: :func:`rollout_rejections`]
         A~  = A * IS * RED-Weight * w_behav,   IS = rho, or clamp(rho, 1 - lo, 1 + hi) (is_clip)
         l   = -A~ M logp  +  R  +  beta k(logp, logp_ref) (x rho_mu if kl_importance_weighted)
               -  entropy_coef H
 
-    (R, the KL and the entropy terms are not masked by M.)
+    (R, the KL and the entropy terms are not masked by M.) A token or sequence that a rule rejects
+    gets M = 0 and keeps its place in every denominator (section 6.8). With
+    ``truncation_correction`` every use of mu reads log mu = logp_behav - log S.
 
     Args:
         logp, logp_behav, adv, mask: see shapes above. ``logp_behav`` and ``adv`` are
@@ -257,6 +347,8 @@ def policy_loss(
             valid token, all sequences) when this call sees one micro-batch or one data-parallel
             rank (so the pieces sum to the full-batch loss).
         norm_length: L of ``seq_mean_token_sum_norm`` when ``cfg.norm_length`` is None.
+        logp_kept_mass: log S per token, S the probability mass top-p kept where the token was
+            sampled (``RolloutBatch.logp_kept_mass``), for ``truncation_correction``.
 
     Returns:
         ``(loss, metrics)``; ``loss`` is the scalar to backpropagate, and ``metrics`` holds
@@ -266,7 +358,14 @@ def policy_loss(
         valid token); with ``logp_ref``: ``kl/ref`` (token mean of the estimator, without beta);
         with ``logp_prox``: ``mismatch/logp_diff_mean``, ``mismatch/logp_diff_max``
         (|logp_behav - logp_prox| over valid tokens), ``mismatch/weight_mean`` (w before
-        correction) and ``mismatch/corrected_frac`` (valid tokens truncated or masked).
+        correction), ``mismatch/corrected_frac`` (valid tokens truncated or masked),
+        ``mismatch/kl_k1`` and ``mismatch/kl_k3`` (token means of the k1 and k3 estimates of
+        KL(mu || pi_t) on the samples) and ``mismatch/ess`` (:func:`effective_sample_size` of w at
+        ``behavior_correction_level``); with a rejection rule on (the behaviour-weight mask, geo_mask,
+        token_veto, opsm): ``mismatch/<rule>_tok_frac`` and ``mismatch/<rule>_seq_frac`` (valid
+        tokens, and sequences with a valid token, that the rule rejects; rule ``mis``, ``geo_mask``,
+        ``token_veto``, ``opsm``) and ``mismatch/reject_tok_frac``, ``mismatch/reject_seq_frac`` (by
+        any of them).
     """
     if not (logp.shape == logp_behav.shape == mask.shape) or logp.dim() != 3:
         raise ValueError(
@@ -279,6 +378,7 @@ def policy_loss(
         ("logp_prox", logp_prox, cfg.needs_proximal, "ratio_anchor='proximal'"),
         ("logp_ref", logp_ref, cfg.kl_coef > 0 and cfg.kl_in == "loss", "kl_coef > 0 with kl_in='loss'"),
         ("entropy", entropy, cfg.entropy_coef > 0, "entropy_coef > 0"),
+        ("logp_kept_mass", logp_kept_mass, cfg.truncation_correction, "truncation_correction=True"),
     ):
         if needed and t is None:
             raise ValueError(f"AlgorithmConfig {why} needs {name}; accepted: pass {name} [B, K, T]")
@@ -286,6 +386,8 @@ def policy_loss(
             raise ValueError(f"{name} must have the [B, K, T] shape {tuple(logp.shape)}; got {tuple(t.shape)}")
     mask = mask.bool()
     logp_behav = logp_behav.detach()
+    if cfg.truncation_correction:  # top-p sampled pi / S on the kept set: log mu = log pi - log S
+        logp_behav = logp_behav - torch.where(mask, logp_kept_mass.detach(), 0.0)
     adv_tok = adv.detach()[..., None].to(logp.dtype)  # [B, K, 1]
     anchor = logp_prox.detach() if cfg.needs_proximal else logp_behav
 
@@ -307,6 +409,9 @@ def policy_loss(
         w_behav, keep_behav, corrected = behavior_weight(logp_prox, logp_behav, mask, cfg)
         weight = weight * w_behav
         keep = keep & keep_behav
+    rejected = rollout_rejections(logp, logp_behav, adv_tok, mask, cfg, logp_prox) if cfg.rejects_sequences else {}
+    for rule in rejected.values():
+        keep = keep & ~rule
     coef = torch.where(mask & keep, adv_tok * weight, 0.0)
     logp_valid = torch.where(mask, logp, 0.0)
     terms = {"loss/policy": -coef * logp_valid}
@@ -355,4 +460,18 @@ def policy_loss(
             metrics["mismatch/weight_mean"] = torch.where(mask, w_raw.exp(), 0.0).sum() / n_valid
             if cfg.needs_proximal:
                 metrics["mismatch/corrected_frac"] = corrected.sum() / n_valid
+            log_w = torch.where(mask, logp_prox.detach() - logp_behav, 0.0)  # log pi_t / mu
+            metrics["mismatch/kl_k1"] = -log_w.sum() / n_valid
+            metrics["mismatch/kl_k3"] = torch.where(mask, torch.expm1(log_w) - log_w, 0.0).sum() / n_valid
+            if cfg.behavior_correction_level == "sequence":
+                metrics["mismatch/ess"] = effective_sample_size(log_w.sum(-1), has_tok)
+            else:
+                metrics["mismatch/ess"] = effective_sample_size(log_w, mask)
+        if cfg.needs_proximal and cfg.behavior_correction == "mask":
+            rejected = {"mis": corrected, **rejected}
+        if rejected:
+            n_seq = has_tok.sum().clamp(min=1)
+            for rule, r in {**rejected, "reject": torch.stack(list(rejected.values())).any(0)}.items():
+                metrics[f"mismatch/{rule}_tok_frac"] = r.sum() / n_valid
+                metrics[f"mismatch/{rule}_seq_frac"] = r.any(-1).sum() / n_seq
     return loss, metrics

@@ -3,7 +3,10 @@
 ``logp_behav`` is ``log softmax(logits / temperature)`` of the engine's own weights at the
 sampled token, recorded while sampling. It does NOT reflect top-p truncation (the trainer's
 ``logp`` does not either, so on-policy ratios stay exactly 1); with ``top_p < 1`` the true
-behaviour distribution differs from it on the truncated tail.
+behaviour distribution differs from it on the truncated tail: a kept token was sampled with
+probability pi / S, S the mass top-p kept. An engine that records S returns log S per token in
+``Generation.logp_kept_mass`` (the HF engine, with top_p < 1; None elsewhere), which
+``model.algorithm.truncation_correction`` reads (docs/algorithms.md section 6.8).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Generation:
     response_mask: Tensor  # [B, K, T] bool, real tokens (up to and including EOS)
     logp_behav: Tensor  # [B, K, T] fp32, 0 off-mask
     version: Tensor  # [B, K] long, policy version of the weights that sampled each response
+    logp_kept_mass: Tensor | None = None  # [B, K, T] fp32, log S of top-p per token, 0 off-mask; None: not recorded
 
 
 @runtime_checkable

@@ -11,6 +11,12 @@ and, at the next step, gathers it at the token that was just sampled (one ``[N, 
 alive at a time, never the ``[N, T, V]`` history). Temperature and top-p are applied after it
 by our own warpers; the model's ``generation_config`` (which may carry top-k, repetition
 penalties, ...) is replaced by an explicit one so nothing else changes the distribution.
+
+With ``top_p < 1`` a second processor, placed LAST, records log S per token, S the mass top-p
+kept (``Generation.logp_kept_mass``): the token was sampled from pi / S on the kept set, and
+``model.algorithm.truncation_correction`` reads log mu = logp_behav - log S (docs/algorithms.md
+section 6.8). With ``top_p`` 1 that processor is not added: the samples and ``logp_behav`` are
+exactly those of the plain path, and ``logp_kept_mass`` is None.
 """
 
 from __future__ import annotations
@@ -63,6 +69,26 @@ class _RecordLogprobs:
         return torch.stack(self.logp, dim=1)
 
 
+class _RecordKeptMass:
+    """Logits processor placed LAST, after top-p: at each decoding step it records log S, S the
+    probability mass (under ``log_softmax(logits / temperature)``, the distribution ``logp_behav``
+    is read from) of the tokens top-p kept, i.e. those whose warped score is still finite. The
+    engine then sampled from pi / S on that set; the token sampled at this step is the one S
+    belongs to, so one value per call, no gather."""
+
+    def __init__(self, recorder: _RecordLogprobs) -> None:
+        self.recorder = recorder
+        self.log_kept: list[Tensor] = []  # T x [N]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        kept = torch.isfinite(scores)  # top-p sets every token it drops to -inf
+        self.log_kept.append(torch.logsumexp(self.recorder.prev.masked_fill(~kept, -torch.inf), dim=-1))
+        return scores
+
+    def finish(self) -> Tensor:  # [N, T]
+        return torch.stack(self.log_kept, dim=1)
+
+
 def hf_generate(
     model: Any,
     tokenizer: Any,
@@ -78,6 +104,29 @@ def hf_generate(
     stop_strings: tuple[str, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor | None]:  # ids [B, K, T], mask [B, K, T], logp [B, K, T] | None
     """Sample (or greedy-decode) ``num_samples`` responses per prompt with the KV cache."""
+    ids, mask, logp, _ = _hf_generate(
+        model, tokenizer, prompt_ids, prompt_mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, do_sample=do_sample, record_logp=record_logp, stop_strings=stop_strings)
+    return ids, mask, logp
+
+
+def _hf_generate(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Tensor,  # [B, P]
+    prompt_mask: Tensor,  # [B, P]
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    record_logp: bool = True,
+    record_kept_mass: bool = False,
+    stop_strings: tuple[str, ...] = (),
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # ids, mask, logp, logp_kept_mass: [B, K, T]
+    """:func:`hf_generate`, and with ``record_kept_mass`` (sampling with top_p < 1) also log S per
+    token (0 off-mask). Without it the processors, and so the samples, are exactly hf_generate's."""
     from transformers import (
         GenerationConfig,
         LogitsProcessorList,
@@ -99,6 +148,13 @@ def hf_generate(
         processors.append(TemperatureLogitsWarper(temperature))
     if do_sample and top_p < 1.0:
         processors.append(TopPLogitsWarper(top_p))
+    kept_recorder = None
+    if record_kept_mass:
+        if recorder is None or not (do_sample and top_p < 1.0):
+            raise ValueError("record_kept_mass=True is not valid here; accepted: with record_logp and sampling "
+                             f"with top_p < 1 (got record_logp={record_logp}, do_sample={do_sample}, top_p={top_p})")
+        kept_recorder = _RecordKeptMass(recorder)
+        processors.append(kept_recorder)  # last: it reads what top-p kept
     extra = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
     device = next(model.parameters()).device
     # Not inference_mode on a sharded (FSDP2) policy: its unshard buffers are reused by training
@@ -113,11 +169,13 @@ def hf_generate(
     response = seqs[:, P:]
     mask = response_mask_from_ids(response, eos_ids, pad_id)
     T = response.shape[1]
-    logp = None
+    logp = log_kept = None
     if recorder is not None:
         logp = recorder.finish(seqs).masked_fill(~mask, 0.0).reshape(B, num_samples, T).clone()
+    if kept_recorder is not None:
+        log_kept = kept_recorder.finish().masked_fill(~mask, 0.0).reshape(B, num_samples, T).clone()
     # clone(): tensors made under inference_mode cannot be saved for backward later.
-    return response.reshape(B, num_samples, T).clone(), mask.reshape(B, num_samples, T).clone(), logp
+    return response.reshape(B, num_samples, T).clone(), mask.reshape(B, num_samples, T).clone(), logp, log_kept
 
 
 class HFGenerateEngine:
@@ -155,13 +213,14 @@ class HFGenerateEngine:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            ids, mask, logp = hf_generate(
+            ids, mask, logp, log_kept = _hf_generate(
                 self.model, self.tokenizer, prompt_ids, prompt_mask, num_samples=s.num_samples,
                 max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                stop_strings=self.stop_strings,
+                record_kept_mass=s.top_p < 1.0, stop_strings=self.stop_strings,
             )
         version = torch.full(ids.shape[:2], self.version, dtype=torch.long, device=ids.device)
-        return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version)
+        return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version,
+                          logp_kept_mass=log_kept)
 
     @torch.no_grad()
     def update_weights(self, policy: torch.nn.Module | Mapping[str, Tensor], version: int) -> None:

@@ -34,6 +34,7 @@ class RolloutBatch:
     sampled_groups: int = 0  # oversampling: groups sampled for this step (0: no oversampling)
     informative_groups: int = 0  # ... of which informative (rewards not all equal)
     token_version: Tensor | None = None  # [B, K, T] long: the version that sampled each token (asynchronous schedule)
+    logp_kept_mass: Tensor | None = None  # [B, K, T] fp32: log S, the mass top-p kept per token (HF engine, top_p < 1)
     metrics: dict[str, float] | None = None  # what the rollout path measured for this step (logged as given)
 
     def to(self, device: torch.device | str, **kwargs: Any) -> "RolloutBatch":

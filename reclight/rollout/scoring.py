@@ -126,6 +126,7 @@ def collect_rollout(
         response_mask=gen.response_mask,
         logp_behav=gen.logp_behav,
         version=gen.version,
+        logp_kept_mass=gen.logp_kept_mass,
         rewards=rewards.to(device),
         reward_valid=valid.to(device),
         correct=correct.to(device),

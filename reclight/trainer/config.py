@@ -168,12 +168,34 @@ class GuardsConfig:
     """A reward of larger magnitude fails its sample like a NaN one (no gradient, counted in
     ``reward/failed``): 1e38 is finite but overflows the loss; raise this for rewards on a
     large scale."""
+    max_step_tokens: int = 1_000_000
+    """The most response tokens one training step may generate on one rank: prompts per rank
+    (``data.prompts_per_step`` / ranks, times ``data.oversample``) x ``model.sampling.num_samples``
+    x ``model.sampling.max_new_tokens``, checked when the config is built, before any model
+    loads (``num_samples: 200000`` ran step 0 for minutes). The default passes the paper's GPU
+    shape (96 x 8 x 1024 = 786,432 on one GPU, ``configs/gsm8k_qwen.yaml``); raise it for a
+    larger step on a machine that can generate it."""
 
     def __post_init__(self) -> None:
         check_float("model.guards.max_failed_reward_frac", self.max_failed_reward_frac, ge=0, le=1,
                     accepted="a number in [0, 1]")
         check_int("model.guards.max_consecutive_skips", self.max_consecutive_skips, minimum=1)
         check_float("model.guards.max_abs_reward", self.max_abs_reward, gt=0)
+        check_int("model.guards.max_step_tokens", self.max_step_tokens, minimum=1)
+
+    def check_step_tokens(self, prompts_per_rank: int, num_samples: int, max_new_tokens: int, prompts: str) -> int:
+        """Refuse a step that may generate more than ``max_step_tokens`` response tokens on one
+        rank; returns the bound on them. ``prompts`` says where ``prompts_per_rank`` comes from
+        (``data.prompts_per_step=96 over 1 rank``)."""
+        tokens = prompts_per_rank * num_samples * max_new_tokens
+        if tokens > self.max_step_tokens:
+            raise ValueError(
+                f"one training step would generate up to {tokens:,} response tokens per rank: {prompts_per_rank} "
+                f"prompts ({prompts}) x model.sampling.num_samples={num_samples} x model.sampling.max_new_tokens="
+                f"{max_new_tokens}, more than model.guards.max_step_tokens={self.max_step_tokens:,}; accepted: at "
+                f"most {self.max_step_tokens:,} (lower one of those settings), or raise the bound on a machine that "
+                f"can generate that much in one step: --model.guards.max_step_tokens {tokens}")
+        return tokens
 
 
 @dataclass(frozen=True)
@@ -252,6 +274,7 @@ def check_settings(policy: PolicyConfig, algo: AlgorithmConfig, sampling: Sampli
     the embedded tiny model's positions hold the responses; the asynchronous schedule's needs."""
     if algo.overlong_penalty:
         algo.overlong_bounds(sampling.max_new_tokens)
+    algo.check_sampling(engine.name, sampling.top_p)  # the truncated-sampling correction needs HF and top_p < 1
     if engine.name == "fast" and sampling.top_p != 1.0:
         raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
     if clock.enabled:

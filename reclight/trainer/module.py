@@ -358,8 +358,10 @@ class RLModule(LightningModule):
         writes the detached log-probs and entropies into ``logp_out``/``entropy_out``."""
         self.optimizers().zero_grad(set_to_none=True)
         world = self.trainer.world_size
+        kept = batch.logp_kept_mass if self.algo.truncation_correction else None  # top-p's kept mass (log S)
         extra = lambda r: dict(logp_prox=None if logp_prox is None else logp_prox[r],  # noqa: E731
                                logp_ref=None if logp_ref is None else logp_ref[r],
+                               logp_kept_mass=None if kept is None else kept[r],
                                norm_length=self.sampling.max_new_tokens, **counts)
         loss_sum = torch.zeros((), device=self.device)
         micro = micro_batches(rows, self.forward_cfg.micro_batch_size)

@@ -1,4 +1,4 @@
-"""AlgorithmConfig validation, the 14 presets of docs/algorithms.md section 3 and the six of 6.7."""
+"""AlgorithmConfig validation, the 14 presets of docs/algorithms.md section 3, the six of 6.7 and the three of 6.8."""
 
 import dataclasses
 
@@ -40,9 +40,19 @@ TABLE_6_7 = {
 }
 
 
-def test_section_6_7_presets_differ_from_the_default_exactly_as_the_table_says():
-    assert list(PRESETS) == list(TABLE) + list(TABLE_6_7) and PAPER_PRESETS == tuple(TABLE)
-    for name, fields in TABLE_6_7.items():
+# docs/algorithms.md section 6.8, every field that differs from AlgorithmConfig()'s defaults.
+TABLE_6_8 = {
+    "icepop": dict(importance_sampling=True, ratio_anchor="proximal", behavior_correction="mask",
+                   behavior_correction_cap=5.0, behavior_correction_floor=0.5),
+    "geo_mask": dict(importance_sampling=True, ratio_anchor="proximal", behavior_correction="truncate",
+                     behavior_correction_cap=2.0, geo_mask=(0.99, 1.01)),
+    "opsm": dict(importance_sampling=True, std_normalize=True, opsm_threshold=1e-4),
+}
+
+
+def test_section_6_7_and_6_8_presets_differ_from_the_default_exactly_as_the_tables_say():
+    assert list(PRESETS) == list(TABLE) + list(TABLE_6_7) + list(TABLE_6_8) and PAPER_PRESETS == tuple(TABLE)
+    for name, fields in {**TABLE_6_7, **TABLE_6_8}.items():
         assert PRESETS[name] == AlgorithmConfig(**fields), name
 
 

@@ -103,3 +103,31 @@ def test_oversampling_keeps_the_informative_groups_first(tmp_path):
         assert cap.metrics[step]["data/informative_frac"] == b.informative_groups / 4
     with pytest.raises(ValueError, match=r"data.oversample=0.5 is not valid; accepted: oversample >= 1"):
         RLDataModule(oversample=0.5)
+
+
+def test_truncated_sampling_correction_reaches_the_loss(tmp_path, monkeypatch):
+    """truncation_correction (docs/algorithms.md section 6.9): the HF engine records log S (the
+    probability mass top-p kept) per token, and the trainer hands it to policy_loss, whose
+    logp_behav becomes logp_behav - log S. With top_p 0.9 some token's S < 1; refused with the
+    fast engine (it records no S)."""
+    from reclight.engines.base import SamplingConfig
+    from reclight.engines.config import EngineConfig
+    from reclight.losses import policy_loss as real_policy_loss
+    import reclight.trainer.module as module_py
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("logp_kept_mass"))
+        return real_policy_loss(*args, **kwargs)
+
+    monkeypatch.setattr(module_py, "policy_loss", spy)
+    sampling = SamplingConfig(num_samples=3, max_new_tokens=3, top_p=0.9)
+    fit_micro(tmp_path, 2, log_kl_init=False, algorithm="grpo", algorithm_overrides={"truncation_correction": True},
+              sampling=sampling)
+    assert seen and all(s is not None for s in seen)
+    assert any(bool((s < 0).any()) for s in seen)  # some token's kept mass is below 1
+    with pytest.raises(ValueError, match=r"model.algorithm.truncation_correction=True is not valid; accepted: false "
+                                         r"with model.engine.name 'fast'"):
+        micro_module(tmp_path, algorithm="grpo", algorithm_overrides={"truncation_correction": True},
+                     sampling=sampling, engine=EngineConfig(name="fast"))
