@@ -243,7 +243,7 @@ def _setting(where: str, value: Any) -> Setting:
         if not isinstance(clock, dict) or "enabled" in clock:
             raise invalid(f"{where}.clock", clock, "a mapping of model.clock fields (enabled is implied), e.g. "
                           "{staleness: pace, max_staleness: 1}")
-        if {"sync_interval", "sync_offset", "offline"} & set(v):
+        if {"sync_interval", "sync_offset", "offline"} & set(value):
             raise invalid(f"{where}.clock", clock, "a setting with either model.clock fields or a (k, d) schedule, "
                           "not both")
         try:  # validated now, with the trainer's own checks (their messages name model.clock.<field>)
@@ -403,16 +403,14 @@ def load_study(paths: str | Path | list[str | Path], overrides: dict[str, Any] |
                check_files: bool = True) -> StudyConfig:
     """Read one or more study YAML files (later files replace earlier top-level keys), apply
     ``overrides`` (top-level keys, e.g. ``{"out_dir": ...}``) and validate."""
-    import yaml
+    from reclight.trainer.yamlio import load_yaml_file
 
     raw: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         p = Path(path)
         if not p.is_file():
             raise invalid("--config", str(path), "an existing study YAML file (e.g. configs/study/paper.yaml)")
-        text = yaml.safe_load(p.read_text())
-        if not isinstance(text, dict):
-            raise invalid(str(path), text, "a YAML mapping of study fields: " + ", ".join(TOP_KEYS))
-        raw.update(text)
+        # file and line of a syntax error, an empty file or a list; a repeated key (an arm given twice) refused
+        raw.update(load_yaml_file(p, "--config", "a YAML mapping of study fields, each key once: " + ", ".join(TOP_KEYS)))
     raw.update(overrides or {})
     return study_from_dict(raw, check_files=check_files)
