@@ -243,7 +243,7 @@ def _setting(where: str, value: Any) -> Setting:
         if not isinstance(clock, dict) or "enabled" in clock:
             raise invalid(f"{where}.clock", clock, "a mapping of model.clock fields (enabled is implied), e.g. "
                           "{staleness: pace, max_staleness: 1}")
-        if {"sync_interval", "sync_offset", "offline"} & set(value):
+        if (value.get("sync_interval", 1), value.get("sync_offset", 0), value.get("offline", False)) != (1, 0, False):
             raise invalid(f"{where}.clock", clock, "a setting with either model.clock fields or a (k, d) schedule, "
                           "not both")
         try:  # validated now, with the trainer's own checks (their messages name model.clock.<field>)

@@ -79,6 +79,23 @@ def test_bad_config_through_the_cli_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "study").exists()
 
 
+def test_a_repeated_key_in_a_study_yaml_is_refused_naming_the_line(tmp_path, capsys):
+    """Before: YAML kept the last of two equal keys, silently: an arm named `reinforce` ran grpo."""
+    text = write_study(tmp_path / "s.yaml", micro_study(tmp_path)).read_text()
+    first = text.splitlines().index("  reinforce: reinforce") + 1
+    path = tmp_path / "dup.yaml"
+    path.write_text(text.replace("  reinforce: reinforce\n", "  reinforce: reinforce\n  reinforce: grpo\n"))
+    assert main(["--config", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"--config={str(path)!r} is not valid: line {first + 1}, column 3: key 'reinforce' is given twice in one "
+            f"mapping (first at line {first}); YAML would keep only the last one; accepted: a YAML mapping of study "
+            "fields, each key once: ") in err
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ValueError, match=r"empty.yaml' is not valid: the file holds no YAML value \(only comments\)"):
+        load_study(tmp_path / "empty.yaml")
+    assert not (tmp_path / "study").exists()
+
+
 def test_out_dir_under_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"out_dir='.*f/study' is not valid; accepted: a folder path \(this one is "
@@ -149,3 +166,5 @@ def test_a_clock_setting_runs_with_model_clock(tmp_path):
         assert len(clock) == 1 and json.loads(clock[0].split("=", 1)[1]) == {
             "staleness": "pace", "max_staleness": 1, "max_inflight": 3, "enabled": True}
     assert cfg.settings[0].describe() == "clock: staleness=pace, max_staleness=1, max_inflight=3"
+    # the study writes its normalized config (study.yaml) and its warm-ups and report read it back
+    assert study_from_dict(cfg.to_dict()) == cfg
