@@ -13,10 +13,12 @@ Same style as the rest of the project: the typed dataclass :class:`bandits.confi
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from bandits.config import AsyncBenchConfig, ClaimsConfig
+from reclight.yamlio import YamlFileError, load_yaml_file
 
 DESCRIPTION = (
     "Exact-optimum bandit bench for reclight: checks the surrogate-loss theory and the paper's "
@@ -71,9 +73,22 @@ def config_from_namespace(namespace, cls: type = ClaimsConfig):
     return cls(**values)
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The ``--config`` values of a command line that are files (jsonargparse also takes inline YAML)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    values += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    return [v for v in values if Path(v).is_file()]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(field_docs=wants_help(argv))
+    try:  # file and line of a YAML error, a repeated key refused (jsonargparse keeps the last one silently)
+        for path in config_files(argv):
+            load_yaml_file(path, "--config", "a YAML mapping of bench fields, each key once (e.g. "
+                           "configs/bandits/claims.yaml)")
+    except YamlFileError as err:
+        parser.error(str(err))
     args = parser.parse_args(argv)
     if args.command == "exact":
         from bandits.claims import theory_checks

@@ -10,7 +10,7 @@
 through the real ``reclight fit`` parser) before any run starts or any file is written; the
 dry run writes only ``study.yaml`` into the study folder, so that ``report`` can read the
 folders once a scheduler has run the printed commands (warm-up lines first: a seed's runs
-load its warm-up's folder).
+load its warm-up's folder). Ctrl-C ends with one line saying how to resume and exit status 130.
 """
 
 from __future__ import annotations
@@ -120,10 +120,24 @@ def warmup(argv: list[str]) -> int:
     return 0
 
 
+INTERRUPTED = 128 + 2
+"""Exit status after Ctrl-C (128 + SIGINT, as a shell reports it)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "report":
-        return report(argv[1:])
-    if argv and argv[0] == "warmup":
-        return warmup(argv[1:])
-    return run(argv)
+    try:
+        if argv and argv[0] == "report":
+            return report(argv[1:])
+        if argv and argv[0] == "warmup":
+            return warmup(argv[1:])
+        return run(argv)
+    except KeyboardInterrupt:
+        # The runs in flight got the same Ctrl-C and stopped; finished runs and warm-ups are
+        # recorded in their folders, and the runner skips them on the next call.
+        command = "reclight study " + " ".join(shlex.quote(a) for a in argv)
+        again = ("rerun the same command to resume: finished runs and warm-ups are kept and skipped, unfinished ones "
+                 f"start again from step 0: {command}") if not argv or argv[0] not in ("report", "warmup") else (
+                 f"nothing was lost; rerun it: {command}")
+        print(f"reclight study: interrupted (Ctrl-C); {again}", file=sys.stderr, flush=True)
+        return INTERRUPTED

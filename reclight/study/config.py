@@ -403,7 +403,7 @@ def load_study(paths: str | Path | list[str | Path], overrides: dict[str, Any] |
                check_files: bool = True) -> StudyConfig:
     """Read one or more study YAML files (later files replace earlier top-level keys), apply
     ``overrides`` (top-level keys, e.g. ``{"out_dir": ...}``) and validate."""
-    from reclight.trainer.yamlio import load_yaml_file
+    from reclight.yamlio import load_yaml_file
 
     raw: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
@@ -411,6 +411,7 @@ def load_study(paths: str | Path | list[str | Path], overrides: dict[str, Any] |
         if not p.is_file():
             raise invalid("--config", str(path), "an existing study YAML file (e.g. configs/study/paper.yaml)")
         # file and line of a syntax error, an empty file or a list; a repeated key (an arm given twice) refused
-        raw.update(load_yaml_file(p, "--config", "a YAML mapping of study fields, each key once: " + ", ".join(TOP_KEYS)))
+        raw.update(load_yaml_file(p, "--config", "a YAML mapping of study fields, each key once: "
+                                  + ", ".join(TOP_KEYS)))
     raw.update(overrides or {})
     return study_from_dict(raw, check_files=check_files)

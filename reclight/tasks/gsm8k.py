@@ -13,7 +13,9 @@ Departures from the usual GSM8K harnesses, all on purpose:
   written that way (or with two numbers after its ``####``) is refused at load time, naming
   the file and line, rather than read as its first number.
 - ``val`` is a seeded random slice of the train file, disjoint from ``train``; ``test`` is
-  the published test file.
+  the published test file. A row whose question repeats an earlier row's is dropped (counted in
+  one printed line) before the slice is drawn, so no validation question is also trained on; an
+  empty question is refused (:mod:`reclight.tasks.jsonl`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from decimal import Decimal
 
 from reclight.tasks.base import Example, Task, check_task_args
-from reclight.tasks.jsonl import DataError, Row, held_out_indices, require_nonempty, task_rows
+from reclight.tasks.jsonl import DataError, Row, drop_duplicates, held_out_indices, require_nonempty, task_rows
 
 DEFAULT_PROMPT = (
     "{question}\n\nSolve the problem step by step. Then write the final answer, a single number, "
@@ -122,12 +124,15 @@ class GSM8K(Task):
     def load(self, split: str) -> list[Example]:
         source_split = "test" if split == "test" else "train"
         rows, source, uid_prefix = self._rows(source_split)
-        examples = [self._example(row, source, uid_prefix) for row in rows]
+        checked = {row.line: self._example(row, source, uid_prefix) for row in rows}  # every row, repeated or not
+        examples = [checked[row.line] for row in drop_duplicates(rows, "question", source)]
         if split != "test":
             if self.val_size >= len(examples):
+                dropped = len(rows) - len(examples)
+                repeated = f" ({dropped} rows repeating a question dropped)" if dropped else ""
                 raise DataError(
                     f"GSM8K: val_size={self.val_size} holds out all {len(examples)} examples of "
-                    f"{source}; it must be smaller than the file to leave a train split"
+                    f"{source}{repeated}; it must be smaller than the file to leave a train split"
                 )
             val = set(held_out_indices(len(examples), self.val_size, self.seed))
             examples = [e for i, e in enumerate(examples) if (i in val) == (split == "val")]

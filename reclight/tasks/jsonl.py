@@ -4,12 +4,21 @@ Every problem with a data file is raised when the task loads it (the trainer doe
 setup), before any model is built or any step is run. Each error names the file, the 1-based
 line, the field and what would have been accepted, so that a typo in a data set costs seconds,
 not a failed job.
+
+Two rules every task gets from here: a required text field that is empty (or only whitespace)
+is refused, naming the file and line (an empty question trained on nothing but the template);
+and rows repeating an earlier row's prompt field are dropped, keeping the first, with one
+printed line counting them (:func:`drop_duplicates`, which each task calls after checking every
+row, so a bad row is refused even where it repeats another). Dropping happens before a task
+holds rows out for validation, so a validation prompt is never also a training prompt (before,
+a duplicated row could land on both sides, silently).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,7 +73,35 @@ def check_record(record: Any, required_fields: Mapping[str, type], where: str) -
                 f"{where}: field {field!r} must be {kind.__name__}, "
                 f"got {type(value).__name__} {_json_preview(value)}"
             )
+        if kind is str and not value.strip():
+            raise DataError(f"{where}: field {field!r}={value!r} is not valid; accepted: a non-empty text (an empty "
+                            f"{field} has nothing to learn from; fix or remove the row)")
     return record
+
+
+def drop_duplicates(rows: list[Row], field: str, source: str) -> list[Row]:
+    """``rows`` without those whose ``field`` (whitespace-trimmed) repeats an earlier row's, the
+    first kept; prints one line (a warning) with the count and the first few line pairs, and how
+    many of the dropped rows had other content too (the first row's is what is used)."""
+    first: dict[str, Row] = {}
+    kept: list[Row] = []
+    dropped: list[tuple[Row, Row]] = []
+    for row in rows:
+        key = str(row.record[field]).strip()
+        if key in first:
+            dropped.append((row, first[key]))
+        else:
+            first[key] = row
+            kept.append(row)
+    if dropped:
+        pairs = ", ".join(f"{r.line} (= {f.line})" for r, f in dropped[:5]) + (" ..." if len(dropped) > 5 else "")
+        differ = sum(r.record != f.record for r, f in dropped)
+        other = (f"; {differ} of them differ in other fields (e.g. the answer): the first row's are used"
+                 if differ else "")
+        warnings.warn(f"{source}: dropped {len(dropped)} of {len(rows)} rows whose {field!r} repeats an earlier row's "
+                      f"(line (= first line): {pairs}){other}; each prompt is kept once, so held-out prompts are "
+                      "never also trained on", stacklevel=2)
+    return kept
 
 
 def read_jsonl(
@@ -204,7 +241,9 @@ def task_rows(
     """
     if data_dir is None:
         rows = hf_rows(hf_dataset, hf_config, split, required_fields)
-        return rows, f"{hf_dataset}[{split}]", f"{task_prefix}/{split}"
-    path = Path(data_dir) / file_name
-    rows = read_jsonl(path, required_fields, config_field=f"data_dir / {split}_file")
-    return rows, str(path), f"{task_prefix}/{path.name}"
+        source, uid_prefix = f"{hf_dataset}[{split}]", f"{task_prefix}/{split}"
+    else:
+        path = Path(data_dir) / file_name
+        rows = read_jsonl(path, required_fields, config_field=f"data_dir / {split}_file")
+        source, uid_prefix = str(path), f"{task_prefix}/{path.name}"
+    return rows, source, uid_prefix

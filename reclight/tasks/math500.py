@@ -6,6 +6,8 @@ Choices worth knowing:
   subset OF ``test`` (``val_size`` problems) for cheap periodic evaluation during training, so
   ``val`` and ``test`` overlap on purpose. ``train`` exists only if ``train_file`` names a
   JSONL file with the same fields (e.g. the MATH train split); otherwise asking for it raises.
+  A row whose problem repeats an earlier row's is dropped (one printed line counts them) and an
+  empty problem or answer is refused (:mod:`reclight.tasks.jsonl`).
 - Reward. The gold ``answer`` is parsed as ``\\boxed{answer}``; the response is parsed by
   math-verify's default LaTeX + plain-expression extraction, which prefers the last
   ``\\boxed{}``. ``verify(gold, response)`` decides; the reward is 1.0 or 0.0.
@@ -26,7 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 from reclight.tasks.base import SPLITS, Example, Task, check_task_args
-from reclight.tasks.jsonl import DataError, Row, held_out_indices, require_nonempty, task_rows
+from reclight.tasks.jsonl import DataError, Row, drop_duplicates, held_out_indices, require_nonempty, task_rows
 
 DEFAULT_PROMPT = (
     "{problem}\n\nSolve the problem step by step. Put your final answer in \\boxed{{}}."
@@ -139,7 +141,7 @@ class Math500(Task):
                 f"fields {sorted(_FIELDS)} (e.g. the MATH train split) to train on this task"
             )
         rows, source, uid_prefix = self._rows("train" if split == "train" else "test")
-        rows = self._filter(rows, source)
+        rows = self._filter(drop_duplicates(rows, "problem", source), source)
         examples = [
             Example(
                 prompt=self.prompt_template.format(problem=row.record["problem"]),

@@ -16,6 +16,16 @@ kill at any point leaves either the previous file or the new one under the final
 mix; the only debris is a ``.<name>.tmp-*`` file in the checkpoint folder (safe to delete).
 Remote URLs (``s3://`` ...) go to Lightning's default path unchanged.
 
+A write that the disk refuses (full, over quota, read-only, not writable by this user) becomes
+a :class:`DiskWriteError` naming the file, the reason, the free space of its file system and
+what to do (:func:`writing`, the one place that turns those errors into a message): before,
+a full disk ended in torch's "enforce fail at inline_container.cc" (the ``OSError`` lost inside
+torch's zip writer) or a raw ``ENOSPC``, a read-only folder in a raw ``OSError``. The
+checkpoint files already there stay intact (the partial temp file is removed), so after
+freeing space the same command with ``--ckpt_path last`` resumes exactly. The trainer's other
+writes (the metrics, the run lock, the run folder, the CLI's last resort for the rest) go
+through :func:`writing` too.
+
 :func:`validate_checkpoint` (and ``AtomicCheckpointIO.load_checkpoint``, which every
 ``--ckpt_path`` load goes through) turns a missing, truncated, non-checkpoint or foreign file
 into a :class:`CheckpointError` that names the path, what is wrong, and what is accepted.
@@ -27,13 +37,16 @@ for a bitwise-exact resume.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import pickle
 import random
+import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +59,10 @@ ACCEPTED = (
     "a checkpoint written by `reclight fit` (a Lightning .ckpt of reclight.trainer.module.RLModule holding "
     "'state_dict', 'optimizer_states', 'loops' and the 'reclight' section with the rollout queue and engine)"
 )
+
+
+CHECKPOINT_FOLDER_SETTING = "a ModelCheckpoint dirpath, or trainer.logger.init_args.save_dir"
+"""The options that choose where a run's checkpoints go (named in a disk error's advice)."""
 
 
 class CheckpointError(ValueError):
@@ -70,28 +87,132 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+# -- writes the disk refuses -------------------------------------------------------------------
+class DiskWriteError(OSError):
+    """A file of the run could not be written: the disk is full or over quota, or the folder is
+    read-only or not writable by this user. The message names the file, the reason, the free
+    space and what to do; ``errno`` is the system's (None where torch's writer hid it)."""
+
+    def __init__(self, message: str, code: int | None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+DISK_FULL = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+NOT_WRITABLE = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied (the folder is not "
+                "writable by this user)", errno.EPERM: "operation not permitted (the folder is not writable)"}
+RERUN = ("then rerun the same command (with --ckpt_path last where a checkpoint was written: the run continues from it "
+         "exactly)")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # unreachable
+
+
+def free_space(path: str | os.PathLike) -> str:
+    """``'<free> free of <total>'`` on the file system holding ``path`` (its nearest existing
+    folder), or ``'free space unknown'``."""
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return "free space unknown"
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
+
+
+def _system_error(e: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``e``: itself, or the one torch's zip writer swallowed (its
+    ``RuntimeError`` "enforce fail at inline_container.cc" keeps it as the context)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str | os.PathLike | None, what: str, e: BaseException, setting: str = "",
+                note: str = "the checkpoints already written are intact") -> DiskWriteError | None:
+    """The :class:`DiskWriteError` for ``e``, raised while writing ``what`` (``"the checkpoint"``)
+    at ``path`` (None: the file the system names), or None if ``e`` is not a write the disk
+    refused (or names no file). ``setting`` names the option that
+    chooses the folder (``"trainer.logger.init_args.save_dir"``), for the advice; ``note`` says
+    what was kept."""
+    system = _system_error(e)
+    code = system.errno if system is not None else None
+    torch_writer = isinstance(e, RuntimeError) and ("inline_container" in str(e) or "file write failed" in str(e))
+    if code not in DISK_FULL and code not in NOT_WRITABLE and not (torch_writer and system is None):
+        return None
+    named = path if path is not None else getattr(system, "filename", None)
+    if named is None:
+        return None
+    target = os.path.abspath(os.fspath(named))
+    folder = target if os.path.isdir(target) else os.path.dirname(target)
+    elsewhere = f"another folder ({setting})" if setting else "another folder"
+    if code in NOT_WRITABLE:
+        reason = f"{NOT_WRITABLE[code]} in {folder!r}"
+        fix = f"make {folder!r} writable, or write to {elsewhere}"
+    else:
+        reason = DISK_FULL.get(code) or (f"torch's writer failed ({str(e).strip().splitlines()[0][:120]}), usually "
+                                         "because the disk is full")
+        reason += f" ({free_space(folder)} on that file system now)"
+        fix = f"free space on that disk, or write to {elsewhere} on another disk"
+    # Where the file was not named by the caller, a permission error may come from a read: say "open".
+    verb = "open" if path is None and code in (errno.EACCES, errno.EPERM) and os.path.exists(target) else "write"
+    what = f"{what} " if what else ""
+    return DiskWriteError(f"cannot {verb} {what}{target!r}: {reason}; {note}; {fix}, {RERUN}", code)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike | None, what: str, setting: str = "",
+            note: str = "the checkpoints already written are intact") -> Iterator[None]:
+    """Turn a write the disk refuses inside the block into a :class:`DiskWriteError` naming
+    ``path`` (None: the file the system names), the reason, the free space and what to do
+    (:func:`write_error`); any other error passes unchanged."""
+    try:
+        yield
+    except DiskWriteError:
+        raise
+    except (OSError, RuntimeError) as e:
+        err = write_error(path, what, e, setting, note)
+        if err is None:
+            raise
+        raise err from e
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, setting: str = "") -> None:
     """``torch.save(obj, path)`` such that ``path`` always holds either its previous content or
-    the complete new content, even if the process is killed at any point (see module doc)."""
+    the complete new content, even if the process is killed at any point (see module doc). A
+    write the disk refuses raises :class:`DiskWriteError` (``setting``: the option that chooses
+    the folder, for its advice)."""
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)  # streamed: no second in-memory copy of the checkpoint
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match what a plain open() would make
-        os.replace(tmp, path)
-    except BaseException:
+    with writing(path, "the checkpoint", setting, "the checkpoints already there are intact (each is replaced "
+                 "atomically; the partial file was removed)"):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)  # streamed: no second in-memory copy of the checkpoint
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; match what a plain open() would make
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
     _fsync_dir(folder)
 
 
@@ -104,7 +225,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or _is_remote(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, path)
+        atomic_torch_save(checkpoint, path, CHECKPOINT_FOLDER_SETTING)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if _is_remote(path):

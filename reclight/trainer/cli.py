@@ -7,11 +7,19 @@ Configs compose with repeated ``--config`` (e.g. a task base + ``configs/algo/<p
 (:mod:`reclight.trainer.config`); a key of the old flat layout (``model.lr``, ``model.engine:
 fast``, a top-level ``sync:``) is refused with a message naming its new key, and a key that
 names no field of its group with the accepted fields, before parsing.
+
+Also checked before any model is built: every ``--config`` file through the one YAML loader
+(:mod:`reclight.trainer.yamlio`: file and line, a repeated key refused), ``seed_everything``
+within numpy's seed range, the resume arguments (:func:`reclight.trainer.resume.check_resume_arguments`)
+and the work of one step against ``model.guards.max_step_tokens`` (:func:`check_step_tokens`).
+A write the disk refuses anywhere in ``fit`` is a ``DiskWriteError`` naming the file and the
+free space (:func:`reclight.trainer.checkpoint.writing`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -26,13 +34,18 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from reclight.checks import check_int
 from reclight.engines.stop import StopRequested
-from reclight.trainer.checkpoint import AtomicCheckpointIO, validate_checkpoint
+from reclight.trainer.checkpoint import AtomicCheckpointIO, validate_checkpoint, writing
 from reclight.trainer.keys import given_keys, key_errors
 from reclight.trainer.data import RLDataModule
 from reclight.trainer.module import RLModule
-from reclight.trainer.resume import RECORD_KEY, RunLock, check_resume_config, plan_run_folder, run_record, start_loggers
+from reclight.trainer.resume import (
+    LOG_FOLDER_SETTING, RECORD_KEY, RunLock, check_resume_arguments, check_resume_config, plan_run_folder, run_record,
+    start_loggers,
+)
 from reclight.trainer.signals import EXIT_CODE, SignalCheckpoint
+from reclight.yamlio import YamlFileError
 
 # Warnings that every run printed and no user can act on (issue #17, item 7):
 # - Lightning's ModelCheckpoint, with manual optimization and every_n_train_steps, prints 15 lines
@@ -153,6 +166,8 @@ class ReclightCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as e:  # an optional group (model.warmup: WarmupConfig | None) wraps its own error
             raise _our_error(e) from None
+        if getattr(self, "subcommand", None) in (None, "fit"):
+            check_step_tokens(self.model, self.datamodule, self.trainer)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -165,13 +180,23 @@ class ReclightCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:  # noqa: ANN001 - jsonargparse types
         given = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
-        self.precision_given = any(k == "trainer.precision" for k, _ in given_keys(given))
+        try:  # every --config file through the one YAML loader first (file and line, repeated keys)
+            self.precision_given = any(k == "trainer.precision" for k, _ in list(given_keys(given)))
+        except YamlFileError as e:
+            parser.error(str(e))
         if errors := key_errors(given):
             parser.error("; ".join(errors) + " (RLModule's arguments are typed groups: see `reclight fit --help`)")
         super().parse_arguments(parser, args)
-        # A bad --ckpt_path fails here, right after parsing, before any model is built.
         sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        cfg = self.config[sub] if sub else self.config
+        seed = cfg.get("seed_everything")
+        if seed is not None and not isinstance(seed, bool):  # numpy's bound, named (true draws a seed)
+            check_int("seed_everything", seed, minimum=0, maximum=2**32 - 1,
+                      accepted="an integer in [0, 4294967295] (numpy's seed range), or true for a random seed")
+        # A bad --ckpt_path (or --allow_changes) fails here, right after parsing, before any model is built.
+        ckpt_path = cfg.get("ckpt_path") if sub else None
+        if sub == "fit":
+            check_resume_arguments(ckpt_path, list(cfg.get("allow_changes") or []))
         if ckpt_path not in (None, "last", "best", "hpc", "registry"):
             validate_checkpoint(ckpt_path)
 
@@ -187,6 +212,14 @@ class ReclightCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand != "fit":
             return super()._run_subcommand(subcommand)
+        # The writes that do not go through a reclight helper (Lightning's config.yaml and
+        # hparams.yaml, the embedded model's folder, other loggers' files): a full disk or a
+        # read-only folder is named the same way (reclight.trainer.checkpoint.writing).
+        with writing(None, "", f"{LOG_FOLDER_SETTING}, a ModelCheckpoint dirpath or "
+                     "model.policy.tiny_dir"):
+            self._fit(subcommand)
+
+    def _fit(self, subcommand: str) -> None:
         cfg = self.config_init[subcommand]
         rank_zero = rank_zero_only.rank == 0
         plan = plan_run_folder(self.trainer, cfg.get("ckpt_path"), rank_zero)
@@ -229,6 +262,21 @@ class ReclightCLI(LightningCLI):
                  "--ckpt_path last" if cb.saved else "no checkpoint written (see above)")
         print(f"reclight fit: stopped by SIGTERM; {where}; exit status {EXIT_CODE}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_CODE)
+
+
+def check_step_tokens(model: Any, datamodule: Any, trainer: Any) -> int | None:
+    """``model.guards.max_step_tokens`` against this run's step (prompts per rank x K x
+    max_new_tokens), when the config is built (:meth:`GuardsConfig.check_step_tokens`)."""
+    guards, sampling = getattr(model, "guards_cfg", None), getattr(model, "sampling", None)
+    pps = getattr(datamodule, "prompts_per_step", None)
+    if guards is None or sampling is None or not isinstance(pps, int):
+        return None
+    world = max(1, int(getattr(trainer, "world_size", 1) or 1))
+    oversample = float(getattr(datamodule, "oversample", 1.0))
+    per_rank = math.ceil(oversample * -(-pps // world) - 1e-9)
+    where = f"data.prompts_per_step={pps} over {world} rank{'s' if world > 1 else ''}" + (
+        f", x data.oversample={oversample:g}" if oversample != 1 else "")
+    return guards.check_step_tokens(per_rank, sampling.num_samples, sampling.max_new_tokens, where)
 
 
 def main(args: list[str] | None = None, run: bool = True) -> ReclightCLI:

@@ -168,13 +168,14 @@ class GuardsConfig:
     """A reward of larger magnitude fails its sample like a NaN one (no gradient, counted in
     ``reward/failed``): 1e38 is finite but overflows the loss; raise this for rewards on a
     large scale."""
-    max_step_tokens: int = 1_000_000
+    max_step_tokens: int = 2_000_000
     """The most response tokens one training step may generate on one rank: prompts per rank
     (``data.prompts_per_step`` / ranks, times ``data.oversample``) x ``model.sampling.num_samples``
     x ``model.sampling.max_new_tokens``, checked when the config is built, before any model
     loads (``num_samples: 200000`` ran step 0 for minutes). The default passes the paper's GPU
-    shape (96 x 8 x 1024 = 786,432 on one GPU, ``configs/gsm8k_qwen.yaml``); raise it for a
-    larger step on a machine that can generate it."""
+    shape (96 x 8 x 1024 = 786,432 on one GPU, ``configs/gsm8k_qwen.yaml``) and twice its
+    samples per prompt (K = 16: 1,572,864), and refuses a slip of a digit or more beyond that;
+    raise it for a larger step on a machine that can generate it."""
 
     def __post_init__(self) -> None:
         check_float("model.guards.max_failed_reward_frac", self.max_failed_reward_frac, ge=0, le=1,

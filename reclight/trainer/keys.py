@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reclight.trainer.config import MODEL_GROUPS
+from reclight.yamlio import load_yaml_file
 
 MOVED_KEYS: dict[str, str] = {
     "model.model_name_or_path": "model.policy.name_or_path",
@@ -128,9 +129,16 @@ def _yaml(text: str) -> Any:
         return text
 
 
+CONFIG_ACCEPTED = "a YAML mapping of reclight fit settings, each key once (e.g. configs/arithmetic.yaml)"
+
+
 def given_keys(args: list[str]) -> Iterator[tuple[str, Any]]:
-    """The ``(key, value)`` pairs a command line sets, including those of its ``--config`` files."""
+    """The ``(key, value)`` pairs a command line sets, including those of its ``--config`` files,
+    read with the one YAML loader (:mod:`reclight.trainer.yamlio`: an empty file, a list, a syntax
+    error or a repeated key raises ``YamlFileError`` naming the file and line)."""
     for i, arg in enumerate(args):
+        if arg == "-c":  # LightningCLI's short form of --config
+            arg = "--config"
         if not arg.startswith("--"):
             continue
         key, eq, value = arg[2:].partition("=")
@@ -138,7 +146,7 @@ def given_keys(args: list[str]) -> Iterator[tuple[str, Any]]:
             value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
         if key == "config" and value is not None:
             path = Path(value)
-            yield from _flatten(_yaml(path.read_text()) if path.is_file() else _yaml(value))
+            yield from _flatten(load_yaml_file(path, "--config", CONFIG_ACCEPTED) if path.is_file() else _yaml(value))
         else:
             yield key.removesuffix("+"), _yaml(value) if isinstance(value, str) else value
             if isinstance(value, str) and isinstance(parsed := _yaml(value), dict):

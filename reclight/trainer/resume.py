@@ -31,12 +31,20 @@ Four things here keep a resume from silently doing something else:
 - **One live run per folder** (:class:`RunLock`): ``flock`` on ``.<folder>.reclight.lock``
   beside the folder (so the folder holds only the run's files), held while the run lives and released by the kernel when the process dies, even by SIGKILL, so
   it can never stay stuck; a second run into a live run's folder is refused naming its pid.
+- **The resume arguments** (:func:`check_resume_arguments`, :func:`check_allowed_names`): ``fit
+  --ckpt_path`` is a file or ``last`` (``best`` was opened as a file named 'best'); ``--allow_changes``
+  needs a ``--ckpt_path`` and names settings of the run record (a misspelt one allowed nothing).
+
+The run folder, the lock and the metrics are written through
+:func:`reclight.trainer.checkpoint.writing`: a full disk or a read-only folder is an error naming
+the file, the reason, the free space and what to do.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import inspect
 import numbers
 import os
@@ -49,8 +57,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from reclight.checks import run_seed
-from reclight.trainer.checkpoint import CheckpointError
+from reclight.checks import invalid, run_seed
+from reclight.trainer.checkpoint import CheckpointError, writing
 
 RECORD_KEY = "run_config"
 FREE_PREFIXES = (
@@ -65,6 +73,10 @@ INFO_PREFIX = "resolved."
 the engine's name and dtype): stored for the reader, never compared on resume."""
 NEVER_ALLOWED = ("model.sync", "model.clock")
 """The queued rollouts and the engine follow the saved schedule: it cannot change on resume."""
+LOG_FOLDER_SETTING = "trainer.logger.init_args.save_dir"
+"""The option that chooses where a run's logs go (named in a disk error's advice)."""
+METRICS_NOTE = ("the checkpoints already written are intact; metrics.csv may lack its last rows (a resume writes the "
+                "rows before its step back and logs the rest again)")
 NOTES = {
     "model.seed": " (the run seed; null takes seed_everything)",
     "data.seed": " (the prompt order; null takes seed_everything)",
@@ -149,6 +161,7 @@ def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, A
             raise ValueError(f"--allow_changes={list(allowed)!r} is not valid: {p!r} covers model.sync, which a resumed "
                              "run cannot change (the queued rollouts and the engine follow the saved schedule); "
                              "accepted: other fields or groups, e.g. [model.optim.lr, data.prompts_per_step]")
+    check_allowed_names(allowed, [*current, *(saved or {})])
     if saved is None:
         rank_zero_warn(f"--ckpt_path={str(path)!r} holds no record of its run's settings (written by an older reclight): "
                        "they are not compared with this run's")
@@ -167,6 +180,49 @@ def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, A
     if text:
         rank_zero_warn("resuming with changed settings (--allow_changes): " + "; ".join(text))
     return [k for k, _, _ in changes]
+
+
+def _groups(keys: Iterable[str]) -> set[str]:
+    """Every dotted prefix of ``keys`` (``model.optim.lr`` -> ``model``, ``model.optim``)."""
+    return {k.rsplit(".", n)[0] for k in keys for n in range(1, k.count(".") + 1)}
+
+
+def check_allowed_names(allowed: Sequence[str], record_keys: Iterable[str]) -> None:
+    """Every ``--allow_changes`` entry must name a setting of the run record, a group of them
+    (``model.optim``), a setting that may change anyway (``model.guards...``: accepted, nothing to
+    allow) or ``all``; a misspelt one (``model.bogus_field``) used to allow nothing, silently."""
+    keys = {k for k in record_keys if not k.startswith(INFO_PREFIX)}
+    known = keys | _groups(keys) | set(FREE_PREFIXES) | _groups(FREE_PREFIXES) | {"all"}
+    for p in allowed:
+        if p in known or p.startswith(tuple(f + "." for f in FREE_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(p, sorted(known), n=3, cutoff=0.6)
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        groups = ", ".join(sorted(g for g in _groups(keys) if g.count(".") <= 1))
+        raise invalid("--allow_changes", list(allowed),
+                      f"'all', or settings of this run's record and their groups ({groups}, or a field such as "
+                      f"model.optim.lr); {p!r} names none{hint}. Not compared, so never needed: trainer.* but "
+                      "trainer.precision and the world size, " + ", ".join(FREE_PREFIXES))
+
+
+def check_resume_arguments(ckpt_path: str | None, allowed: Sequence[str]) -> None:
+    """``fit``'s resume arguments, right after parsing: ``--ckpt_path`` is a file or ``last``
+    (Lightning's other words are not a checkpoint to resume: ``best`` was opened as a file named
+    'best'), and ``--allow_changes`` comes with a ``--ckpt_path`` (alone it allowed nothing,
+    silently)."""
+    registry = isinstance(ckpt_path, str) and (ckpt_path == "registry" or ckpt_path.startswith("registry:"))
+    if ckpt_path in ("best", "hpc") or registry:
+        what = {"best": "'best' is the checkpoint a monitoring ModelCheckpoint kept during a fit in the same process, "
+                        "for validate / test after it",
+                "hpc": "'hpc' is Lightning's SLURM requeue checkpoint, which reclight does not write (SIGTERM "
+                       "writes interrupted-step=N.ckpt, which last finds)"}.get(
+            ckpt_path, "a model-registry download holds no run record to resume exactly")
+        raise CheckpointError(f"--ckpt_path={ckpt_path!r} is not valid for fit: it is not a checkpoint to resume "
+                              f"({what}); accepted: a checkpoint file (e.g. <run folder>/checkpoints/step=400.ckpt), "
+                              "or last (the newest checkpoint of the newest run folder)")
+    if allowed and ckpt_path is None:
+        raise invalid("--allow_changes", list(allowed), "nothing without --ckpt_path: it lists the settings a resumed "
+                      "run may change, and this run resumes nothing (add --ckpt_path <file> | last, or drop it)")
 
 
 # -- the last checkpoint ----------------------------------------------------------------------------
@@ -257,6 +313,7 @@ def plan_run_folder(trainer: Any, ckpt_path: str | None, rank_zero: bool) -> Run
     resumed run; a freshly claimed ``version_N`` for a new one) and refuse a run into a folder
     that holds another run's logs (module doc). Only ``rank_zero`` claims and refuses: the other
     ranks of a data-parallel run only resolve the same checkpoint."""
+    check_resume_arguments(ckpt_path, ())
     logger = trainer.loggers[0] if trainer.loggers else None
     versioned = _versioned(logger)
     explicit = versioned and logger._version is not None
@@ -307,15 +364,16 @@ def _relative(path: Path, folder: Path) -> Path | None:
 def _claim_next_version(logger: Any, root: Path) -> None:
     """Take the next free ``version_N`` by creating it (``mkdir`` is atomic: of two runs started
     at once, one gets N and the other N + 1)."""
-    root.mkdir(parents=True, exist_ok=True)
-    n = (_version_dirs(root) or [(-1, None)])[-1][0] + 1
-    while True:
-        try:
-            (root / f"version_{n}").mkdir()
-            logger._version = n
-            return
-        except FileExistsError:
-            n += 1
+    with writing(root, "the run folder under", LOG_FOLDER_SETTING, "nothing was written yet"):
+        root.mkdir(parents=True, exist_ok=True)
+        n = (_version_dirs(root) or [(-1, None)])[-1][0] + 1
+        while True:
+            try:
+                (root / f"version_{n}").mkdir()
+                logger._version = n
+                return
+            except FileExistsError:
+                n += 1
 
 
 # -- the metric history -----------------------------------------------------------------------------
@@ -333,16 +391,35 @@ def start_loggers(trainer: Any, plan: RunPlan) -> int:
         rows: list[dict[str, str]] = []
         if isinstance(logger, CSVLogger) and plan.continuing and plan.resume_step is not None:
             rows = _rows_to_keep(Path(logger.log_dir) / "metrics.csv", plan.resume_step)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), writing(logger.log_dir, "the run folder", LOG_FOLDER_SETTING):
             # "Previous log files in this directory will be deleted": the rows to keep are read,
             # and a fresh run never gets here with another run's logs in its folder.
             warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
             experiment = logger.experiment
+        _check_saves(experiment)
         if rows:
             experiment.metrics = rows + experiment.metrics
             experiment.save()
             kept += len(rows)
     return kept
+
+
+def _check_saves(experiment: Any) -> None:
+    """Lightning's CSV writer appends to ``metrics.csv`` from inside the training loop; a full
+    disk there raised a bare ``ENOSPC`` that names no file (the write fails on a buffer flush).
+    Its ``save`` now goes through :func:`reclight.trainer.checkpoint.writing`, which names the file
+    and the free space."""
+    path = getattr(experiment, "metrics_file_path", None)
+    save = getattr(experiment, "save", None)
+    if path is None or save is None or getattr(save, "_reclight_checked", False):
+        return
+
+    def checked_save() -> None:
+        with writing(path, "the metrics", LOG_FOLDER_SETTING, METRICS_NOTE):
+            save()
+
+    checked_save._reclight_checked = True  # type: ignore[attr-defined]
+    experiment.save = checked_save
 
 
 def _rows_to_keep(path: Path, resume_step: int) -> list[dict[str, str]]:
@@ -389,8 +466,14 @@ class RunLock:
         except ImportError:  # Windows: no flock; the folder rules above still apply
             return self
         for folder in self.folders:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                with writing(self.path(folder), "the run lock", f"{LOG_FOLDER_SETTING} or a ModelCheckpoint dirpath",
+                             "nothing was written yet"):
+                    folder.parent.mkdir(parents=True, exist_ok=True)
+                    fd = os.open(self.path(folder), os.O_RDWR | os.O_CREAT, 0o644)
+            except BaseException:
+                self.release()
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED = {"reclight.yamlio"}
+"""Outside the core but importable by every layer and the bench: imports the standard library
+and PyYAML only (the one YAML loader of the project's config files)."""
 CORE = {"reclight.algorithms", "reclight.advantages", "reclight.losses", "reclight.sync", "reclight.checks",
         "reclight.stats", "reclight.clock", "reclight.updates"}
 LAYERS = ["core", "tasks", "kernels", "models", "engines", "rollout", "trainer", "study", "launch"]
@@ -47,7 +50,7 @@ def _imports(path, top_level_only=False):
 
 
 def _layer(module):
-    if module in CORE:
+    if module in CORE or module in SHARED:
         return "core"
     parts = module.split(".")
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else None
@@ -69,7 +72,15 @@ def test_bandits_import_only_the_core_of_reclight():
             continue
         for imp in _imports(path):
             if imp.startswith("reclight"):
-                assert imp in CORE or any(imp.startswith(c + ".") for c in CORE), f"{name} imports {imp}"
+                assert imp in CORE | SHARED or any(imp.startswith(c + ".") for c in CORE | SHARED), \
+                    f"{name} imports {imp}"
+
+
+def test_the_shared_yaml_loader_imports_only_the_standard_library_and_pyyaml():
+    for name in SHARED:
+        for imp in _imports(_modules()[name]):
+            top = imp.split(".")[0]
+            assert top in ("yaml", "__future__") or top in sys.stdlib_module_names, f"{name} imports {imp}"
 
 
 def test_layers_import_only_downwards():
@@ -115,6 +126,6 @@ def test_no_import_cycles():
 def test_the_layout_has_the_expected_rooms():
     """The folders show the architecture: the core at the top level, the rest in subpackages."""
     top = {p.stem for p in (ROOT / "reclight").glob("*.py")} - {"__init__", "__main__"}
-    assert top == {n.split(".")[1] for n in CORE} | {"launch"}
+    assert top == {n.split(".")[1] for n in CORE | SHARED} | {"launch"}
     assert {p.name for p in (ROOT / "reclight").iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(
         LAYERS[1:-1])

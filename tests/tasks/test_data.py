@@ -119,11 +119,45 @@ def test_gsm8k_splits_are_deterministic_disjoint_and_cover_the_train_file(tmp_pa
 
 
 def test_gsm8k_val_size_too_large_or_zero(tmp_path):
-    write(tmp_path / "train.jsonl", [good(), good()])
+    write(tmp_path / "train.jsonl", [good(), good(q="What is 3+3?", a="#### 6")])
     with pytest.raises(DataError, match="val_size=2 holds out all 2 examples"):
         GSM8K(data_dir=str(tmp_path), val_size=2).examples("train")
     with pytest.raises(DataError, match=r"empty data set: .* after taking the val split"):
         GSM8K(data_dir=str(tmp_path), val_size=0).examples("val")
+
+
+def test_empty_text_field_is_refused_naming_file_and_line(tmp_path):
+    """Before: an empty question was accepted and trained on (the prompt was the template alone)."""
+    f = write(tmp_path / "d.jsonl", [good(), good(q=" \n ")])
+    with pytest.raises(DataError) as e:
+        read_jsonl(f, FIELDS)
+    assert str(e.value).startswith(f"{f}:2: field 'question'=' \\n ' is not valid; accepted: a non-empty text")
+    write(tmp_path / "test.jsonl", [json.dumps({"problem": "p", "answer": ""})])
+    with pytest.raises(DataError, match=r"test.jsonl:1: field 'answer'='' is not valid"):
+        Math500(data_dir=str(tmp_path)).examples("test")
+
+
+def test_duplicate_rows_are_dropped_before_the_split_with_a_count(tmp_path):
+    """Rows 6-9 repeat rows 1-4 (row 9's answer differs): they are dropped, the first kept, with
+    one warning counting them; train and val then share no question, whatever the seed (before:
+    a repeated row could be held out on one side and trained on from the other)."""
+    rows = [good(q=f"q{i}", a=f"#### {i}") for i in range(5)]
+    rows += rows[:3] + [good(q="q3", a="#### 99")]
+    write(tmp_path / "train.jsonl", rows)
+    for seed in range(8):
+        task = GSM8K(data_dir=str(tmp_path), val_size=2, seed=seed)
+        with pytest.warns(UserWarning) as caught:
+            train, val = task.examples("train"), task.examples("val")
+        assert len(train) + len(val) == 5 and not {e.prompt for e in train} & {e.prompt for e in val}
+    msg = str(caught[0].message)
+    assert msg == (f"{tmp_path / 'train.jsonl'}: dropped 4 of 9 rows whose 'question' repeats an earlier row's (line "
+                   "(= first line): 6 (= 1), 7 (= 2), 8 (= 3), 9 (= 4)); 1 of them differ in other fields (e.g. the "
+                   "answer): the first row's are used; each prompt is kept once, so held-out prompts are never also "
+                   "trained on")
+    assert {e.answer for e in train + val} == {"0", "1", "2", "3", "4"}  # q3 keeps its first answer
+    write(tmp_path / "test.jsonl", [json.dumps({"problem": p, "answer": "1"}) for p in ("a", "b", "a")])
+    with pytest.warns(UserWarning, match=r"test.jsonl: dropped 1 of 3 rows whose 'problem' repeats"):
+        assert len(Math500(data_dir=str(tmp_path)).examples("test")) == 2
 
 
 def test_gsm8k_bad_arguments_and_split():

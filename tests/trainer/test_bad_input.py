@@ -109,6 +109,21 @@ CONFIG_CASES = {
     "eval_max_new_tokens 64": (["--model.monitor.eval_max_new_tokens", "64"],
                                "model.monitor.eval_max_new_tokens=64 is not valid; accepted: at most 63 with the "
                                "embedded tiny model"),
+    # issue #25
+    "seed_everything -5": (["--seed_everything", "-5"],
+                           "seed_everything=-5 is not valid; accepted: an integer in [0, 4294967295] (numpy's seed "
+                           "range), or true for a random seed"),
+    "num_samples 200000": (["--model.sampling.num_samples", "200000"],
+                           "one training step would generate up to 4,000,000 response tokens per rank: 4 prompts "
+                           "(data.prompts_per_step=4 over 1 rank) x model.sampling.num_samples=200000 x "
+                           "model.sampling.max_new_tokens=5, more than model.guards.max_step_tokens=2,000,000; "
+                           "accepted: at most 2,000,000 (lower one of those settings), or raise the bound on a machine that can "
+                           "generate that much in one step: --model.guards.max_step_tokens 4000000"),
+    "max_step_tokens 0": (["--model.guards.max_step_tokens", "0"],
+                          "model.guards.max_step_tokens=0 is not valid; accepted: an integer >= 1"),
+    "allow_changes without ckpt_path": (["--allow_changes", "[model.optim.lr]"],
+                                        "--allow_changes=['model.optim.lr'] is not valid; accepted: nothing without "
+                                        "--ckpt_path"),
 }
 
 
@@ -123,6 +138,25 @@ def test_bad_config_fails_before_any_model_load(tmp_path, case, capsys):
     assert isinstance(e.value, ValueError) or e.value.code == 2
     assert expected in " ".join(message.split())
     assert not (tmp_path / "tiny").exists()  # the model was never built nor loaded
+
+
+def test_the_step_bound_passes_the_papers_gpu_shape():
+    """configs/gsm8k_qwen.yaml (96 prompts x 8 samples x 1024 new tokens on one GPU) and twice its
+    samples are under the default model.guards.max_step_tokens; three times is not, unless the
+    bound is raised."""
+    from reclight.trainer.cli import check_step_tokens
+
+    qwen = ["--config", str(ROOT / "configs" / "gsm8k_qwen.yaml"), "--trainer.accelerator", "cpu",
+            "--trainer.logger", "false"]
+    cli = main(qwen, run=False)
+    assert check_step_tokens(cli.model, cli.datamodule, cli.trainer) == 96 * 8 * 1024 == 786_432
+    cli = main([*qwen, "--model.sampling.num_samples", "16"], run=False)
+    assert check_step_tokens(cli.model, cli.datamodule, cli.trainer) == 1_572_864
+    with pytest.raises(ValueError, match=r"up to 2,359,296 response tokens per rank: 96 prompts .* --model.guards."
+                                         r"max_step_tokens 2359296$"):
+        main([*qwen, "--model.sampling.num_samples", "24"], run=False)
+    cli = main([*qwen, "--model.sampling.num_samples", "24", "--model.guards.max_step_tokens", "2359296"], run=False)
+    assert cli.model.sampling.num_samples == 24
 
 
 def test_non_finite_values_from_a_yaml_file(tmp_path):
@@ -224,7 +258,10 @@ GOOD = json.dumps({"question": "What is 2+2?", "answer": "2+2=4\n#### 4"})
     ([GOOD, json.dumps({"question": "q", "answer": "1/2 + 1/4\n#### 3/4"})],
      "train.jsonl:2: field 'answer' ends with '#### 3/4', a fraction, which would be read as its numerator; accepted: "
      "'#### <number>' with one integer or decimal"),
-], ids=["malformed", "missing field", "empty", "utf-16", "latin-1", "fraction gold"])
+    # issue #25 (before: an empty question was trained on)
+    ([GOOD, json.dumps({"question": "  ", "answer": "#### 4"}), GOOD],
+     "train.jsonl:2: field 'question'='  ' is not valid; accepted: a non-empty text"),
+], ids=["malformed", "missing field", "empty", "utf-16", "latin-1", "fraction gold", "empty question"])
 def test_bad_data_file_through_the_cli(tmp_path, lines, expected):
     data, args = gsm8k_args(tmp_path, lines)
     with pytest.raises(DataError) as e:

@@ -7,8 +7,14 @@ hold exactly A, A and B. The kill point is fixed by patching, so the test is not
 
 Validation: every kind of bad ``--ckpt_path`` file gets a ``CheckpointError`` naming the path,
 what is wrong and what is accepted.
+
+Disk errors (issue #25): a full disk during the write and a read-only folder are a
+``DiskWriteError`` naming the file, the reason, the free space and what to do, the old file kept
+(``disk_helpers``: the error injected at the write; through ``reclight fit`` and a resume after
+it: ``test_resume_safety.py``).
 """
 
+import errno
 import os
 import signal
 import subprocess
@@ -19,12 +25,15 @@ import zipfile
 import pytest
 import torch
 
+from disk_helpers import disk_full_at, read_only
 from reclight.trainer.checkpoint import (
     ACCEPTED,
     AtomicCheckpointIO,
     CheckpointError,
+    DiskWriteError,
     atomic_torch_save,
     validate_checkpoint,
+    write_error,
 )
 
 KILL_SCRIPT = textwrap.dedent(
@@ -88,6 +97,41 @@ def test_atomic_save_round_trip_and_failed_save_cleans_up(tmp_path):
         atomic_torch_save({"a": Unpicklable()}, path)
     assert sorted(os.listdir(tmp_path)) == ["x.ckpt"]  # old file kept, temp file removed
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+
+
+def test_full_disk_during_a_save_names_the_file_and_the_free_space_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """Before: torch's "enforce fail at inline_container.cc ... unexpected pos" (the ENOSPC lost
+    inside its zip writer), naming neither the file nor the disk."""
+    path = tmp_path / "step=1.ckpt"
+    atomic_torch_save({"a": torch.arange(3)}, path)
+    disk_full_at(monkeypatch, 1)
+    with pytest.raises(DiskWriteError) as e:
+        AtomicCheckpointIO().save_checkpoint({"a": torch.zeros(100_000)}, path)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot write the checkpoint {str(path)!r}: no space left on the device (")
+    assert " free of " in msg and "on that file system now); the checkpoints already there are intact" in msg
+    assert "ModelCheckpoint dirpath" in msg and "--ckpt_path last" in msg and e.value.errno == errno.ENOSPC
+    assert "inline_container" in str(e.value.__cause__)  # what torch raised, kept as the cause
+    assert sorted(os.listdir(tmp_path)) == ["step=1.ckpt"]  # no partial temp file
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(3))
+
+
+def test_read_only_checkpoint_folder_is_named(tmp_path, monkeypatch, request):
+    folder = tmp_path / "ro"
+    read_only(folder, monkeypatch, request)
+    with pytest.raises(DiskWriteError) as e:
+        atomic_torch_save({"a": torch.arange(3)}, folder / "x.ckpt")
+    assert str(e.value).startswith(f"cannot write the checkpoint {str(folder / 'x.ckpt')!r}: permission denied (the "
+                                   f"folder is not writable by this user) in {str(folder)!r};")
+    assert f"make {str(folder)!r} writable, or write to another folder" in str(e.value)
+
+
+def test_write_error_leaves_other_errors_alone(tmp_path):
+    assert write_error(tmp_path, "x", OSError(errno.ENOENT, "no such file")) is None
+    assert write_error(tmp_path, "x", RuntimeError("cannot pickle")) is None
+    ro = write_error(None, "", OSError(errno.EROFS, "Read-only file system", str(tmp_path / "f")))
+    assert str(ro).startswith(f"cannot write {str(tmp_path / 'f')!r}: the file system is read-only in "
+                              f"{str(tmp_path)!r}")
 
 
 # -- validation -------------------------------------------------------------------------------

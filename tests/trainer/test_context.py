@@ -76,8 +76,8 @@ def test_every_prompt_too_long_is_an_error_naming_the_budget(tmp_path):
     longer than the 59 positions max_new_tokens 5 leaves, so nothing is left to train on."""
     data = tmp_path / "gsm8k"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps({"question": LONG[0], "answer": "#### 3"}) + "\n"
-                                              for _ in range(4)))
+    (data / "train.jsonl").write_text("".join(json.dumps({"question": f"{LONG[0]}({i})", "answer": "#### 3"}) + "\n"
+                                              for i in range(4)))  # distinct questions: repeats are dropped
     (data / "test.jsonl").write_text(json.dumps({"question": LONG[0], "answer": "#### 3"}) + "\n")
     with pytest.raises(DataError) as e:
         main(fit_args(tmp_path, "--data.task", "reclight.tasks.GSM8K", "--data.task.init_args.data_dir", str(data),

@@ -7,6 +7,12 @@ unless ``--allow_changes`` lists it; a checkpoint of another model size is a ``C
 naming the tensors; a second live run into a folder in use is refused (and a SIGKILLed run's
 lock does not stay stuck); a fresh run never overwrites a folder holding another run. The
 bitwise equality of resumed runs, and their metric history, is ``test_resume.py``'s.
+
+Issue #25: ``--ckpt_path best`` and ``--allow_changes`` naming no setting are refused; a full disk
+during a checkpoint or the metrics, a read-only checkpoint or log folder, are errors naming the
+file, the reason and the free space, and a rerun with ``--ckpt_path last`` after the disk is
+freed ends bitwise where the straight run does (the errors are injected at the write:
+``disk_helpers``).
 """
 
 import csv
@@ -20,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reclight.trainer.checkpoint import CheckpointError
+from disk_helpers import disk_full_at, read_only
+from reclight.trainer.checkpoint import CheckpointError, DiskWriteError
 from reclight.trainer.cli import main
 from reclight.trainer.resume import RunFolderInUse, RunLock, _rows_to_keep
 
@@ -201,3 +208,113 @@ def test_rows_past_the_checkpoint_are_superseded_and_kept_aside(tmp_path):
                     {"step": "0", "reward/mean": "0.0"}, {"step": "1", "reward/mean": "0.1"},
                     {"step": "2", "reward/mean": "0.2"}]
     assert not path.exists() and (tmp_path / "metrics.before-resume-at-step=3.csv").read_text().count("\n") == 8
+
+
+# -- issue #25: resume arguments, a full disk, read-only folders --------------------------------------
+@pytest.mark.parametrize("checkpoints", [True, False], ids=["checkpoint callback", "none"])
+def test_ckpt_path_best_is_refused_for_fit(tmp_path, checkpoints):
+    """Before: a raw FileNotFoundError: 'best' (the pre-resume check opened the word as a file)."""
+    args = fit_args(tmp_path, "--ckpt_path", "best")
+    if not checkpoints:  # without the ModelCheckpoint config
+        i = args.index(str(tmp_path / "checkpoints.yaml"))
+        del args[i - 1 : i + 1]
+    with pytest.raises(CheckpointError, match=r"--ckpt_path='best' is not valid for fit: it is not a checkpoint to "
+                                              r"resume \('best' is the checkpoint a monitoring ModelCheckpoint kept .*"
+                                              r"accepted: a checkpoint file .*, or last"):
+        main(args)
+    assert not (tmp_path / "logs").exists()  # refused when parsed: no run folder, no model
+
+
+def test_allow_changes_must_name_settings_of_the_run(run):
+    """Before: a misspelt field allowed nothing, silently (and then the real change was refused
+    without saying why the list did not cover it)."""
+    with pytest.raises(ValueError) as e:
+        main(fit_args(run, "--ckpt_path", "last", "--model.optim.lr", "0.01", "--allow_changes",
+                      "[model.optim.lrr]", steps=3))
+    msg = str(e.value)
+    assert msg.startswith("--allow_changes=['model.optim.lrr'] is not valid; accepted: 'all', or settings of this "
+                          "run's record and their groups (")
+    assert "'model.optim.lrr' names none (closest: model.optim.lr" in msg
+    assert not (run_folder(run) / "checkpoints" / "step=3.ckpt").exists()
+
+
+def _tensors_equal(a, b):
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_tensors_equal, a, b))
+    return a == b
+
+
+def test_full_disk_at_a_checkpoint_then_resume_after_freeing_it_is_exact(first_run, tmp_path, monkeypatch):
+    """The disk fills while step 2's checkpoint is written (the second file a run saves): the run
+    stops naming the file and the free space, step 1's checkpoint stays loadable, no partial file
+    is left; with the disk freed, the same command with --ckpt_path last ends where the straight
+    run ended, bitwise (weights and AdamW state)."""
+    import shutil
+
+    shutil.copytree(first_run.parent / "tiny", tmp_path / "tiny")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    full = disk_full_at(monkeypatch, 2)
+    with pytest.raises(DiskWriteError) as e:
+        main(fit_args(folder))
+    ckpts = run_folder(folder) / "checkpoints"
+    assert str(e.value).startswith(f"cannot write the checkpoint {str(ckpts / 'step=2.ckpt')!r}: no space left on the "
+                                   "device (") and " free of " in str(e.value) and "--ckpt_path last" in str(e.value)
+    assert len(full) == 2 and sorted(p.name for p in ckpts.iterdir()) == ["step=1.ckpt"]
+    assert torch.load(ckpts / "step=1.ckpt", weights_only=True)["global_step"] == 1
+    monkeypatch.undo()  # space freed
+    cli = main(fit_args(folder, "--ckpt_path", "last"))
+    assert cli.trainer.global_step == 2
+    resumed = torch.load(ckpts / "step=2.ckpt", weights_only=True)
+    straight = torch.load(run_folder(first_run) / "checkpoints" / "step=2.ckpt", weights_only=True)
+    assert _tensors_equal(resumed["state_dict"], straight["state_dict"])
+    assert _tensors_equal(resumed["optimizer_states"], straight["optimizer_states"])
+
+
+def test_full_disk_while_writing_the_metrics_names_the_file(tmp_path, monkeypatch):
+    """Before: a bare ENOSPC from Lightning's CSV writer, naming no file."""
+    import errno
+
+    from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+
+    real_save = _ExperimentWriter.save
+
+    def save(self):
+        real_save(self)  # the file is there; the next write does not fit
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_ExperimentWriter, "save", save)
+    with pytest.raises(DiskWriteError) as e:
+        main(fit_args(tmp_path, steps=1))
+    metrics = run_folder(tmp_path) / "metrics.csv"
+    assert str(e.value).startswith(f"cannot write the metrics {str(metrics)!r}: no space left on the device (")
+    assert "metrics.csv may lack its last rows" in str(e.value)
+
+
+@pytest.mark.parametrize("where", ["checkpoint folder", "log folder", "model folder"])
+def test_read_only_folders_are_named_before_any_work(tmp_path, monkeypatch, request, where):
+    """Before: a raw OSError (for the checkpoint folder, on its lock file .ck.reclight.lock). The
+    embedded model's folder is not written by a reclight helper: the CLI's last resort names it."""
+    ro = tmp_path / "ro"
+    read_only(ro, monkeypatch, request)
+    if where == "checkpoint folder":
+        extra = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 f"--trainer.callbacks.dirpath={ro / 'ck'}"]
+        expected = (f"cannot write the run lock {str(ro / '.ck.reclight.lock')!r}: permission denied (the folder is "
+                    f"not writable by this user) in {str(ro)!r}; nothing was written yet; make {str(ro)!r} writable, "
+                    "or write to another folder (trainer.logger.init_args.save_dir or a ModelCheckpoint dirpath)")
+    elif where == "log folder":
+        extra = ["--trainer.logger.init_args.save_dir", str(ro)]
+        expected = (f"cannot write the run folder under {str(ro / 'smoke')!r}: permission denied (the folder is not "
+                    f"writable by this user) in {str(ro)!r}")
+    else:
+        extra = ["--model.policy.tiny_dir", str(ro / "tiny")]
+        expected = f"cannot write {str(ro / 'tiny')!r}: permission denied"
+    with pytest.raises(DiskWriteError) as e:
+        main(fit_args(tmp_path, *extra))
+    assert str(e.value).startswith(expected), str(e.value)
+    assert f"permission denied (the folder is not writable by this user) in {str(ro)!r}" in str(e.value)
