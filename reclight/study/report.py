@@ -15,6 +15,10 @@ Per-seed statistics of an accuracy curve a_0 (step 0), a_1, ..., a_n (``STATISTI
 (max_k of max_{j<=k} a_j - a_k), ``collapsed`` (1 if final < collapse_floor). A claim row is the
 paired difference over the seeds both cells completed, its 95% t-interval and verdict
 (:func:`reclight.stats.paired_verdict`).
+
+Each run folder's ``samples.jsonl`` (what the policy generated, written by the trainer every
+``model.monitor.samples_every`` steps) is linked per arm, with two samples quoted
+(:func:`samples_section`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +39,11 @@ from reclight.study.plan import LOGS, run_folder, warmup_folder
 SERIES = ("clip/frac", "policy/entropy", "kl/init", "reward/mean", "response/len_mean", "rollout/staleness_mean")
 """Per-step training metrics kept for the plots and the cell table."""
 STUDY_FILE = "study.yaml"
+SAMPLES_FILE = "samples.jsonl"
+"""The run folder's samples, as ``reclight.trainer.samples.SAMPLES_FILE`` names them (not imported:
+the report reads files and needs no torch; a test checks the two agree)."""
+QUOTED = 2
+"""Samples quoted per arm in report.md."""
 
 
 @dataclass
@@ -56,6 +66,12 @@ class RunData:
     @property
     def acc(self) -> list[float]:
         return [a for _, a in self.evals]
+
+    @property
+    def samples(self) -> Path | None:
+        """The run's ``samples.jsonl``, where it has one."""
+        path = self.folder / LOGS / SAMPLES_FILE
+        return path if path.is_file() else None
 
 
 def _float(x: str | None) -> float | None:
@@ -200,12 +216,80 @@ def cells_table(cfg: StudyConfig, setting: str, cells: dict[str, dict[str, Any]]
     return lines
 
 
+def last_samples(path: Path, n: int = QUOTED) -> list[dict[str, Any]]:
+    """The first ``n`` samples of the last step in a ``samples.jsonl`` (a line that is not a JSON
+    object with a ``step``, such as a killed run's partial last line, is skipped)."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), int):
+                records.append(r)
+    last = max((r["step"] for r in records), default=None)
+    return [r for r in records if r["step"] == last][:n]
+
+
+def _quote(text: Any, width: int = 60) -> str:
+    """A generated text as a code span in a table cell: cut to ``width`` characters, newlines and
+    '|' escaped."""
+    text = str(text)
+    text = (text[:width] + "...") if len(text) > width else text
+    text = text.replace("\n", "\\n").replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _value(x: Any, fmt: str) -> str:
+    return "-" if not isinstance(x, (int, float)) or isinstance(x, bool) else format(x, fmt)
+
+
+def samples_section(cfg: StudyConfig, runs: dict[tuple[str, str], dict[int, RunData]], folder: Path) -> list[str]:
+    """report.md's "Samples": per setting and arm, a link to each seed's ``samples.jsonl``
+    (relative to the study folder) and the first :data:`QUOTED` samples of the last step that the
+    first seed with a file recorded."""
+    lines = ["## Samples", "",
+             "What the policy generated: `logs/samples.jsonl` in each run folder, one JSON object per sample (the "
+             "first `model.monitor.samples_per_step` samples every `model.monitor.samples_every` steps; fields in "
+             f"docs/llm.md, \"Samples in the logs\"). Quoted per arm: the first {QUOTED} samples of the last step in "
+             "the first seed's file, texts cut at 60 characters.", "",
+             "| setting | arm | files | quoted | prompt | response | reward | advantage | clip frac |",
+             "|---" * 9 + "|"]
+    any_file = False
+    for setting in cfg.settings:
+        for arm in cfg.arms:
+            cell = runs.get((setting.name, arm.name))
+            if cell is None:
+                continue
+            files = {seed: r.samples for seed, r in cell.items() if r.samples is not None}
+            links = ", ".join(f"[seed{seed}]({Path(os.path.relpath(path, folder)).as_posix()})"
+                              for seed, path in files.items())
+            head = f"| `{setting.name}` | `{arm.name}` | {links or 'none'} |"
+            quoted = []
+            if files:
+                any_file = True
+                seed, path = next(iter(files.items()))
+                quoted = last_samples(path)
+            if not quoted:
+                lines.append(head + " |" * 6)
+            for i, r in enumerate(quoted):
+                where = f"seed {seed}, step {r['step']}, group {r.get('group', '-')} sample {r.get('sample', '-')}"
+                lines.append((head if i == 0 else "| | | |") + f" {where} | {_quote(r.get('prompt', ''))} | "
+                             f"{_quote(r.get('response', ''))} | {_value(r.get('reward'), '.3g')} | "
+                             f"{_value(r.get('advantage'), '+.3f')} | {_value(r.get('clip_frac'), '.3f')} |")
+    if not any_file:
+        return lines[:2] + ["No run folder holds a `samples.jsonl` (runs from before samples were written, or with "
+                            "`model.monitor.samples_every: 0`)."]
+    return lines
+
+
 def _overrides_text(values: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in values.items())
 
 
 def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups: dict, plots: list[Path],
-           command: str) -> list[str]:
+           command: str, samples: list[str] | None = None) -> list[str]:
     done = sum(r.complete for cell in runs.values() for r in cell.values())
     total = sum(len(cell) for cell in runs.values())
     some = next((r for cell in runs.values() for r in cell.values() if r.complete), None)
@@ -256,6 +340,8 @@ def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups:
     lines += ["", "## Plots", "", "Per setting: held-out accuracy (mean over seeds, band = min..max over seeds), "
               "clip fraction, entropy and `kl/init` (10-step moving averages, mean over seeds).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
+    if samples:
+        lines += ["", *samples]
     missing = [f"`{r.folder}`" for cell in runs.values() for r in cell.values() if not r.complete]
     lines += ["", "## Runs", "",
               "Each run folder holds `run.json` with its exact `reclight fit` command (`reclight study --config ... "
@@ -307,14 +393,16 @@ def write_report(folder: str | Path, command: str | None = None, log=print) -> P
     warmups = _warmups(cfg)
     command = command or f"reclight study report {folder}"
     report = folder / "report.md"
-    report.write_text("\n".join(render(cfg, rows, cells, runs, warmups, plots, command)) + "\n")
+    samples = samples_section(cfg, runs, folder)
+    report.write_text("\n".join(render(cfg, rows, cells, runs, warmups, plots, command, samples)) + "\n")
     curves: dict[str, dict[str, dict[str, list]]] = {}
     for (setting, arm), cell in runs.items():
         curves.setdefault(setting, {})[arm] = {str(seed): r.evals for seed, r in cell.items() if r.complete}
     summary = {"study": cfg.to_dict(), "counts": count_verdicts(rows), "counts_line": count_line(rows),
                "min_seeds": MIN_SEEDS, "rows": rows,
                "cells": cells, "curves": curves, "warmups": warmups,
-               "runs": [{"folder": str(r.folder), "complete": r.complete} for cell in runs.values() for r in cell.values()]}
+               "runs": [{"folder": str(r.folder), "complete": r.complete, "samples": r.samples}
+                        for cell in runs.values() for r in cell.values()]}
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
     log(f"{count_line(rows)}; wrote {report}, summary.json and {len(plots)} plot(s)")
     return report

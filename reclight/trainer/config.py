@@ -211,11 +211,27 @@ class MonitorConfig:
     log_mismatch: bool = False
     """Log ``mismatch/*`` (|logp_behav - logp_prox|, the behaviour weight) even when the loss does
     not need ``logp_prox`` (one extra no-grad forward per step; the proximal anchor computes it anyway)."""
+    samples_every: int = 50
+    """Every this many steps, from step 0, write a few of the step's samples (prompt, response,
+    reward, advantage, the fraction of its tokens the loss's mask clipped, the policy version(s)
+    that sampled it) to ``samples.jsonl`` in the run folder and to the logger's text view
+    (TensorBoard, W&B); 0: never. From the step's own tensors: no generation or forward is added
+    (docs/llm.md, "Samples in the logs")."""
+    samples_per_step: int = 4
+    """Samples written at such a step: the first ones of the batch in order (group 0's K samples,
+    then group 1's, ...; rank 0's share under data parallel)."""
+    samples_max_mb: float = 5.0
+    """Cap on ``samples.jsonl``, in MB (10^6 bytes): a line that would pass it is not written, one
+    printed line says so, and no more samples are written in the run."""
 
     def __post_init__(self) -> None:
         check_bool("model.monitor.log_kl_init", self.log_kl_init)
         check_bool("model.monitor.log_mismatch", self.log_mismatch)
         check_int("model.monitor.eval_max_new_tokens", self.eval_max_new_tokens, minimum=1, allow_none=True)
+        check_int("model.monitor.samples_every", self.samples_every, minimum=0,
+                  accepted="an integer >= 0 (0: no samples are written)")
+        check_int("model.monitor.samples_per_step", self.samples_per_step, minimum=1)
+        check_float("model.monitor.samples_max_mb", self.samples_max_mb, gt=0)
 
 
 def _attribute_docs(cls: type) -> dict[str, str]:

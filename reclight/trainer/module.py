@@ -86,6 +86,7 @@ from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_fi
 from reclight.trainer.metrics import batch_metrics
 from reclight.trainer.prompts import PromptSource
 from reclight.trainer.resume import RECORD_KEY, apply_optim_config, check_resume_config, run_record
+from reclight.trainer.samples import SampleLog
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 # Lightning warns that the module's on_before_batch_transfer takes precedence over the data
@@ -112,7 +113,7 @@ class RLModule(LightningModule):
         optim: AdamW, gradient clipping, learning-rate warm-up (``model.optim``).
         warmup: supervised warm-up before RL (skipped when resuming); null disables it.
         guards: when bad rewards or numerics stop the run (``model.guards``).
-        monitor: ``kl/init`` and the evaluation's response cap (``model.monitor``).
+        monitor: ``kl/init``, the evaluation's response cap, ``samples.jsonl`` (``model.monitor``).
         seed: seeds model init (tiny), warm-up and sampling (null: the run's seed_everything).
     """
 
@@ -154,6 +155,7 @@ class RLModule(LightningModule):
         self._pending_rollouts: dict[str, Any] | None = None  # queue state, restored in on_fit_start
         self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
         self._skip_guard = NonFiniteGuard(guards.max_consecutive_skips)
+        self.sample_log = SampleLog(monitor)  # samples.jsonl every monitor.samples_every steps (trainer/samples.py)
         self.allow_changes: list[str] = []  # settings a resume may change (the CLI's --allow_changes)
         self.precision_reason = "set by the caller"  # the CLI says why it chose trainer.precision
         self.engine_resolved: dict[str, Any] = {}  # model.engine name/dtype as resolved for this run
@@ -315,6 +317,7 @@ class RLModule(LightningModule):
             metrics["grad/norm"] = self._clip_and_step(loss, batch.step, last=i == self.updates_cfg.count - 1)
             updates.append(metrics)
         self._log_step(batch, merge_update_metrics(updates), logp, entropy, logp_ref, time.perf_counter() - start)
+        self.sample_log.write(self, batch, adv, mask, logp, entropy, logp_prox, logp_ref)  # no extra forward
         return sum(updates[-1][k] for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy"))
 
     def _advantages(self, batch: RolloutBatch, logp_ref: Tensor | None) -> tuple[Tensor, Tensor]:

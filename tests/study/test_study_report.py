@@ -135,3 +135,42 @@ def test_below_the_minimum_seeds_no_verdict(folder):
 def test_report_of_a_folder_without_a_study(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not valid; accepted: a study folder holding study.yaml" in capsys.readouterr().err
+
+
+def _samples(folder, steps, response):
+    lines = [json.dumps({"step": t, "group": 0, "sample": k, "prompt": "2+2=", "response": f"{response}{t}.{k}",
+                         "reward": 1.0, "advantage": 0.25 * k, "clip_frac": 0.0, "version": t}) + "\n"
+             for t in steps for k in range(3)]
+    (folder / "logs" / "samples.jsonl").write_text("".join(lines) + '{"step": 9, "pro')  # a killed run's half line
+
+
+def test_the_report_links_each_arms_samples_and_quotes_two(folder):
+    """base's seeds 0 and 1 wrote samples.jsonl (steps 0 and 4, then half a line), the other arms
+    none: report.md links both files relative to the study folder and quotes the first 2 samples
+    of step 4 from seed 0's file ('|' escaped); the other arms say none; summary.json lists each
+    run's file."""
+    from reclight.study.report import SAMPLES_FILE as READ
+    from reclight.trainer.samples import SAMPLES_FILE
+
+    assert READ == SAMPLES_FILE  # the report's name for the file is the trainer's
+    runs = folder / "runs" / "offline"
+    for seed in (0, 1):
+        _samples(runs / "base" / f"seed{seed}", (0, 4), f"a|b seed{seed} ")
+    assert main(["report", str(folder)]) == 0
+    report = (folder / "report.md").read_text()
+    links = ", ".join(f"[seed{s}](runs/offline/base/seed{s}/logs/samples.jsonl)" for s in (0, 1))
+    assert (f"| `offline` | `base` | {links} | seed 0, step 4, group 0 sample 0 | `2+2=` | `a\\|b seed0 4.0` | 1 | "
+            "+0.000 | 0.000 |") in report
+    assert "| | | | seed 0, step 4, group 0 sample 1 | `2+2=` | `a\\|b seed0 4.1` | 1 | +0.250 | 0.000 |" in report
+    assert "sample 2 |" not in report and "step 0, group" not in report
+    assert "| `offline` | `better` | none |" in report and "| `offline` | `noisy` | none |" in report
+    summary = json.loads((folder / "summary.json").read_text())
+    files = {r["folder"].split("runs/")[1]: r["samples"] for r in summary["runs"]}
+    assert files["offline/base/seed0"].endswith("runs/offline/base/seed0/logs/samples.jsonl")
+    assert files["offline/better/seed0"] is None
+
+
+def test_a_report_without_samples_says_so(folder):
+    assert main(["report", str(folder)]) == 0
+    report = (folder / "report.md").read_text()
+    assert "## Samples\n\nNo run folder holds a `samples.jsonl`" in report
