@@ -84,6 +84,19 @@ class DigitTask(Arithmetic):
         return sum(c.isdigit() for c in response) / max(len(response), 1)
 
 
+class Capture(pl.Callback):
+    """Records every step's batch and the metrics logged at its end (``metrics[step]``)."""
+
+    def __init__(self):
+        self.batches, self.metrics = {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches[trainer.global_step] = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.metrics[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 class Recorder(pl.Callback):
     """Records, per step, the rollout versions trained on and the logged ratio stats."""
 

@@ -3,27 +3,14 @@ model: the reference is the one frozen RL-start copy, the entropy bonus is the l
 Dr. GRPO gets max_new_tokens and the batch's sample count, DAPO's shaping reaches the advantages,
 oversampling keeps the informative groups."""
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 import reclight.trainer.module as module_lib
-from conftest import DigitTask, fit_micro, micro_module, micro_trainer
-from reclight.advantages import uniform_groups
+from conftest import Capture, DigitTask, fit_micro, micro_module, micro_trainer
+from reclight.advantages import truncated_responses, uniform_groups
 from reclight.models.tokens import eos_ids
 from reclight.trainer.data import RLDataModule
-from reclight.advantages import truncated_responses
-
-
-class Capture(pl.Callback):
-    def __init__(self):
-        self.batches, self.metrics = {}, {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches[trainer.global_step] = batch
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.metrics[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 @pytest.mark.parametrize("log_kl_init", [True, False])

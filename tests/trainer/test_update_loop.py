@@ -6,13 +6,12 @@ the same folder, the same fused AdamW, the mini-batches m, m + M, ... of the cap
 each update normalised by its own mini-batch's token and sequence counts.
 """
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from torch.testing import assert_close
 
 import reclight.trainer.module as module_lib
-from conftest import DigitTask, fit_micro, micro_module, micro_trainer
+from conftest import Capture, DigitTask, fit_micro, micro_module, micro_trainer
 from reclight.advantages import group_advantages
 from reclight.engines.config import EngineConfig
 from reclight.losses import policy_loss
@@ -20,17 +19,6 @@ from reclight.models.forward import response_logprobs
 from reclight.models.loading import load_causal_lm
 from reclight.trainer.config import MonitorConfig, UpdatesConfig
 from reclight.trainer.data import RLDataModule
-
-
-class Capture(pl.Callback):
-    def __init__(self):
-        self.batches, self.metrics = {}, {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches[trainer.global_step] = batch
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.metrics[trainer.global_step - 1] = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def _reference(module, batch, epochs, mini_batches, lr=3e-2, clip=1.0):
