@@ -5,6 +5,13 @@ against one. The trainer never looks inside a task: it asks for ``examples(split
 ``example.prompt`` (through the tokenizer's chat template when it has one) and calls
 ``reward``. A reward function may raise or return a non-finite value; the trainer treats such
 samples as failed (no gradient, counted in a metric) rather than crashing the run.
+
+The splits (:data:`SPLITS`): ``train`` (RL prompts and the supervised warm-up's examples),
+``check`` (where the supervised warm-up decides to stop: :mod:`reclight.trainer.warmup`), ``val``
+(the periodic greedy evaluation, ``val/acc``) and ``test``. ``check`` is held out of the training
+pool and disjoint from ``val`` in every task: the warm-up stops when its accuracy reaches a target,
+which is a selection, and selecting on ``val`` would bias every ``val/acc`` after it (the RL-start
+figure most). It is not ``test`` either, which stays untouched for a final figure.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass
 
 from reclight.checks import check_int
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "check", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,14 @@ def check_split(task_name: str, split: str, available: Sequence[str]) -> None:
         raise ValueError(
             f"{task_name}: split={split!r} is not available; accepted: {', '.join(available)}"
         )
+
+
+def check_size_of(field: str, check_size: int | None, val_size: int) -> int:
+    """The size of a task's ``check`` split: ``check_size``, or ``val_size`` when it is None (the
+    check split then mirrors ``val``: as many problems, drawn the same way, from the training
+    pool). ``field`` names the argument in the error (``Arithmetic.check_size``)."""
+    check_int(field, check_size, minimum=1, allow_none=True)
+    return val_size if check_size is None else check_size
 
 
 def check_task_args(

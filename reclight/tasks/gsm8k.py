@@ -12,10 +12,13 @@ Departures from the usual GSM8K harnesses, all on purpose:
   notation are not read as one number (GSM8K gold answers are all integers); a gold answer
   written that way (or with two numbers after its ``####``) is refused at load time, naming
   the file and line, rather than read as its first number.
-- ``val`` is a seeded random slice of the train file, disjoint from ``train``; ``test`` is
-  the published test file. A row whose question repeats an earlier row's is dropped (counted in
-  one printed line) before the slice is drawn, so no validation question is also trained on; an
-  empty question is refused (:mod:`reclight.tasks.jsonl`).
+- ``val`` is a seeded random slice of the train file, disjoint from ``train``; ``check`` (where
+  the supervised warm-up decides to stop) is a second seeded slice of what is left, so it is
+  disjoint from both (the warm-up never stops on a question that ``val/acc`` scores, and the
+  published test file stays untouched); ``test`` is the published test file. A row whose
+  question repeats an earlier row's is dropped (counted in one printed line) before the slices
+  are drawn, so no held-out question is also trained on; an empty question is refused
+  (:mod:`reclight.tasks.jsonl`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
-from reclight.tasks.base import Example, Task, check_task_args
-from reclight.tasks.jsonl import DataError, Row, drop_duplicates, held_out_indices, require_nonempty, task_rows
+from reclight.tasks.base import Example, Task, check_size_of, check_task_args
+from reclight.tasks.jsonl import (
+    DataError, Row, check_split_indices, drop_duplicates, held_out_indices, require_nonempty, task_rows,
+)
 
 DEFAULT_PROMPT = (
     "{question}\n\nSolve the problem step by step. Then write the final answer, a single number, "
@@ -85,9 +90,11 @@ class GSM8K(Task):
             instead, which needs the optional ``datasets`` package and network access.
         hf_dataset: Hugging Face data set id, used only when ``data_dir`` is None.
         hf_config: its configuration name.
-        train_file: JSONL file (inside ``data_dir``) for the ``train`` and ``val`` splits.
+        train_file: JSONL file (inside ``data_dir``) for the ``train``, ``val`` and ``check`` splits.
         test_file: JSONL file (inside ``data_dir``) for the ``test`` split.
         val_size: number of train-file rows held out as ``val`` (never in ``train``).
+        check_size: number of further train-file rows held out as ``check`` (never in ``train``
+            or ``val``), where the supervised warm-up decides to stop; None: ``val_size``.
         max_examples: keep only the first this-many examples of each split (after the
             train/val split, so ``val`` does not change with it); None keeps all.
         prompt_template: ``str.format`` template with a ``{question}`` field. It should ask for
@@ -108,15 +115,18 @@ class GSM8K(Task):
         max_examples: int | None = None,
         prompt_template: str = DEFAULT_PROMPT,
         seed: int = 0,
+        check_size: int | None = None,
     ) -> None:
         check_task_args("GSM8K", val_size=val_size, min_val_size=0, max_examples=max_examples,
                         prompt_template=prompt_template, placeholder="question")
+        self._check_n = check_size_of("GSM8K.check_size", check_size, val_size)
         self.data_dir = data_dir
         self.hf_dataset = hf_dataset
         self.hf_config = hf_config
         self.train_file = train_file
         self.test_file = test_file
         self.val_size = val_size
+        self.check_size = check_size
         self.max_examples = max_examples
         self.prompt_template = prompt_template
         self.seed = seed
@@ -127,16 +137,23 @@ class GSM8K(Task):
         checked = {row.line: self._example(row, source, uid_prefix) for row in rows}  # every row, repeated or not
         examples = [checked[row.line] for row in drop_duplicates(rows, "question", source)]
         if split != "test":
-            if self.val_size >= len(examples):
+            if self.val_size + self._check_n >= len(examples):
                 dropped = len(rows) - len(examples)
                 repeated = f" ({dropped} rows repeating a question dropped)" if dropped else ""
                 raise DataError(
-                    f"GSM8K: val_size={self.val_size} holds out all {len(examples)} examples of "
-                    f"{source}{repeated}; it must be smaller than the file to leave a train split"
+                    f"GSM8K: val_size={self.val_size} + check_size={self._check_n} hold out all {len(examples)} "
+                    f"examples of {source}{repeated}; they must be fewer than the file's to leave a train split "
+                    "(check_size=None means val_size)"
                 )
-            val = set(held_out_indices(len(examples), self.val_size, self.seed))
-            examples = [e for i, e in enumerate(examples) if (i in val) == (split == "val")]
-            require_nonempty(examples, source, f"taking the {split} split (val_size=0)")
+            val = held_out_indices(len(examples), self.val_size, self.seed)
+            held = {"val": val, "check": check_split_indices(len(examples), val, self._check_n, self.seed)}
+            if split == "train":
+                out = set(held["val"]) | set(held["check"])
+                examples = [e for i, e in enumerate(examples) if i not in out]
+            else:
+                examples = [examples[i] for i in held[split]]
+            size = self.val_size if split == "val" else self._check_n
+            require_nonempty(examples, source, f"taking the {split} split ({split}_size={size})")
         return examples[: self.max_examples]
 
     def _rows(self, source_split: str) -> tuple[list[Row], str, str]:

@@ -209,6 +209,19 @@ def held_out_indices(n: int, size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), size))
 
 
+def check_split_indices(n: int, exclude: Iterable[int], size: int, seed: int) -> list[int]:
+    """``size`` distinct indices of ``range(n)`` outside ``exclude`` (a task's ``val`` indices),
+    drawn with ``random.Random(f"{seed}/check")``, in the order drawn: a task's ``check`` split,
+    any prefix of which is a random sample of it (the warm-up checks on its first
+    ``model.warmup.check_size``). Deterministic for one (n, exclude, size, seed), like
+    :func:`held_out_indices`."""
+    out = set(exclude)
+    rest = [i for i in range(n) if i not in out]
+    if not 0 <= size <= len(rest):
+        raise ValueError(f"check size must be in [0, {len(rest)}], got {size}")
+    return [rest[i] for i in random.Random(f"{seed}/check").sample(range(len(rest)), size)]
+
+
 def hf_rows(
     dataset: str, config: str | None, split: str, required_fields: Mapping[str, type]
 ) -> list[Row]:

@@ -4,8 +4,12 @@ Choices worth knowing:
 
 - Splits. MATH-500 is a test set only. ``test`` is the whole file; ``val`` is a seeded random
   subset OF ``test`` (``val_size`` problems) for cheap periodic evaluation during training, so
-  ``val`` and ``test`` overlap on purpose. ``train`` exists only if ``train_file`` names a
-  JSONL file with the same fields (e.g. the MATH train split); otherwise asking for it raises.
+  ``val`` and ``test`` overlap on purpose. ``train`` and ``check`` exist only if ``train_file``
+  names a JSONL file with the same fields (e.g. the MATH train split); otherwise asking for them
+  raises. ``check`` (where the supervised warm-up decides to stop) is a seeded slice of the train
+  file, removed from ``train``, and never a problem of the test file: ``test`` cannot give a
+  check set here, since ``val`` is part of it, and the warm-up must not stop on a problem that
+  ``val/acc`` scores (a train-file row repeating a test problem is never drawn into ``check``).
   A row whose problem repeats an earlier row's is dropped (one printed line counts them) and an
   empty problem or answer is refused (:mod:`reclight.tasks.jsonl`).
 - Reward. The gold ``answer`` is parsed as ``\\boxed{answer}``; the response is parsed by
@@ -27,8 +31,10 @@ import threading
 from functools import lru_cache
 from typing import Any
 
-from reclight.tasks.base import SPLITS, Example, Task, check_task_args
-from reclight.tasks.jsonl import DataError, Row, drop_duplicates, held_out_indices, require_nonempty, task_rows
+from reclight.tasks.base import SPLITS, Example, Task, check_size_of, check_task_args
+from reclight.tasks.jsonl import (
+    DataError, Row, check_split_indices, drop_duplicates, held_out_indices, require_nonempty, task_rows,
+)
 
 DEFAULT_PROMPT = (
     "{problem}\n\nSolve the problem step by step. Put your final answer in \\boxed{{}}."
@@ -84,8 +90,8 @@ class Math500(Task):
             ``hf_dataset`` instead (needs the optional ``datasets`` package and network).
         hf_dataset: Hugging Face data set id, used only when ``data_dir`` is None.
         test_file: JSONL file (inside ``data_dir``) for ``test`` and ``val``.
-        train_file: optional JSONL file (inside ``data_dir``, same fields) for ``train``; None
-            means the task has no train split.
+        train_file: optional JSONL file (inside ``data_dir``, same fields) for ``train`` and
+            ``check``; None means the task has neither.
         val_size: number of ``test`` problems drawn (seeded) as the ``val`` subset.
         subject: keep only problems of this ``subject`` (case-insensitive, e.g. "Algebra");
             None keeps all. Rows without a ``subject`` field are dropped when it is set.
@@ -95,7 +101,9 @@ class Math500(Task):
             the answer in ``\\boxed{}`` (literal braces are written ``{{}}``).
         timeout_seconds: math-verify's per-parse / per-comparison limit in the main thread;
             None or 0 disables it. Ignored outside the main thread.
-        seed: seed of the ``val`` subset.
+        seed: seed of the ``val`` subset and of the ``check`` slice.
+        check_size: number of train-file problems held out as ``check`` (never in ``train``,
+            never a test-file problem); None: ``val_size``.
     """
 
     name = "math500"
@@ -113,14 +121,17 @@ class Math500(Task):
         prompt_template: str = DEFAULT_PROMPT,
         timeout_seconds: int | None = 5,
         seed: int = 0,
+        check_size: int | None = None,
     ) -> None:
         check_task_args("Math500", val_size=val_size, min_val_size=1, max_examples=max_examples,
                         prompt_template=prompt_template, placeholder="problem")
+        self._check_n = check_size_of("Math500.check_size", check_size, val_size)
         self.data_dir = data_dir
         self.hf_dataset = hf_dataset
         self.test_file = test_file
         self.train_file = train_file
         self.val_size = val_size
+        self.check_size = check_size
         self.subject = subject
         self.max_level = max_level
         self.max_examples = max_examples
@@ -140,8 +151,11 @@ class Math500(Task):
                 f"accepted: {', '.join(self.splits)}. Set train_file to a JSONL file with "
                 f"fields {sorted(_FIELDS)} (e.g. the MATH train split) to train on this task"
             )
-        rows, source, uid_prefix = self._rows("train" if split == "train" else "test")
+        source_split = "train" if split in ("train", "check") else "test"
+        rows, source, uid_prefix = self._rows(source_split)
         rows = self._filter(drop_duplicates(rows, "problem", source), source)
+        if source_split == "train":
+            rows = self._hold_out_check(rows, source, split)
         examples = [
             Example(
                 prompt=self.prompt_template.format(problem=row.record["problem"]),
@@ -154,6 +168,24 @@ class Math500(Task):
             keep = held_out_indices(len(examples), min(self.val_size, len(examples)), self.seed)
             examples = [examples[i] for i in keep]
         return examples[: self.max_examples]
+
+    def _hold_out_check(self, rows: list[Row], source: str, split: str) -> list[Row]:
+        """The ``check`` rows of the train file (``split == "check"``), or the others: a seeded
+        slice of ``check_size`` rows, none of whose problems is in the test file."""
+        test_rows, _, _ = self._rows("test")
+        in_test = {str(r.record["problem"]).strip() for r in test_rows}
+        shared = [i for i, r in enumerate(rows) if str(r.record["problem"]).strip() in in_test]
+        if self._check_n > len(rows) - len(shared) - 1:
+            raise DataError(
+                f"Math500: check_size={self._check_n} is not valid for {source}; accepted: at most "
+                f"{len(rows) - len(shared) - 1} (its {len(rows)} problems, less {len(shared)} also in the test file, "
+                "less one to leave a train split; check_size=None means val_size)"
+            )
+        check = check_split_indices(len(rows), shared, self._check_n, self.seed)
+        if split == "check":
+            return [rows[i] for i in check]
+        out = set(check)
+        return [r for i, r in enumerate(rows) if i not in out]
 
     def _rows(self, source_split: str) -> tuple[list[Row], str, str]:
         if self.data_dir is None and source_split == "train":

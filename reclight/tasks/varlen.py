@@ -32,19 +32,23 @@ How length relates to difficulty, by construction:
 Splits, and where they depart from a plain random partition:
 
 - Each level's operand pairs are shuffled by ``random.Random(f"{split_seed}/{d}")``; the
-  first ones go to ``test``, the next to ``val``, the rest (up to ``train_per_level``) to
-  ``train``. So the splits are disjoint and identical on every machine for one
-  ``split_seed``, and a level's split does not depend on which other levels are present.
+  first ones go to ``test``, the next to ``val``, the next to ``check`` (where the supervised
+  warm-up decides to stop), the rest (up to ``train_per_level``) to ``train``. So the splits are
+  disjoint and identical on every machine for one ``split_seed``, a level's split does not
+  depend on which other levels are present, and ``check`` comes out of the training pool:
+  ``val`` and ``test`` are the pairs they were before it existed.
 - Level 1 has only 100 pairs (level 2: 8,100; level 3: 810,000). A held-out split therefore
   takes at most a fifth of a level's pairs, and its size is spread over the levels by
   water-filling: the smallest level takes min(its cap, an equal share), the rest share what
   is left. With the defaults ``val`` holds 20 / 240 / 240 problems of levels 1 / 2 / 3 and
-  ``test`` 20 / 490 / 490, so held-out accuracy is mostly about levels 2 and 3.
+  ``test`` 20 / 490 / 490 (``check``, as large as ``val`` by default, 20 / 240 / 240), so
+  held-out accuracy is mostly about levels 2 and 3.
 - ``train`` holds ``train_per_level`` problems of EVERY level, so each level is a third of
-  the training prompts: a level with fewer distinct pairs left (level 1: 60) is cycled, so
+  the training prompts: a level with fewer distinct pairs left (level 1: 40) is cycled, so
   its problems repeat within an epoch. Without that, level 3 would be 99% of the prompts.
-- ``val`` and ``test`` are shuffled across levels, so any slice of them (the warm-up checks
-  the last ``check_size`` val problems) holds the levels in about the same proportions.
+- ``val``, ``test`` and ``check`` are shuffled across levels, so any slice of them (the
+  warm-up checks the first ``model.warmup.check_size`` check problems) holds the levels in
+  about the same proportions.
 
 The reward is 1.0 when the response, with special tokens removed and surrounding whitespace
 stripped, equals the gold answer exactly, else 0.0 (a sum in the other digit order, a padded
@@ -59,7 +63,7 @@ import random
 from collections.abc import Sequence
 
 from reclight.checks import check_bool, check_int, invalid
-from reclight.tasks.base import Example, Task
+from reclight.tasks.base import Example, Task, check_size_of
 
 _FIELD = "data.task.init_args."
 HELD_OUT_SHARE = 5
@@ -100,6 +104,9 @@ class VarLenAddition(Task):
         min_digits: the easiest level.
         val_size: held-out problems in ``val`` (periodic greedy evaluation), over all levels.
         test_size: held-out problems in ``test``, over all levels.
+        check_size: problems in ``check``, over all levels, where the supervised warm-up
+            decides to stop (taken from the training pool, disjoint from ``val``); None:
+            ``val_size``.
         train_per_level: training problems per level (cycled where a level has fewer).
         split_seed: seeds the splits; keep it fixed across training seeds so every run is
             evaluated on the same held-out problems.
@@ -111,6 +118,7 @@ class VarLenAddition(Task):
     def __init__(
         self, max_digits: int = 3, min_digits: int = 1, val_size: int = 500, test_size: int = 1000,
         train_per_level: int = 10_000, split_seed: int = 1234, reverse_answer: bool = True,
+        check_size: int | None = None,
     ) -> None:
         check_int(_FIELD + "max_digits", max_digits, minimum=1, maximum=6)
         check_int(_FIELD + "min_digits", min_digits, minimum=1, maximum=max_digits,
@@ -122,7 +130,8 @@ class VarLenAddition(Task):
         pools = [level_size(d) for d in self.levels]
         room = sum(p // HELD_OUT_SHARE for p in pools)
         sizes = {}
-        for field, value in (("val_size", val_size), ("test_size", test_size)):
+        check_total = check_size_of(_FIELD + "check_size", check_size, val_size)  # None: val_size (checked first)
+        for field, value in (("val_size", val_size), ("test_size", test_size), ("check_size", check_total)):
             check_int(_FIELD + field, value, minimum=1)
             sizes[field] = split_sizes(value, pools)
             if sum(sizes[field]) < value:
@@ -130,19 +139,22 @@ class VarLenAddition(Task):
                 raise invalid(_FIELD + field, value, f"an integer in [1, {room}] for {levels} "
                               f"(a held-out split takes at most 1/{HELD_OUT_SHARE} of each level's pairs)")
         self.max_digits, self.min_digits = max_digits, min_digits
-        self.val_size, self.test_size = val_size, test_size
+        self.val_size, self.test_size, self.check_size = val_size, test_size, check_size
         self.train_per_level, self.split_seed = train_per_level, split_seed
         self.reverse_answer = reverse_answer
-        self._splits: dict[str, list[tuple[int, int]]] = {"train": [], "val": [], "test": []}
-        for d, pool, n_val, n_test in zip(self.levels, pools, sizes["val_size"], sizes["test_size"]):
+        self._splits: dict[str, list[tuple[int, int]]] = {"train": [], "check": [], "val": [], "test": []}
+        for d, pool, n_val, n_test, n_check in zip(self.levels, pools, sizes["val_size"], sizes["test_size"],
+                                                   sizes["check_size"]):
             rng = random.Random(f"{split_seed}/{d}")
-            ids = rng.sample(range(pool), min(pool, n_test + n_val + train_per_level))
-            train = ids[n_test + n_val :]
+            held = n_test + n_val + n_check
+            ids = rng.sample(range(pool), min(pool, held + train_per_level))
+            train = ids[held:]
             train = (train * -(-train_per_level // len(train)))[:train_per_level]  # cycle a small level
-            for split, part in (("test", ids[:n_test]), ("val", ids[n_test : n_test + n_val]), ("train", train)):
+            for split, part in (("test", ids[:n_test]), ("val", ids[n_test : n_test + n_val]),
+                                ("check", ids[n_test + n_val : held]), ("train", train)):
                 self._splits[split] += [(d, i) for i in part]
         mix = random.Random(f"{split_seed}/mix")
-        for split in ("val", "test"):
+        for split in ("val", "test", "check"):  # check last: val and test keep the order they had before it
             mix.shuffle(self._splits[split])
 
     @staticmethod

@@ -5,6 +5,13 @@ embedded default first trains on gold answers (cross-entropy on the answer token
 until greedy accuracy on held-out prompts reaches ``target_accuracy``. Stopping on accuracy,
 not on a step count, matters: a fixed count landed anywhere between 20% and 70% depending on
 the seed, and RL from about 25% collapsed in the feasibility probe.
+
+Where it checks: the task's ``check`` split (:mod:`reclight.tasks.base`), held out of the
+training pool and disjoint from ``val``. Stopping at the first check that reaches the target is
+a selection on the check set: it picks a moment when accuracy on those problems is high, by
+progress or by an upward fluctuation. Checking on ``val`` (as before) made that selection on the
+very problems every ``val/acc`` scores, biasing the RL-start figure upward. Not ``test``: it
+stays untouched for a final figure, and in MATH-500 ``val`` is a subset of it.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ class WarmupConfig:
     """Steps between accuracy checks (accuracy can jump from 20% to 70% within 50 steps once
     the model "gets" the task, so check often to stop near the target)."""
     check_size: int = 200
-    """Check on the LAST this-many val examples (greedy)."""
+    """Check on the first this-many examples of the task's ``check`` split (all of them when it
+    has fewer), greedy; the check split is disjoint from ``val`` (see the module docstring)."""
 
     def __post_init__(self) -> None:
         check_float("model.warmup.target_accuracy", self.target_accuracy, ge=0, le=1, accepted="[0, 1]")
@@ -75,10 +83,10 @@ def supervised_warmup(
     log: Callable[[dict[str, float], int], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on gold answers of the train split until the greedy accuracy
-    on the last ``check_size`` val examples reaches ``target_accuracy`` (checked every
-    ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures."""
+    on the first ``check_size`` examples of the ``check`` split reaches ``target_accuracy``
+    (checked every ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures."""
     train = task.examples("train")
-    check = list(task.examples("val"))[-cfg.check_size :]
+    check = list(task.examples("check"))[: cfg.check_size]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()

@@ -29,10 +29,11 @@ def test_build_tiny_saves_loads_and_reuses(tmp_path):
 
 def test_arithmetic_splits_are_disjoint_deterministic_and_scored():
     task = Arithmetic(digits=2, val_size=500, test_size=1000, split_seed=1234)
-    tr, va, te = (task.examples(s) for s in ("train", "val", "test"))
-    assert (len(tr), len(va), len(te)) == (8500, 500, 1000)
-    prompts = [set(e.prompt for e in s) for s in (tr, va, te)]
-    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+    tr, va, te, ch = (task.examples(s) for s in ("train", "val", "test", "check"))
+    # 10,000 pairs: 1000 test, 500 val, 500 check (check_size=None: val_size), the rest train
+    assert (len(tr), len(va), len(te), len(ch)) == (8000, 500, 1000, 500)
+    prompts = [set(e.prompt for e in s) for s in (tr, va, te, ch)]
+    assert sum(map(len, prompts)) == 10_000 and len(set().union(*prompts)) == 10_000  # a partition
     assert [e.prompt for e in Arithmetic(split_seed=1234).examples("val")] == [e.prompt for e in va]
     ex = next(e for e in va)
     a, b = map(int, ex.prompt[:-1].split("+"))

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from reclight.tasks import GSM8K, DataError, Math500, read_jsonl
-from reclight.tasks.jsonl import held_out_indices
+from reclight.tasks.jsonl import check_split_indices, held_out_indices
 
 FIELDS = {"question": str, "answer": str}
 
@@ -102,15 +102,19 @@ def test_gsm8k_missing_data_dir_names_the_setting(tmp_path):
 
 
 def test_gsm8k_splits_are_deterministic_disjoint_and_cover_the_train_file(tmp_path):
-    """10 train rows, val_size=3: val has 3, train 7, no overlap, union = all 10 lines; the
-    held-out lines are those of ``held_out_indices(10, 3, seed)`` (0-based index + 1)."""
+    """10 train rows, val_size=3 (check_size=None: 3 too): val has 3, check 3, train 4, no
+    overlap, union = all 10 lines; the val lines are those of ``held_out_indices(10, 3, seed)``
+    (0-based index + 1), the check lines those of ``check_split_indices(10, val, 3, seed)``."""
     write(tmp_path / "train.jsonl", [good(q=f"q{i}", a=f"#### {i}") for i in range(10)])
     task = GSM8K(data_dir=str(tmp_path), val_size=3, seed=7)
-    train, val = task.examples("train"), task.examples("val")
+    train, val, check = task.examples("train"), task.examples("val"), task.examples("check")
     lines = lambda xs: {int(e.uid.rsplit(":", 1)[1]) for e in xs}  # noqa: E731
-    assert len(val) == 3 and len(train) == 7
+    assert len(val) == 3 and len(check) == 3 and len(train) == 4
     assert lines(val) == {i + 1 for i in held_out_indices(10, 3, 7)}
-    assert lines(train) | lines(val) == set(range(1, 11)) and not lines(train) & lines(val)
+    assert lines(check) == {i + 1 for i in check_split_indices(10, held_out_indices(10, 3, 7), 3, 7)}
+    assert lines(train) | lines(val) | lines(check) == set(range(1, 11))
+    assert not (lines(train) & lines(val) or lines(train) & lines(check) or lines(val) & lines(check))
+    assert len(GSM8K(data_dir=str(tmp_path), val_size=3, check_size=5, seed=7).examples("train")) == 2
     again = GSM8K(data_dir=str(tmp_path), val_size=3, seed=7)
     assert again.examples("val") == val
     assert GSM8K(data_dir=str(tmp_path), val_size=3, seed=8).examples("val") != val
@@ -120,8 +124,10 @@ def test_gsm8k_splits_are_deterministic_disjoint_and_cover_the_train_file(tmp_pa
 
 def test_gsm8k_val_size_too_large_or_zero(tmp_path):
     write(tmp_path / "train.jsonl", [good(), good(q="What is 3+3?", a="#### 6")])
-    with pytest.raises(DataError, match="val_size=2 holds out all 2 examples"):
-        GSM8K(data_dir=str(tmp_path), val_size=2).examples("train")
+    with pytest.raises(DataError, match=r"val_size=1 \+ check_size=1 hold out all 2 examples"):
+        GSM8K(data_dir=str(tmp_path), val_size=1).examples("train")
+    with pytest.raises(DataError, match=r"empty data set: .* after taking the check split \(check_size=0\)"):
+        GSM8K(data_dir=str(tmp_path), val_size=0).examples("check")  # check_size=None: val_size
     with pytest.raises(DataError, match=r"empty data set: .* after taking the val split"):
         GSM8K(data_dir=str(tmp_path), val_size=0).examples("val")
 
@@ -145,16 +151,17 @@ def test_duplicate_rows_are_dropped_before_the_split_with_a_count(tmp_path):
     rows += rows[:3] + [good(q="q3", a="#### 99")]
     write(tmp_path / "train.jsonl", rows)
     for seed in range(8):
-        task = GSM8K(data_dir=str(tmp_path), val_size=2, seed=seed)
+        task = GSM8K(data_dir=str(tmp_path), val_size=2, check_size=1, seed=seed)
         with pytest.warns(UserWarning) as caught:
-            train, val = task.examples("train"), task.examples("val")
-        assert len(train) + len(val) == 5 and not {e.prompt for e in train} & {e.prompt for e in val}
+            train, val, check = task.examples("train"), task.examples("val"), task.examples("check")
+        prompts = [{e.prompt for e in xs} for xs in (train, val, check)]
+        assert len(train) + len(val) + len(check) == 5 and len(set().union(*prompts)) == 5
     msg = str(caught[0].message)
     assert msg == (f"{tmp_path / 'train.jsonl'}: dropped 4 of 9 rows whose 'question' repeats an earlier row's (line "
                    "(= first line): 6 (= 1), 7 (= 2), 8 (= 3), 9 (= 4)); 1 of them differ in other fields (e.g. the "
                    "answer): the first row's are used; each prompt is kept once, so held-out prompts are never also "
                    "trained on")
-    assert {e.answer for e in train + val} == {"0", "1", "2", "3", "4"}  # q3 keeps its first answer
+    assert {e.answer for e in train + val + check} == {"0", "1", "2", "3", "4"}  # q3 keeps its first answer
     write(tmp_path / "test.jsonl", [json.dumps({"problem": p, "answer": "1"}) for p in ("a", "b", "a")])
     with pytest.warns(UserWarning, match=r"test.jsonl: dropped 1 of 3 rows whose 'problem' repeats"):
         assert len(Math500(data_dir=str(tmp_path)).examples("test")) == 2
@@ -171,7 +178,7 @@ def test_gsm8k_bad_arguments_and_split():
         Math500(val_size=0)
     with pytest.raises(ValueError, match=r"Math500.prompt_template='x' is not valid; accepted: a template that contains '\{problem\}'"):
         Math500(prompt_template="x")
-    accepted = "split='dev' is not available; accepted: train, val, test"
+    accepted = "split='dev' is not available; accepted: train, check, val, test"
     with pytest.raises(ValueError, match=accepted):
         GSM8K().examples("dev")
 
@@ -188,11 +195,17 @@ def test_math500_filter_leaving_nothing_is_an_empty_data_set(tmp_path):
 
 
 def test_math500_train_split_needs_train_file(tmp_path):
-    with pytest.raises(ValueError, match="split='train' is not available: MATH-500 is a test set"):
-        Math500(data_dir=str(tmp_path)).examples("train")
-    write(tmp_path / "tr.jsonl", [json.dumps({"problem": "p", "answer": "2"})])
-    (ex,) = Math500(data_dir=str(tmp_path), train_file="tr.jsonl").examples("train")
-    assert ex.answer == "2" and ex.uid == "math500/tr.jsonl:1"
+    for split in ("train", "check"):
+        with pytest.raises(ValueError, match=f"split='{split}' is not available: MATH-500 is a test set"):
+            Math500(data_dir=str(tmp_path)).examples(split)
+    write(tmp_path / "test.jsonl", [json.dumps({"problem": "t", "answer": "1"})])
+    write(tmp_path / "tr.jsonl", [json.dumps({"problem": p, "answer": "2"}) for p in ("p", "q")])
+    task = Math500(data_dir=str(tmp_path), train_file="tr.jsonl", check_size=1)
+    (ex,), (held,) = task.examples("train"), task.examples("check")
+    assert ex.answer == "2" and {ex.uid, held.uid} == {"math500/tr.jsonl:1", "math500/tr.jsonl:2"}
+    with pytest.raises(DataError, match=r"Math500: check_size=100 is not valid for .*tr.jsonl; accepted: at most 1 "
+                                        r"\(its 2 problems, less 0 also in the test file, less one"):
+        Math500(data_dir=str(tmp_path), train_file="tr.jsonl").examples("train")  # check_size=None: val_size=100
 
 
 def test_hf_loading_without_datasets_package_says_what_to_do(monkeypatch):

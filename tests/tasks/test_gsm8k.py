@@ -51,14 +51,11 @@ def test_broken_gold_answer_raises():
 
 @needs_data
 def test_real_splits_sizes():
-    """Published sizes: 7473 train rows, 1319 test rows; val_size=200 leaves 7273 for train;
-    max_examples caps each split after the split, so val is unchanged by it."""
+    """Published sizes: 7473 train rows, 1319 test rows; val_size=200 and check_size=None (= 200)
+    leave 7073 for train; max_examples caps each split after the split, so val is unchanged by it."""
     task = GSM8K(data_dir=str(GSM8K_DIR))
-    assert (len(task.examples("train")), len(task.examples("val")), len(task.examples("test"))) == (
-        7273,
-        200,
-        1319,
-    )
+    sizes = tuple(len(task.examples(s)) for s in ("train", "check", "val", "test"))
+    assert sizes == (7073, 200, 200, 1319)
     capped = GSM8K(data_dir=str(GSM8K_DIR), max_examples=50)
     assert capped.examples("val") == task.examples("val")[:50]
     assert task.examples("test")[0].uid == "gsm8k/test.jsonl:1"

@@ -11,7 +11,7 @@ from reclight.models.tiny import TinyModelConfig, build_tokenizer
 from reclight.tasks.varlen import VarLenAddition, split_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "check", "val", "test")
 
 
 def _prompts(task, split):
@@ -23,16 +23,16 @@ def test_splits_are_deterministic_disjoint_and_level_balanced():
     assert all(_prompts(VarLenAddition(), s) == _prompts(task, s) for s in SPLITS)
     assert _prompts(VarLenAddition(split_seed=99), "val") != _prompts(task, "val")
     distinct = {s: set(_prompts(task, s)) for s in SPLITS}
-    assert not (distinct["train"] & distinct["val"] or distinct["train"] & distinct["test"]
-                or distinct["val"] & distinct["test"])
+    assert all(not distinct[a] & distinct[b] for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:])
     levels = {s: Counter(task.level(e) for e in task.examples(s)) for s in SPLITS}
     # held-out sizes by water-filling (module doc): level 1 gives 100 // 5 = 20, the rest share the remainder
     assert levels["val"] == {1: 20, 2: 240, 3: 240} and levels["test"] == {1: 20, 2: 490, 3: 490}
+    assert levels["check"] == levels["val"]  # check_size=None: as large as val, spread the same way
     assert levels["train"] == {1: 10_000, 2: 10_000, 3: 10_000}
-    # level 1 keeps 100 - 20 - 20 = 60 distinct training pairs, cycled to 10,000 entries
-    assert len({p for p in distinct["train"] if len(p) == 4}) == 60
-    # val is shuffled across levels: the warm-up's check slice (its last 200) holds every level
-    assert set(Counter(task.level(e) for e in task.examples("val")[-200:])) == {1, 2, 3}
+    # level 1 keeps 100 - 20 - 20 - 20 = 40 distinct training pairs, cycled to 10,000 entries
+    assert len({p for p in distinct["train"] if len(p) == 4}) == 40
+    # check is shuffled across levels: the warm-up's slice of it (its first 200) holds every level
+    assert set(Counter(task.level(e) for e in task.examples("check")[:200])) == {1, 2, 3}
     # a level's split does not depend on the other levels present (only the order across levels does)
     alone = VarLenAddition(min_digits=2, max_digits=2, val_size=240, test_size=490)
     assert set(_prompts(alone, "val")) == {p for p in distinct["val"] if p.index("+") == 2}

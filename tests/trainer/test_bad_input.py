@@ -70,8 +70,8 @@ CONFIG_CASES = {
                            "data.prompts_per_step=0 is not valid; accepted: an integer >= 1"),
     # issue #25: the error names the setting the user typed, not the derived 4000 prompts per step
     "oversample > data": (["--data.oversample", "1000"],
-                          "data.oversample=1000.0 is not valid; accepted: at most 20 with data.prompts_per_step=4 "
-                          "and 80 train prompts (a step samples ceil(oversample x prompts_per_step) = 4000 prompts)"),
+                          "data.oversample=1000.0 is not valid; accepted: at most 17.5 with data.prompts_per_step=4 "
+                          "and 70 train prompts (a step samples ceil(oversample x prompts_per_step) = 4000 prompts)"),
     "prompts_per_step > data": (["--data.prompts_per_step", "100000"],
                                 "data.prompts_per_step=100000 is not valid; accepted: at most "),
     "model path": (["--model.policy.name_or_path", "/nonexistent/reclight-model"],

@@ -77,14 +77,14 @@ def test_every_prompt_too_long_is_an_error_naming_the_budget(tmp_path):
     data = tmp_path / "gsm8k"
     data.mkdir()
     (data / "train.jsonl").write_text("".join(json.dumps({"question": f"{LONG[0]}({i})", "answer": "#### 3"}) + "\n"
-                                              for i in range(4)))  # distinct questions: repeats are dropped
+                                              for i in range(4)))  # distinct: repeats are dropped; 1 val, 1 check
     (data / "test.jsonl").write_text(json.dumps({"question": LONG[0], "answer": "#### 3"}) + "\n")
     with pytest.raises(DataError) as e:
         main(fit_args(tmp_path, "--data.task", "reclight.tasks.GSM8K", "--data.task.init_args.data_dir", str(data),
                       "--data.task.init_args.val_size", "1", "--data.prompts_per_step", "2"))
     shortest = len(GSM8K(data_dir=str(data), val_size=1).examples("train")[0].prompt)  # one token per character
     assert str(e.value) == (
-        "data.long_prompts=drop: all 3 train prompts are longer than 59 tokens (the model's 64 positions minus "
+        "data.long_prompts=drop: all 2 train prompts are longer than 59 tokens (the model's 64 positions minus "
         f"max_new_tokens 5; the shortest has {shortest}); accepted: a model with more positions, smaller "
         "max_new_tokens, shorter prompts, or data.long_prompts: truncate_left")
 

@@ -1,6 +1,7 @@
 """The supervised warm-up's stop rule, with the greedy accuracy scripted: it checks at steps
 0, check_every, 2 check_every, ... and stops at the first check that reaches the target; out of
-steps, it checks once more so the reported accuracy is current."""
+steps, it checks once more so the reported accuracy is current. It checks on the task's
+``check`` split, never on ``val`` (what every RL evaluation scores)."""
 
 import pytest
 import torch
@@ -12,12 +13,14 @@ from reclight.models.tiny import build_tiny
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 
-def _run(tmp_path, monkeypatch, accuracies, cfg, wrap=lambda tok: tok):
+def _run(tmp_path, monkeypatch, accuracies, cfg, wrap=lambda tok: tok, checked=None):
     checks = []
 
     def greedy_eval(model, tokenizer, task, examples, **kw):
         acc = accuracies[len(checks)]
         checks.append(len(examples))
+        if checked is not None:
+            checked.append([e.prompt for e in examples])
         n = len(examples)
         correct = torch.arange(n) < round(acc * n)
         return correct, correct.float(), torch.ones(n)
@@ -37,9 +40,23 @@ def test_stops_at_the_first_check_that_reaches_the_target(tmp_path, monkeypatch)
     cfg = WarmupConfig(target_accuracy=0.4, max_steps=50, batch_size=4, check_every=2, check_size=10)
     stats, checks, logged, moved = _run(tmp_path, monkeypatch, [0.1, 0.3, 0.5, 0.9], cfg)
     assert stats["warmup/steps"] == 4 and stats["warmup/acc"] == pytest.approx(0.5)  # checks at steps 0, 2, 4
-    assert checks == [10, 10, 10]  # on the last check_size val examples (DigitTask has 10)
+    assert checks == [10, 10, 10]  # on the first check_size check examples (DigitTask has 10)
     assert logged == [(0, ["warmup/acc"]), (2, ["warmup/acc", "warmup/loss"]), (4, ["warmup/acc", "warmup/loss"])]
     assert moved
+
+
+def test_it_checks_on_the_check_split_disjoint_from_val(tmp_path, monkeypatch):
+    """Every check scores the first check_size problems of the task's check split, none of which
+    is a val problem (before: the last check_size val problems, so the warm-up stopped on the
+    problems every RL evaluation scores). DigitTask: 100 one-digit pairs, 10 val, 10 test, 10
+    check; check_size=6 takes the first 6 of the check split."""
+    cfg = WarmupConfig(target_accuracy=0.4, max_steps=50, batch_size=4, check_every=2, check_size=6)
+    checked = []
+    _run(tmp_path, monkeypatch, [0.1, 0.5], cfg, checked=checked)
+    task = DigitTask()
+    check = [e.prompt for e in task.examples("check")]
+    assert len(check) == 10 and checked == [check[:6], check[:6]]
+    assert not set(check) & {e.prompt for e in task.examples("val")}
 
 
 def test_a_start_at_the_target_trains_nothing(tmp_path, monkeypatch):
