@@ -42,10 +42,12 @@ WARMUP_KEYS = ("model.policy", "model.warmup", "model.seed", "data.task", "seed_
                "model.train_forward.attn_implementation")
 """What the supervised warm-up depends on: the arms and settings may not change these (every arm
 of a seed starts from ONE warmed-up model)."""
-RESERVED_KEYS = ("model.algorithm.preset", "model.sync", "model.clock", "trainer.logger", "seed_everything")
+RESERVED_KEYS = ("model.algorithm.preset", "model.sync", "model.clock", "trainer.logger", "seed_everything",
+                 "model.policy.tiny_dir")
 """Set by the study itself for every run (the arm's preset, the setting, the run folder, the
-seed). An arm may set other ``model.algorithm`` fields (``model.algorithm.std_normalize: true``);
-the base may not (every arm's algorithm is its preset plus its own overrides)."""
+seed, the tiny model's folder under ``out_dir``). An arm may set other ``model.algorithm`` fields
+(``model.algorithm.std_normalize: true``); the base may not (every arm's algorithm is its preset
+plus its own overrides)."""
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,9 @@ class StudyConfig:
     name: str
     """The study's name (report title)."""
     out_dir: str
-    """The one folder of everything: ``warmup/seed<S>/`` (the warmed-up models),
-    ``runs/<setting>/<arm>/seed<S>/`` (each run's metrics.csv, config and log), the report."""
+    """The one folder of everything the study writes: ``tiny-model/`` (the embedded model the
+    warm-ups start from), ``warmup/seed<S>/`` (the warmed-up models), ``runs/<setting>/<arm>/seed<S>/``
+    (each run's metrics.csv, config and log), the report."""
     base: tuple[str, ...]
     """Config files shared by every run, in order (``reclight fit --config ...``)."""
     arms: tuple[Arm, ...]
@@ -228,7 +231,8 @@ def _overrides(where: str, value: Any, reserved: tuple[str, ...] = RESERVED_KEYS
                 inner = inner.get(part) if isinstance(inner, dict) and part in inner else None
             if key == r or key.startswith(r + ".") or (r.startswith(key + ".") and inner is not None):
                 raise invalid(f"{where}.{key}", value[key], f"any key but {', '.join(reserved)} (the study sets them: "
-                              "the preset goes in the arm, the schedule in settings, the seeds in seeds)")
+                              "the preset goes in the arm, the schedule in settings, the seeds in seeds, the tiny "
+                              "model under out_dir/tiny-model)")
     return dict(value)
 
 

@@ -4,6 +4,8 @@
 Folders, all under ``out_dir``::
 
     study.yaml                        the study config as run (``reclight study report`` reads it)
+    tiny-model/                       the embedded tiny model the warm-ups start from (when the
+                                      base builds it: ``model.policy.tiny_dir``)
     warmup/seed<S>/                   the warmed-up model of seed S (save_pretrained) + warmup.json
     runs/<setting>/<arm>/seed<S>/     one run: run.json (its command), log.txt, and the CSV
                                       logger's logs/ (metrics.csv, config.yaml, hparams.yaml)
@@ -12,7 +14,10 @@ A run's command is the base configs, then the base overrides, the seed, the arm'
 (``--model.algorithm.preset``), the arm's configs and overrides,
 the setting (``--model.sync``), the warmed-up model (``--model.policy.name_or_path=<warmup
 folder>``, ``--model.warmup=null``) and the run folder (a CSV logger writing straight into it).
-Later arguments win, so an arm's override replaces the base's.
+Later arguments win, so an arm's override replaces the base's. A study writes nothing outside
+``out_dir``: every command gets ``--model.policy.tiny_dir=<out_dir>/tiny-model`` (the base
+config's own ``tiny_dir``, ``outputs/tiny-model`` of the folder the study runs from, is replaced;
+the study config may not set it: :data:`reclight.study.config.RESERVED_KEYS`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ def _arg(key: str, value: Any) -> str:
     return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
+def tiny_folder(cfg: StudyConfig) -> Path:
+    """Where the study's commands build (and reuse) the embedded tiny model."""
+    return Path(cfg.out_dir) / "tiny-model"
+
+
 def warmup_folder(cfg: StudyConfig, seed: int) -> Path:
     return Path(cfg.out_dir) / "warmup" / f"seed{seed}"
 
@@ -47,10 +57,11 @@ def run_folder(cfg: StudyConfig, setting: str, arm: str, seed: int) -> Path:
 
 
 def base_args(cfg: StudyConfig, seed: int) -> list[str]:
-    """``reclight fit`` arguments shared by every run of ``seed`` (and by its warm-up)."""
+    """``reclight fit`` arguments shared by every run of ``seed`` (and by its warm-up): the base
+    configs, the base overrides, the study's tiny-model folder and the seed."""
     args = [a for path in cfg.base for a in ("--config", path)]
     args += [_arg(k, v) for k, v in cfg.base_overrides.items()]
-    return args + [f"--seed_everything={seed}"]
+    return args + [f"--model.policy.tiny_dir={tiny_folder(cfg)}", f"--seed_everything={seed}"]
 
 
 def arm_args(arm: Arm) -> list[str]:

@@ -26,7 +26,7 @@ def micro_study(tmp_path: Path, **changes) -> dict:
         "base_overrides": {
             "trainer.max_steps": 3,
             "trainer.val_check_interval": 1,
-            "model.policy": {**MICRO_POLICY, "tiny_dir": str(tmp_path / "tiny")},
+            "model.policy": MICRO_POLICY,  # the study builds the tiny model under out_dir/tiny-model
             "model.sampling": {"num_samples": 3, "max_new_tokens": 3},
             "model.warmup": {"max_steps": 2, "check_every": 1, "check_size": 8, "batch_size": 8,
                              "target_accuracy": 1.0},
