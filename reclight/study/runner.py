@@ -12,9 +12,19 @@
   study config changed in a way that changes that run; use another ``out_dir``.
 - Each command holds an exclusive lock on ``<folder>.lock`` for its whole life (inherited by the
   child), so a second study over the same folder refuses a run that is still going, even if the
-  first study process was killed and its child lives on.
+  first study process was killed and its child lives on. Under the lock the job checks again
+  whether it is done (another study may have finished it meanwhile): a command submitted twice
+  runs once. A filesystem that refuses ``flock`` (some cluster filesystems) runs the job
+  unlocked and says so in its log.
+- The child's environment is the study's, with ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` set to
+  ``threads`` and the scheduler's own variables (``SLURM_*``, ``SUBMITIT_*``) removed: Lightning
+  reads ``SLURM_*`` (its SLURMEnvironment: ranks, a requeue signal handler), and a study run is
+  one process whoever started it, so a run submitted to SLURM is the run of the local pool.
 - Progress: one line per finished command with done / total, elapsed and the estimated time left
-  (mean wall time per command so far x commands left / workers).
+  (mean wall time per command so far x commands left / commands at once).
+- Where the commands run is a :class:`Backend`: :class:`LocalPool` (threads that each wait on one
+  subprocess) or a scheduler's (:mod:`reclight.study.scheduler`); the order, the skipping, the
+  warm-up-first rule and the progress lines are this module's, whichever runs them.
 """
 
 from __future__ import annotations
@@ -25,9 +35,10 @@ import os
 import shutil
 import subprocess
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from reclight.study.plan import THREAD_VARS, Job, Shape
 from reclight.study.report import read_run
@@ -72,15 +83,32 @@ def _log_path(job: Job) -> Path:
     return job.folder.with_name(job.folder.name + ".log") if job.is_warmup else job.folder / "log.txt"
 
 
+SCHEDULER_VARS = ("SLURM_", "SUBMITIT_")
+"""Prefixes of the environment variables a scheduler sets for its job, removed from a run's."""
+
+
+def child_env(job: Job) -> dict[str, str]:
+    """The environment of a job's process (module docstring: why the scheduler's variables go)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCHEDULER_VARS)}
+    return {**env, **{v: str(job.threads) for v in THREAD_VARS}}
+
+
 def _execute(job: Job) -> Outcome:
+    """Run one job in this process's working folder: lock, skip if done, (clear,) run, check."""
     lock_path = job.folder.with_name(job.folder.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    unlocked = ""
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return Outcome(job, "busy")
+        except OSError as e:  # ENOLCK, EOPNOTSUPP, ENOSYS: a filesystem without flock
+            unlocked = (f"# not locked: {lock_path} refuses flock ({e.strerror}); a second study over this folder "
+                        "at the same time would not be detected\n")
+        if job_done(job):  # finished by another study (or a twice-submitted copy) since the plan
+            return Outcome(job, "done", 0.0, _log_path(job))
         if not job.is_warmup:  # restart an unfinished run from a clean folder
             shutil.rmtree(job.folder, ignore_errors=True)
             job.folder.mkdir(parents=True)
@@ -88,12 +116,11 @@ def _execute(job: Job) -> Outcome:
                 {"arm": job.arm, "setting": job.setting, "seed": job.seed, "command": job.shell(),
                  "argv": list(job.argv)}, indent=1) + "\n")
         log = _log_path(job)
-        env = {**os.environ, **{v: str(job.threads) for v in THREAD_VARS}}
         start = time.perf_counter()
         with open(log, "w") as out:
-            out.write(f"$ {job.shell()}\n")
+            out.write(f"$ {job.shell()}\n{unlocked}")
             out.flush()
-            code = subprocess.run(job.program(), stdout=out, stderr=subprocess.STDOUT, env=env,
+            code = subprocess.run(job.program(), stdout=out, stderr=subprocess.STDOUT, env=child_env(job),
                                   pass_fds=(fd,)).returncode
         seconds = time.perf_counter() - start
         if code == 0 and not job_done(job):  # exited cleanly but wrote less than a full run
@@ -103,32 +130,90 @@ def _execute(job: Job) -> Outcome:
         os.close(fd)
 
 
+def execute_in(job: Job, cwd: str) -> Outcome:
+    """:func:`_execute` from the folder the study was started in (a scheduler's job may start
+    elsewhere; the study's config paths and a relative ``out_dir`` are relative to that folder).
+    What a scheduler submits: one call per job."""
+    os.chdir(cwd)
+    return _execute(job)
+
+
+class Backend(Protocol):
+    """Where the commands run. ``submit`` starts jobs (in the order given) and returns one handle
+    each; ``wait`` blocks until at least one of ``handles`` has finished and returns
+    ``(index into handles, Outcome)`` for each finished one; ``cancel`` stops what is in flight
+    (Ctrl-C); ``close`` releases the backend."""
+
+    limit: int | None
+    """Jobs in flight at most (None: every job whose warm-up is done; the scheduler throttles)."""
+    parallel: int
+    """Jobs expected to run at once (for the time-left estimate)."""
+
+    def describe(self) -> str: ...
+
+    def submit(self, jobs: list[Job]) -> list[Any]: ...
+
+    def wait(self, handles: list[Any]) -> list[tuple[int, Outcome]]: ...
+
+    def cancel(self, handles: list[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalPool:
+    """``workers`` jobs at once, each a subprocess waited on by one thread of this process."""
+
+    def __init__(self, workers: int) -> None:
+        self.limit = self.parallel = workers
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+
+    def describe(self) -> str:
+        return f"{self.parallel} at a time"
+
+    def submit(self, jobs: list[Job]) -> list[Any]:
+        return [self._pool.submit(_execute, job) for job in jobs]
+
+    def wait(self, handles: list[Any]) -> list[tuple[int, Outcome]]:
+        finished, _ = wait(handles, return_when=FIRST_COMPLETED)
+        return [(i, h.result()) for i, h in enumerate(handles) if h in finished]
+
+    def cancel(self, handles: list[Any]) -> None:
+        pass  # Ctrl-C reached the children too (one process group); close() waits for them
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
-def run_jobs(jobs: list[Job], shape: Shape, workers: int, log=print) -> list[Outcome]:
-    """Run every job not done yet (warm-ups first; a seed's runs after its warm-up) in a pool
-    of ``workers``; returns the outcome of each job it ran or skipped."""
+def run_jobs(jobs: list[Job], shape: Shape, workers: int, log=print, backend: Backend | None = None) -> list[Outcome]:
+    """Run every job not done yet (warm-ups first; a seed's runs after its warm-up) on
+    ``backend`` (default: a :class:`LocalPool` of ``workers``); returns the outcome of each job
+    it ran or skipped. Jobs that become ready together are submitted together (one job array
+    on a scheduler)."""
     for job in jobs:
         if not job.is_warmup and job_done(job):
             check_recorded(job)
+    backend = backend if backend is not None else LocalPool(workers)
     todo = [j for j in jobs if not job_done(j)]
     skipped = len(jobs) - len(todo)
     warm_ready = {j.seed for j in jobs if j.is_warmup and j not in todo} | (
         set() if shape.warmup else {j.seed for j in jobs})
-    log(f"{len(jobs)} commands: {skipped} already finished (skipped), {len(todo)} to run, {workers} at a time")
+    log(f"{len(jobs)} commands: {skipped} already finished (skipped), {len(todo)} to run, {backend.describe()}")
     outcomes: list[Outcome] = []
     start = time.perf_counter()
     walls: list[float] = []
     failed_seeds: set[int] = set()
-    running: dict[Future, Job] = {}
+    running: list[tuple[Any, Job]] = []
     pending = list(todo)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    try:
         while pending or running:
+            ready: list[Job] = []
             for job in list(pending):
-                if len(running) >= workers:
+                if backend.limit is not None and len(running) + len(ready) >= backend.limit:
                     break
                 if not job.is_warmup and job.seed in failed_seeds:
                     pending.remove(job)
@@ -136,25 +221,33 @@ def run_jobs(jobs: list[Job], shape: Shape, workers: int, log=print) -> list[Out
                     log(f"skip {job.label}: the warm-up of seed {job.seed} failed")
                 elif job.is_warmup or job.seed in warm_ready:
                     pending.remove(job)
-                    running[pool.submit(_execute, job)] = job
+                    ready.append(job)
+            if ready:
+                running += zip(backend.submit(ready), ready)
             if not running:
                 continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                outcome = future.result()
+            finished = backend.wait([h for h, _ in running])
+            done_jobs = [running[i][1] for i, _ in finished]
+            running = [r for i, r in enumerate(running) if i not in {i for i, _ in finished}]
+            for job, (_, outcome) in zip(done_jobs, finished):
                 outcomes.append(outcome)
                 if outcome.status == "done":
-                    walls.append(outcome.seconds)
+                    if outcome.seconds > 0:  # 0: found done under its lock, nothing ran
+                        walls.append(outcome.seconds)
                     if job.is_warmup:
                         warm_ready.add(job.seed)
                 elif job.is_warmup:
                     failed_seeds.add(job.seed)
                 left = len(pending) + len(running)
-                eta = sum(walls) / len(walls) * left / workers if walls else float("nan")
+                eta = sum(walls) / len(walls) * left / backend.parallel if walls else float("nan")
                 note = {"done": "", "failed": f"  FAILED, see {outcome.log}",
                         "busy": "  still running in another process (its lock is held): not started"}[outcome.status]
                 log(f"[{len(outcomes):>3}/{len(todo)}] {job.label} {outcome.status} in {outcome.seconds:.0f} s | "
                     f"elapsed {_clock(time.perf_counter() - start)} | "
                     f"~{_clock(eta) if eta == eta else '?'} left{note}")
+    except KeyboardInterrupt:
+        backend.cancel([h for h, _ in running])
+        raise
+    finally:
+        backend.close()
     return outcomes
