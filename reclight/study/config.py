@@ -66,6 +66,11 @@ class Setting:
     """An asynchronous schedule instead (docs/algorithms.md section 7): fields of ``model.clock``
     (``enabled`` implied), e.g. ``{staleness: pace, max_staleness: 1, weight_update: inflight}``;
     the run then keeps the section 4 defaults (k = 1, d = 0)."""
+    lr: float | None = None
+    """The RL learning rate of this setting's runs (``model.optim.lr``, the RL phase only: the
+    warm-up keeps ``model.warmup.lr``, so every lr of a seed starts from one warm-up); null: the
+    base's. Set by the study's ``lrs`` axis, or by hand on every setting (then no arm and no base
+    override may set ``model.optim.lr``)."""
 
     def as_sync(self) -> dict[str, Any]:
         return {"sync_interval": self.sync_interval, "sync_offset": self.sync_offset, "offline": self.offline}
@@ -75,9 +80,10 @@ class Setting:
         return None if self.clock is None else {**self.clock, "enabled": True}
 
     def describe(self) -> str:
+        lr = "" if self.lr is None else f", lr={self.lr:g}"
         if self.clock is not None:
-            return "clock: " + ", ".join(f"{k}={v}" for k, v in self.clock.items() if k != "costs")
-        return "offline (d = steps)" if self.offline else f"k={self.sync_interval}, d={self.sync_offset}"
+            return "clock: " + ", ".join(f"{k}={v}" for k, v in self.clock.items() if k != "costs") + lr
+        return ("offline (d = steps)" if self.offline else f"k={self.sync_interval}, d={self.sync_offset}") + lr
 
 
 PAPER = {
@@ -155,6 +161,11 @@ class StudyConfig:
     """delta of every rule, in accuracy units (0 < margin < 1), fixed before running."""
     base_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra ``reclight fit`` arguments of every run (dotted key -> value)."""
+    lrs: tuple[float, ...] | None = None
+    """A learning-rate axis, e.g. ``[1.0e-4, 3.0e-4, 1.0e-3]``: every setting runs at each of
+    these RL learning rates as its own setting, named ``<setting>_lr<lr>`` (``offline_lr1e-3``:
+    the name claims and run folders use, ``reinforce@offline_lr1e-3``), with its ``lr`` set
+    (``settings`` holds these, setting by setting). Null: no axis."""
     last_evals: int = 3
     """Evaluations averaged by the ``final`` statistic."""
     collapse_floor: float = 0.2
@@ -181,7 +192,12 @@ class StudyConfig:
         """The YAML form (what :func:`load_study` reads back)."""
         d = dataclasses.asdict(self)
         d["arms"] = {a.pop("name"): a for a in d["arms"]}
-        d["settings"] = [s["name"] if PAPER.get(s["name"]) == Setting(**s) else s for s in d["settings"]]
+        settings = self.settings
+        if self.lrs is not None:  # the settings as written: the first lr's, without the axis's suffix and lr
+            tag = "_lr" + lr_tag(self.lrs[0])
+            settings = tuple(dataclasses.replace(s, name=s.name.removesuffix(tag), lr=None)
+                             for s in settings if s.lr == self.lrs[0])
+        d["settings"] = [s.name if PAPER.get(s.name) == s else dataclasses.asdict(s) for s in settings]
         return json.loads(json.dumps(d))  # plain lists and dicts (YAML-safe)
 
 
@@ -258,10 +274,78 @@ def _setting(where: str, value: Any) -> Setting:
     s = Setting(name=_name(f"{where}.name", v["name"]),
                 sync_interval=check_int(f"{where}.sync_interval", v.get("sync_interval", 1), minimum=1),
                 sync_offset=check_int(f"{where}.sync_offset", v.get("sync_offset", 0), minimum=0),
-                offline=check_bool(f"{where}.offline", v.get("offline", False)), clock=clock)
+                offline=check_bool(f"{where}.offline", v.get("offline", False)), clock=clock,
+                lr=None if v.get("lr") is None else _lr(f"{where}.lr", v["lr"]))
     if s.name in PAPER and PAPER[s.name] != s:
         raise invalid(f"{where}.name", s.name, f"a name other than the paper's {', '.join(PAPER)} for a custom (k, d)")
     return s
+
+
+def lr_tag(lr: float) -> str:
+    """A learning rate as it appears in a setting's name: ``1e-3``, ``3e-4``, ``2.5e-4`` (7
+    significant digits at most)."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _lr(where: str, value: Any) -> float:
+    """A learning rate: a finite number > 0 (YAML 1.1 reads ``1e-4`` as text: the message says so)."""
+    hint = ""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9]+[eE][-+]?[0-9]+", value.strip()):
+        mantissa, exponent = f"{float(value):.6e}".split("e")
+        yaml_float = f"{mantissa.rstrip('0')}{'0' if mantissa.endswith('.000000') else ''}e{int(exponent):+d}"
+        hint = f"; write {yaml_float}, not {value}: YAML reads a number without a '.' before its 'e' as text"
+    return check_float(where, value, gt=0, accepted="a finite number > 0 (the RL learning rate, model.optim.lr)" + hint)
+
+
+def _lr_axis(value: Any, settings: list[Setting]) -> list[Setting]:
+    """``settings`` at each learning rate of the ``lrs`` axis (setting by setting, lrs in the order
+    given), each named ``<setting>_lr<lr_tag>`` with its ``lr`` set."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise invalid("lrs", value, "a non-empty list of distinct learning rates > 0, e.g. [1.0e-4, 3.0e-4, 1.0e-3]")
+    lrs = [_lr(f"lrs[{i}]", v) for i, v in enumerate(value)]
+    if len({lr_tag(lr) for lr in lrs}) != len(lrs):
+        raise invalid("lrs", list(value), "distinct learning rates (at 7 significant digits: they name the settings)")
+    for i, s in enumerate(settings):
+        if s.lr is not None:
+            raise invalid(f"settings[{i}].lr", s.lr, "no lr on a setting when the study has an lrs axis (each setting "
+                          "runs at every lr of lrs; give lrs or one lr per setting, not both)")
+    return [dataclasses.replace(s, name=f"{s.name}_lr{lr_tag(lr)}", lr=lr) for s in settings for lr in lrs]
+
+
+def _setting_key(overrides: dict[str, Any], target: str) -> str | None:
+    """The key of ``overrides`` that sets the dotted ``target``, by name or through a mapping
+    (``{model.optim: {lr: ...}}``); None if none does."""
+    for key, value in overrides.items():
+        if key == target or key.startswith(target + "."):
+            return key
+        if target.startswith(key + "."):
+            inner = value
+            for part in target[len(key) + 1:].split("."):
+                if not isinstance(inner, dict) or part not in inner:
+                    break
+                inner = inner[part]
+            else:
+                return key
+    return None
+
+
+def _check_lr_overrides(cfg: StudyConfig) -> None:
+    """With a learning-rate axis (``lrs``, or an ``lr`` on every setting), no arm and no base
+    override may set ``model.optim.lr``: which one a cell ran at would be ambiguous."""
+    if all(s.lr is None for s in cfg.settings):
+        return
+    if any(s.lr is None for s in cfg.settings):
+        i, s = next((i, s) for i, s in enumerate(cfg.settings) if s.lr is None)
+        raise invalid(f"settings[{i}].lr", None, f"a learning rate on every setting, or on none (setting {s.name!r} has "
+                      "none while others have one)")
+    for where, overrides in [("base_overrides", cfg.base_overrides)] + [(f"arms.{a.name}.overrides", a.overrides)
+                                                                        for a in cfg.arms]:
+        key = _setting_key(overrides, "model.optim.lr")
+        if key is not None:
+            raise invalid(f"{where}.{key}", overrides[key], "any key but model.optim.lr while the study has a "
+                          "learning-rate axis (lrs, or settings[*].lr): each cell's RL learning rate is its setting's, "
+                          "so another one is ambiguous (the warm-up's is model.warmup.lr)")
 
 
 def _arm(name: str, value: Any, setting_names: tuple[str, ...]) -> Arm:
@@ -369,6 +453,12 @@ def study_from_dict(raw: Any, source: str = "the study config", check_files: boo
         if setting.name in [x.name for x in settings]:
             raise invalid(f"settings[{i}]", setting.name, "distinct setting names")
         settings.append(setting)
+    lrs = v.get("lrs")
+    if lrs is not None:
+        settings = _lr_axis(lrs, settings)
+        if len({s.name for s in settings}) != len(settings):
+            raise invalid("lrs", lrs, f"learning rates whose setting names ({', '.join(s.name for s in settings)}) "
+                          "are distinct from each other and from the other settings")
     names = tuple(s.name for s in settings)
     if not isinstance(v["arms"], dict) or not v["arms"]:
         raise invalid("arms", v["arms"], "a non-empty mapping name -> {preset, overrides, configs, settings}")
@@ -396,7 +486,9 @@ def study_from_dict(raw: Any, source: str = "the study config", check_files: boo
                                    accepted="a number in [0, 1] (accuracy)"),
         threads=check_int("threads", v.get("threads", 1), minimum=1),
         workers=check_int("workers", workers, minimum=1, allow_none=True),
+        lrs=None if lrs is None else tuple(float(lr) for lr in lrs),
     )
+    _check_lr_overrides(cfg)
     if not isinstance(v["claims"], list):
         raise invalid("claims", v["claims"], "a list of {text, a, b, statistic, rule, settings} mappings")
     claims = tuple(_claim(i, c, cfg) for i, c in enumerate(v["claims"]))

@@ -12,7 +12,8 @@ Folders, all under ``out_dir``::
 
 A run's command is the base configs, then the base overrides, the seed, the arm's preset
 (``--model.algorithm.preset``), the arm's configs and overrides,
-the setting (``--model.sync``), the warmed-up model (``--model.policy.name_or_path=<warmup
+the setting (``--model.sync``, and ``--model.optim.lr`` when it has a learning rate: the study's
+``lrs`` axis), the warmed-up model (``--model.policy.name_or_path=<warmup
 folder>``, ``--model.warmup=null``) and the run folder (a CSV logger writing straight into it).
 Later arguments win, so an arm's override replaces the base's. A study writes nothing outside
 ``out_dir``: every command gets ``--model.policy.tiny_dir=<out_dir>/tiny-model`` (the base
@@ -23,6 +24,7 @@ the study config may not set it: :data:`reclight.study.config.RESERVED_KEYS`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -70,11 +72,20 @@ def arm_args(arm: Arm) -> list[str]:
     return args + [_arg(k, v) for k, v in arm.overrides.items()]
 
 
-def run_args(cfg: StudyConfig, arm: Arm, setting: Setting, seed: int, warmed: bool) -> list[str]:
-    """The ``reclight fit`` arguments (after ``fit``) of one run."""
-    args = base_args(cfg, seed) + arm_args(arm) + [_arg("model.sync", setting.as_sync())]
+def setting_args(setting: Setting) -> list[str]:
+    """The arguments of a setting: its schedule, and its RL learning rate (the ``lrs`` axis; the
+    warm-up's ``model.warmup.lr`` is another field, so every lr of a seed shares one warm-up)."""
+    args = [_arg("model.sync", setting.as_sync())]
     if setting.clock is not None:
         args += [_arg("model.clock", setting.as_clock())]
+    if setting.lr is not None:
+        args += [f"--model.optim.lr={setting.lr!r}"]
+    return args
+
+
+def run_args(cfg: StudyConfig, arm: Arm, setting: Setting, seed: int, warmed: bool) -> list[str]:
+    """The ``reclight fit`` arguments (after ``fit``) of one run."""
+    args = base_args(cfg, seed) + arm_args(arm) + setting_args(setting)
     if warmed:
         args += [f"--model.policy.name_or_path={warmup_folder(cfg, seed)}", "--model.warmup=null"]
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -189,10 +200,17 @@ def validate_commands(cfg: StudyConfig) -> Shape:
                       f"an integer >= 1 that divides trainer.max_steps={steps} (the statistics read evaluations "
                       "every val_check_interval steps, the last one at the last step)")
     warm = {k: _plain(conf.get(k)) for k in WARMUP_KEYS}
+    axis = any(s.lr is not None for s in cfg.settings)
     for arm in cfg.arms:
         setting = cfg.setting(cfg.arm_settings(arm)[0])
-        args = base_args(cfg, seed) + arm_args(arm) + ["--model.sync=" + json.dumps(setting.as_sync())]
+        # parsed without the setting's lr (a finite number > 0, checked by load_study), so that an
+        # lr set by the arm's own config files shows
+        args = base_args(cfg, seed) + arm_args(arm) + setting_args(dataclasses.replace(setting, lr=None))
         parsed = parse_fit(args, f"arms.{arm.name}").config
+        if axis and parsed.get("model.optim.lr") != conf.get("model.optim.lr"):
+            raise invalid(f"arms.{arm.name} (model.optim.lr)", parsed.get("model.optim.lr"), f"the base's value "
+                          f"{conf.get('model.optim.lr')!r}: with a learning-rate axis each cell's RL learning rate is "
+                          "its setting's, so an arm's configs may not set their own")
         for key in WARMUP_KEYS:
             if _plain(parsed.get(key)) != warm[key]:
                 raise invalid(f"arms.{arm.name} ({key})", _plain(parsed.get(key)),
