@@ -337,8 +337,8 @@ def _check_lr_overrides(cfg: StudyConfig) -> None:
         return
     if any(s.lr is None for s in cfg.settings):
         i, s = next((i, s) for i, s in enumerate(cfg.settings) if s.lr is None)
-        raise invalid(f"settings[{i}].lr", None, f"a learning rate on every setting, or on none (setting {s.name!r} has "
-                      "none while others have one)")
+        raise invalid(f"settings[{i}].lr", None, f"a learning rate on every setting, or on none (setting "
+                      f"{s.name!r} has none while others have one)")
     for where, overrides in [("base_overrides", cfg.base_overrides)] + [(f"arms.{a.name}.overrides", a.overrides)
                                                                         for a in cfg.arms]:
         key = _setting_key(overrides, "model.optim.lr")

@@ -61,7 +61,8 @@ def test_each_setting_runs_at_each_lr_with_one_warmup_per_seed(tmp_path):
 
 
 def test_an_lr_on_each_setting_by_hand(tmp_path):
-    settings = [{"name": "fast", "sync_interval": 20, "lr": 1.0e-3}, {"name": "slow", "sync_interval": 20, "lr": 1.0e-4}]
+    settings = [{"name": "fast", "sync_interval": 20, "lr": 1.0e-3},
+                {"name": "slow", "sync_interval": 20, "lr": 1.0e-4}]
     cfg = study_from_dict(micro_study(tmp_path, settings=settings))
     assert [(s.name, s.lr) for s in cfg.settings] == [("fast", 1e-3), ("slow", 1e-4)]
     runs = [j for j in make_plan(cfg, validate_commands(cfg)) if not j.is_warmup]
@@ -161,9 +162,10 @@ def test_the_report_reads_each_setting_and_lr_cell(tmp_path):
                 accs = [0.4, 0.4 + 0.01 * seed + gain, 0.4 + 0.01 * seed + gain, 0.4 + 0.01 * seed + gain]
                 write_run(out / "runs" / name / arm / f"seed{seed}", accs, max_steps=3, every=1)
     assert main(["report", str(out)]) == 0
-    rows = [r for r in json.loads((out / "summary.json").read_text())["rows"] if r["claim"].startswith("clipping beats")]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [r for r in summary["rows"] if r["claim"].startswith("clipping beats")]
     assert len(rows) == 1 and rows[0]["deltas"] == pytest.approx([0.3] * 3, abs=1e-12)
-    unnamed = [r for r in json.loads((out / "summary.json").read_text())["rows"] if r["claim"] == "clipping not worse"]
+    unnamed = [r for r in summary["rows"] if r["claim"] == "clipping not worse"]
     assert [d for r in unnamed for d in r["deltas"]] == pytest.approx([0.0] * 9 + [0.1] * 3 + [0.2] * 3 + [0.3] * 3,
                                                                       abs=1e-12)
     assert "offline_lr1e-3" in (out / "report.md").read_text()
