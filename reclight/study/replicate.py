@@ -10,6 +10,8 @@ settings and arms of their cells, each arm under the settings of those cells, an
 (none of which may be one of the original's: the same seed repeats the same run bitwise). Each
 primary claim keeps exactly its report rows (checked), so row for row the two reports compare
 the same cells; the replication's family is the same primary family (the same adjustment).
+A learning-rate axis (``lrs``) is written out as its settings, each with its ``lr``: the same
+setting names, ``--model.optim.lr`` and run folders.
 
 The agreement (``agreement.md`` and ``agreement.json`` in the replication folder, and on
 stdout), per primary row: the original's verdict (per row and family-adjusted) with its mean
@@ -24,13 +26,14 @@ replicated, as one family.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 from reclight.checks import invalid
-from reclight.study.config import StudyConfig, claim_cells, load_study, study_from_dict
+from reclight.study.config import PAPER, StudyConfig, claim_cells, load_study, study_from_dict
 
 AGREEMENT = "agreement.md"
 RAW_UNITS = {"len_trained": "tokens", "staleness": "steps"}
@@ -75,9 +78,12 @@ def replicate_config(cfg: StudyConfig, seeds: list[int], out_dir: str | None = N
         raise invalid("DIR", cfg.out_dir, "a study with at least one primary claim (family: primary) to replicate")
     cells = {cell for c in primary for pair in claim_cells(cfg, c) for cell in pair}  # (arm, setting)
     raw = cfg.to_dict()
+    if "lrs" in raw:  # a learning-rate axis: its settings written out one by one, each with its lr
+        raw["lrs"] = None
     raw.update(name=f"{cfg.name}-replicate", out_dir=out, seeds=list(seeds),
                claims=[d for c, d in zip(cfg.claims, raw["claims"]) if is_primary(c)],
-               settings=[d for s, d in zip(cfg.settings, raw["settings"]) if any(s.name == st for _, st in cells)],
+               settings=[s.name if PAPER.get(s.name) == s else dataclasses.asdict(s) for s in cfg.settings
+                         if any(s.name == st for _, st in cells)],
                arms={a.name: {**raw["arms"][a.name], "settings": [s.name for s in cfg.settings if (a.name, s.name)
                                                                   in cells]}
                      for a in cfg.arms if any(a.name == arm for arm, _ in cells)})
