@@ -107,7 +107,8 @@ def _report(out):
 def test_submitit_local_runs_are_the_local_pool_runs(tmp_path, capsys):
     """One micro study, run by the local pool, then its runs deleted and run again through
     submitit's local executor (the warm-up is kept: skipped as finished, as locally): every
-    metric but the wall-clock ones is identical, and so are the report and its summary.json."""
+    metric but the wall-clock ones is identical, and so are the report and its summary.json.
+    Then `replicate` on seed 1 runs end to end (a warm-up and 2 runs) and writes its agreement."""
     pytest.importorskip("submitit")
     study = micro_study(tmp_path, seeds=[0])
     path = write_study(tmp_path / "micro.yaml", study)
@@ -130,6 +131,14 @@ def test_submitit_local_runs_are_the_local_pool_runs(tmp_path, capsys):
     assert (out / "summary.json").read_text() == summary
     assert _report(out) == report
     assert len(list((out / "submitit").glob("*/*_result.pkl"))) == 2  # one submitit job per run
+
+    # the replication of its primary claim on seed 1, through the same executor, in its own folder
+    assert main(["replicate", str(out), "--seeds", "1", "--scheduler", "submitit-local"]) == 0
+    rep = out / "replicate-1"
+    assert "3 commands: 0 already finished (skipped), 3 to run" in capsys.readouterr().err
+    assert all((rep / "runs" / s / a / "seed1" / "logs" / "metrics.csv").is_file() for s, a in cfg.cells())
+    assert "**1 primary rows: same verdict 1 of 1;" in (rep / "agreement.md").read_text()  # 1 seed: inconclusive
+    assert (out / "summary.json").read_text() == summary  # the original's folders only read
 
 
 def _family_study(tmp_path, **changes):
