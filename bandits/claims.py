@@ -10,10 +10,12 @@ the exact expected-reward curve R_t (t = 0..steps):
 
 The seeds are paired (same environment and initial policy in both cells), so the statistic
 is the per-seed difference Delta = figure(a) - figure(b). Its mean, 95% Student-t interval,
-the minimum seed count and the three-way verdict (yes / no / inconclusive) by the rules
-``less``, ``greater``, ``alike`` and ``not_worse`` with one margin fixed before running are
-those of :mod:`reclight.stats` (shared with ``reclight study``; its docstring has the table).
-Exact rows have no interval: a failed exact check is ``no``.
+the minimum seed count, the tests (p_holds, p_contradicted, each verdict a one-sided test at
+2.5%) and the three-way verdict (yes / no / inconclusive) by the rules ``less``, ``greater``,
+``alike`` and ``not_worse`` with one margin fixed before running are those of
+:mod:`reclight.stats` (shared with ``reclight study``; its docstring has the table). All seeded
+rows are also Holm-adjusted as one family (``adjusted_verdict``); the per-row verdict stays the
+bench's headline. Exact rows have no interval and no test: a failed exact check is ``no``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor
 from bandits import exact
 from bandits.simulate import RunResult
 from reclight.algorithms import get_algorithm
-from reclight.stats import paired_verdict
+from reclight.stats import paired_test
 
 FIGURES: dict[str, Callable[[Tensor], Tensor]] = {
     "final": lambda r: r[-1],
@@ -122,16 +124,17 @@ def reward_curve(results: dict[tuple[str, str], RunResult], env: str, preset: st
 
 
 def evaluate(claim: Claim, results: dict[tuple[str, str], RunResult], margin: float) -> dict:
-    """One report row: the measured mean difference, its 95% t-interval, the seed count, its
-    verdict (yes / no / inconclusive; inconclusive below ``reclight.stats.MIN_SEEDS`` seeds,
-    with ``why``) and ``holds`` (= verdict is yes)."""
+    """One report row: the measured mean difference, its 95% t-interval, the seed count, the
+    tests and verdict of :func:`reclight.stats.paired_test` (inconclusive below
+    ``reclight.stats.MIN_SEEDS`` seeds, with ``why``), ``family`` (every seeded row: primary) and
+    ``holds`` (= verdict is yes)."""
     fig = FIGURES[claim.figure]
     delta = fig(reward_curve(results, claim.env, claim.preset_a, claim.setting_a)) - fig(
         reward_curve(results, claim.env, claim.preset_b, claim.setting_b)
     )
-    stats = paired_verdict(claim.rule, delta, margin)
-    return {"claim": claim.text, "setting": claim.setting, "measured": claim.measured, "rule": claim.rule,
-            **stats, "holds": stats["verdict"] == "yes"}
+    stats = paired_test(claim.rule, delta, margin)
+    return {"claim": claim.text, "family": "primary", "setting": claim.setting, "measured": claim.measured,
+            "rule": claim.rule, **stats, "holds": stats["verdict"] == "yes"}
 
 
 def theory_checks() -> list[dict]:
@@ -146,7 +149,7 @@ def theory_checks() -> list[dict]:
     def row(claim: str, measured: str, value: float, holds: bool) -> None:
         rows.append({"claim": claim, "setting": "exact, 3-arm counterexample", "measured": measured,
                      "rule": "exact", "mean": value, "lo": math.nan, "hi": math.nan,
-                     "seeds": "exact", "verdict": "yes" if holds else "no", "why": "",
+                     "seeds": "exact", "verdict": "yes" if holds else "no", "why": "", "family": "exact",
                      "holds": bool(holds)})
 
     pi_off = exact.iterate_expected_reinforce(mu.log(), r, k, lr, iters, mu=mu)

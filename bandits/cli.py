@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = theory_checks()
         print("\n".join(claims_table(rows)))
-        from bandits.claims import count_line
+        from reclight.stats import count_line
 
         print(count_line(rows))
         return 0 if all(r["holds"] for r in rows) else 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bandits.config import AsyncBenchConfig, ClaimsConfig
-from reclight.stats import MIN_SEEDS, rules_table, t_quantile
+from reclight.stats import ALPHA, MIN_SEEDS, rules_table, t_quantile
 from reclight.sync import resolve_setting
 
 
-def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
+def header(cfg: ClaimsConfig, wall: float, counts: str, adjusted: str) -> list[str]:
     settings = ", ".join(
         f"{s} (k={k}, d={d})" for s in cfg.settings for k, d in [resolve_setting(s, cfg.steps)]
     )
@@ -15,7 +15,8 @@ def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
     return [
         "# Bandit bench: the paper's claims where the answer is known exactly",
         "",
-        f"Produced by `python -m bandits claims` in {wall:.1f} s. **Verdicts: {counts}.**",
+        f"Produced by `python -m bandits claims` in {wall:.1f} s. **Verdicts: {counts}.** The seeded rows "
+        f"Holm-adjusted as one family (`adjusted_verdict` in summary.json): {adjusted}.",
         "",
         "## What was measured",
         "",
@@ -38,16 +39,11 @@ def header(cfg: ClaimsConfig, wall: float, counts: str) -> list[str]:
         f"(t_0.975,{cfg.seeds - 1} = {t_quantile(0.975, cfg.seeds - 1):.3f}; `reclight.stats`). "
         f"Rows with fewer than {MIN_SEEDS} seeds get no verdict (inconclusive).",
         f"- Verdicts, with one margin delta = {cfg.margin} reward units fixed before running "
-        "(never tuned per claim), interval [lo, hi]: **yes** = holds by the pre-registered rule; "
-        "**no** = contradicted, the whole interval lies where the claim is false; "
-        "**inconclusive** = neither (the interval is too wide, or straddles the margin). "
+        f"(never tuned per claim): **yes** = the one-sided test of \"claim false\" rejects at {ALPHA:g}; "
+        f"**no** = the test of \"claim true\" rejects at {ALPHA:g}; **inconclusive** = neither. "
         "`exact` rows are closed-form checks, no seeds: yes or no.",
         "",
         *rules_table(),
-        "",
-        "Boundaries: yes keeps the pre-registered (in)equalities (alike inclusive, the others "
-        "strict); no is always strict, so an interval that only touches the margin is "
-        "inconclusive, never evidence against.",
     ]
 
 

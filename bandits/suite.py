@@ -16,7 +16,7 @@ from bandits.config import ClaimsConfig
 from bandits.problems import TabularProblem, bandit_problem, chain_problem
 from bandits.simulate import RunResult, run_preset
 from reclight.algorithms import get_algorithm
-from reclight.stats import LEVEL, count_line, count_verdicts, mean_ci, t_quantile
+from reclight.stats import LEVEL, adjust_family, count_line, count_verdicts, mean_ci, t_quantile
 from reclight.sync import resolve_setting
 
 
@@ -70,7 +70,14 @@ def _fmt(x: float) -> str:
 def _ci(row: dict) -> str:
     if isinstance(row["seeds"], str):
         return "exact"
-    return f"[{row['lo']:+.4f}, {row['hi']:+.4f}]"
+    if row.get("test") == "sign-flip":
+        return "none (degenerate)"
+    return "-" if math.isnan(row["lo"]) else f"[{row['lo']:+.4f}, {row['hi']:+.4f}]"
+
+
+def _p(row: dict, key: str) -> str:
+    x = row.get(key)
+    return "-" if x is None or isinstance(row["seeds"], str) else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
 
 
 VERDICT_CELL = {"yes": "yes", "no": "**no**", "inconclusive": "inconclusive"}
@@ -78,13 +85,13 @@ VERDICT_CELL = {"yes": "yes", "no": "**no**", "inconclusive": "inconclusive"}
 
 
 def claims_table(rows: list[dict]) -> list[str]:
-    lines = ["| claim | setting | measured | rule | mean | 95% CI | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| claim | setting | measured | rule | mean | 95% CI | p_holds | p_contradicted | seeds | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         value = f"{r['mean']:.3g}" if r["rule"] == "exact" else _fmt(r["mean"])
         cell = VERDICT_CELL[r["verdict"]] + (f" ({r['why']})" if r.get("why") else "")
         lines.append(f"| {r['claim']} | {r['setting']} | {r['measured']} | {r['rule']} | {value} | "
-                     f"{_ci(r)} | {r['seeds']} | {cell} |")
+                     f"{_ci(r)} | {_p(r, 'p_holds')} | {_p(r, 'p_contradicted')} | {r['seeds']} | {cell} |")
     return lines
 
 
@@ -160,7 +167,7 @@ def _run_claims(cfg: ClaimsConfig, log) -> Path:
     rows = theory_checks()
     results = run_all(cfg, log)
     claims = paper_claims(cfg.envs, cfg.settings, cfg.presets, cfg.multi_setting)
-    rows += [evaluate(c, results, cfg.margin) for c in claims]
+    rows = adjust_family(rows + [evaluate(c, results, cfg.margin) for c in claims])
     plots = plot_settings(cfg, results, out)
     wall = time.perf_counter() - start
     report = out / "claims.md"
@@ -221,7 +228,8 @@ def render(cfg: ClaimsConfig, rows: list[dict], results: dict, plots: list[Path]
     """The markdown report (see docs/bandits.md for how to read it)."""
     from bandits.report_text import header, notes
 
-    lines = header(cfg, wall, count_line(rows))
+    seeded = [r for r in rows if r["family"] == "primary"]
+    lines = header(cfg, wall, count_line(rows), count_line(seeded, "adjusted_verdict"))
     lines += ["", "## Claims", ""] + claims_table(rows)
     for env in cfg.envs:
         lines += ["", f"## Final expected reward, {env} (mean ± 95% half-width; final entropy H; "
