@@ -21,7 +21,7 @@ from typing import Any
 from reclight.algorithms import PRESETS
 from reclight.checks import check_bool, check_float, check_int, check_out_dir, invalid
 from reclight.clock import ClockConfig, ClockCosts
-from reclight.stats import RULES
+from reclight.stats import BINARY_RULES, FAMILIES, RULES
 from reclight.sync import PAPER_SETTINGS
 
 STATISTICS = {
@@ -114,6 +114,10 @@ class Arm:
     """The study settings this arm runs under (null: all of them)."""
 
 
+BINARY_STATISTICS = ("collapsed",)
+"""Statistics that are 0 or 1 per seed: tested exactly (``reclight.stats``), ``less``/``greater`` only."""
+
+
 @dataclass(frozen=True)
 class Claim:
     """One pre-registered claim: ``statistic(a) - statistic(b)`` obeys ``rule`` with the study margin."""
@@ -127,7 +131,12 @@ class Claim:
     statistic: str
     """One of ``STATISTICS``."""
     rule: str
-    """One of ``reclight.stats.RULES``: less, greater, alike, not_worse."""
+    """One of ``reclight.stats.RULES``: less, greater, alike, not_worse (a binary statistic such as
+    ``collapsed``: less or greater, tested exactly with margin 0)."""
+    family: str
+    """Required, fixed before any run: ``primary`` (a headline claim: the primary rows are
+    Holm-adjusted as one family, and the report's headline counts are theirs) or ``secondary``
+    (reported with its per-row verdict, not adjusted: exploratory)."""
     settings: tuple[str, ...] | None = None
     """Settings the claim is tested under, one report row each (null: every setting both arms
     run under); unused when both sides name their setting."""
@@ -404,10 +413,17 @@ def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
     v = _keys(where, value, _fields(Claim), required=("text", "a", "b", "statistic", "rule"))
     if not isinstance(v["text"], str) or not v["text"].strip():
         raise invalid(f"{where}.text", v["text"], "a non-empty string")
+    if v.get("family") not in FAMILIES:
+        raise invalid(f"{where}.family", v.get("family"), f"{' or '.join(FAMILIES)}, required for every claim and "
+                      f"fixed before any run (claim {v['text'].strip()!r}; primary claims are Holm-adjusted as one "
+                      "family)")
     if v["statistic"] not in STATISTICS:
         raise invalid(f"{where}.statistic", v["statistic"], ", ".join(STATISTICS))
     if v["rule"] not in RULES:
         raise invalid(f"{where}.rule", v["rule"], ", ".join(RULES))
+    if v["statistic"] in BINARY_STATISTICS and v["rule"] not in BINARY_RULES:
+        raise invalid(f"{where}.rule", v["rule"], f"{' or '.join(BINARY_RULES)} for the binary statistic "
+                      f"{v['statistic']} (0/1 per seed: an exact paired test, which has no margin)")
     arms = {a.name: a for a in cfg.arms}
     names = tuple(s.name for s in cfg.settings)
     for side in ("a", "b"):
@@ -420,7 +436,7 @@ def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
         raise invalid(f"{where}.margin", None, f"a number > 0 in the units of {v['statistic']} (the study's margin "
                       "is in accuracy units)")
     claim = Claim(text=v["text"].strip(), a=v["a"], b=v["b"], statistic=v["statistic"], rule=v["rule"],
-                  settings=settings, margin=margin)
+                  family=v["family"], settings=settings, margin=margin)
     rows = claim_cells(cfg, claim)
     if not rows:
         raise invalid(where, f"{claim.a} vs {claim.b}", "a claim with at least one setting both arms run under")
@@ -490,24 +506,29 @@ def study_from_dict(raw: Any, source: str = "the study config", check_files: boo
     )
     _check_lr_overrides(cfg)
     if not isinstance(v["claims"], list):
-        raise invalid("claims", v["claims"], "a list of {text, a, b, statistic, rule, settings} mappings")
+        raise invalid("claims", v["claims"], "a list of {text, a, b, statistic, rule, family, settings, margin} "
+                      "mappings")
     claims = tuple(_claim(i, c, cfg) for i, c in enumerate(v["claims"]))
     return dataclasses.replace(cfg, claims=claims)
 
 
 def load_study(paths: str | Path | list[str | Path], overrides: dict[str, Any] | None = None,
-               check_files: bool = True) -> StudyConfig:
+               check_files: bool = True, field: str = "--config") -> StudyConfig:
     """Read one or more study YAML files (later files replace earlier top-level keys), apply
-    ``overrides`` (top-level keys, e.g. ``{"out_dir": ...}``) and validate."""
+    ``overrides`` (top-level keys, e.g. ``{"out_dir": ...}``) and validate. Every error names
+    the file(s); ``field`` is the option that named them (``--config``; ``DIR`` for a report)."""
     from reclight.yamlio import load_yaml_file
 
     raw: dict[str, Any] = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         p = Path(path)
         if not p.is_file():
-            raise invalid("--config", str(path), "an existing study YAML file (e.g. configs/study/paper.yaml)")
+            raise invalid(field, str(path), "an existing study YAML file (e.g. configs/study/paper.yaml)")
         # file and line of a syntax error, an empty file or a list; a repeated key (an arm given twice) refused
-        raw.update(load_yaml_file(p, "--config", "a YAML mapping of study fields, each key once: "
-                                  + ", ".join(TOP_KEYS)))
+        raw.update(load_yaml_file(p, field, "a YAML mapping of study fields, each key once: " + ", ".join(TOP_KEYS)))
     raw.update(overrides or {})
-    return study_from_dict(raw, check_files=check_files)
+    files = " + ".join(str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths))
+    try:
+        return study_from_dict(raw, check_files=check_files)
+    except ValueError as err:
+        raise ValueError(f"{files}: {err}") from None

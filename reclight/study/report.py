@@ -1,5 +1,5 @@
 """``reclight study report DIR``: aggregate the run folders of a study, whoever ran them, into
-``report.md``, ``summary.json`` and one PNG per setting.
+``report.md``, ``summary.json``, the forest plot ``claims.png`` and one PNG per setting.
 
 A run is read from its own files only (``runs/<setting>/<arm>/seed<S>/logs/metrics.csv`` and
 ``logs/config.yaml``): the held-out accuracy ``val/acc`` at RL step 0 (logged at the start of
@@ -13,8 +13,13 @@ Per-seed statistics of an accuracy curve a_0 (step 0), a_1, ..., a_n (``STATISTI
 :mod:`reclight.study.config`): ``final`` (mean of the last ``last_evals`` of a_1..a_n), ``auc``
 (mean of a_1..a_n), ``early`` (mean of the a_k at steps in (0, max_steps / 4]), ``drawdown``
 (max_k of max_{j<=k} a_j - a_k), ``collapsed`` (1 if final < collapse_floor). A claim row is the
-paired difference over the seeds both cells completed, its 95% t-interval and verdict
-(:func:`reclight.stats.paired_verdict`).
+paired difference over the seeds both cells completed and its tests
+(:func:`reclight.stats.paired_test`: a t-test, an exact sign-flip test for a degenerate sample,
+an exact McNemar test for the binary ``collapsed``); the rows of primary claims are then
+Holm-adjusted as one family (:func:`reclight.stats.adjust_family`). The report's headline counts
+are the adjusted verdicts of the primary family; "Power" gives each primary row's half-width,
+smallest detectable effect and the rows this scale cannot decide; ``claims.png`` is the forest
+plot of every row (:mod:`reclight.study.plots`).
 
 Each run folder's ``samples.jsonl`` (what the policy generated, written by the trainer every
 ``model.monitor.samples_every`` steps) is linked per arm, with two samples quoted
@@ -32,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reclight.stats import LEVEL, MIN_SEEDS, count_line, count_verdicts, mean_ci, paired_verdict, rules_table
-from reclight.study.config import STATISTICS, StudyConfig, claim_cells, load_study
+from reclight.stats import (ALPHA, FAMILIES, LEVEL, MAX_SEEDS_SEARCHED, MIN_SEEDS, POWER, adjust_family, count_line,
+                            count_verdicts, mean_ci, paired_test, rules_table)
+from reclight.study.config import BINARY_STATISTICS, STATISTICS, StudyConfig, claim_cells, load_study
 from reclight.study.plan import LOGS, run_folder, warmup_folder
 
 SERIES = ("clip/frac", "policy/entropy", "kl/init", "reward/mean", "response/len_mean", "rollout/staleness_mean")
@@ -44,6 +50,8 @@ SAMPLES_FILE = "samples.jsonl"
 the report reads files and needs no torch; a test checks the two agree)."""
 QUOTED = 2
 """Samples quoted per arm in report.md."""
+CLAIMS_PLOT = "claims.png"
+"""The forest plot of every claim row, in the study folder."""
 
 
 @dataclass
@@ -137,9 +145,13 @@ def collect(cfg: StudyConfig) -> dict[tuple[str, str], dict[int, RunData]]:
 
 
 def claim_rows(cfg: StudyConfig, runs: dict[tuple[str, str], dict[int, RunData]]) -> list[dict[str, Any]]:
-    """One row per claim and setting: the paired difference, its interval and verdict."""
+    """One row per claim and setting: the paired differences, their test and verdict
+    (:func:`reclight.stats.paired_test`), then the family's adjusted verdict
+    (:func:`reclight.stats.adjust_family`)."""
     rows = []
     for claim in cfg.claims:
+        binary = claim.statistic in BINARY_STATISTICS
+        margin = 0.0 if binary else (cfg.margin if claim.margin is None else claim.margin)
         for (arm_a, set_a), (arm_b, set_b) in claim_cells(cfg, claim):
             cell_a, cell_b = runs[(set_a, arm_a)], runs[(set_b, arm_b)]
             seeds = [s for s in cfg.seeds if cell_a[s].complete and cell_b[s].complete]
@@ -147,12 +159,17 @@ def claim_rows(cfg: StudyConfig, runs: dict[tuple[str, str], dict[int, RunData]]
                       for s in seeds]
             left, right = (arm_a, arm_b) if arm_a != arm_b else (set_a, set_b)
             setting = set_a if set_a == set_b else f"{set_a} vs {set_b}"
-            rows.append({"claim": claim.text, "setting": setting, "statistic": claim.statistic,
-                         "measured": f"{claim.statistic}({left}) - {claim.statistic}({right})", "rule": claim.rule,
-                         "a": f"{arm_a}@{set_a}", "b": f"{arm_b}@{set_b}", "paired_seeds": seeds, "deltas": deltas,
-                         "margin": cfg.margin if claim.margin is None else claim.margin,
-                         **paired_verdict(claim.rule, deltas, cfg.margin if claim.margin is None else claim.margin)})
-    return rows
+            row = {"claim": claim.text, "family": claim.family, "setting": setting, "statistic": claim.statistic,
+                   "unit": RAW_UNITS.get(claim.statistic, "accuracy"),
+                   "measured": f"{claim.statistic}({left}) - {claim.statistic}({right})", "rule": claim.rule,
+                   "a": f"{arm_a}@{set_a}", "b": f"{arm_b}@{set_b}", "paired_seeds": seeds, "deltas": deltas,
+                   "margin": margin, **paired_test(claim.rule, deltas, margin, binary=binary)}
+            if binary:
+                n10, n01 = row["discordant"]
+                row["counts"] = (f"{left} {claim.statistic}, {right} not: {n10} of {len(seeds)} seeds; "
+                                 f"reverse: {n01}")
+            rows.append(row)
+    return adjust_family(rows)
 
 
 def cell_summary(cfg: StudyConfig, cell: dict[int, RunData]) -> dict[str, Any]:
@@ -172,31 +189,123 @@ def _pct(x: float) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.1f}"
 
 
-def _signed_pct(x: float) -> str:
-    return "-" if math.isnan(x) else f"{100 * x:+.1f}"
-
-
-VERDICT_CELL = {"yes": "holds", "no": "**contradicted**", "inconclusive": "inconclusive"}
+VERDICT_CELL = {"yes": "holds", "no": "**contradicted**", "inconclusive": "inconclusive",
+                "not adjusted": "not adjusted"}
 
 
 RAW_UNITS = {"len_trained": "tokens", "staleness": "steps"}
 """Statistics reported in their own units (the others in accuracy points, x 100)."""
 
 
+def _fmt(row: dict[str, Any], x: float, signed: bool = True) -> str:
+    """A difference of ``row``'s statistic: accuracy points (x 100, one decimal) or its own units."""
+    if x is None or math.isnan(x):
+        return "-"
+    if row.get("statistic") in RAW_UNITS:
+        return f"{x:+.2f}" if signed else f"{x:.2f}"
+    return f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
+
+
+def _p(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
+
+
+def _interval(r: dict[str, Any]) -> str:
+    if r["test"] == "exact McNemar":
+        return "none (binary: exact test)"
+    if r["test"] == "sign-flip":
+        return "none (degenerate)"
+    return "-" if math.isnan(r["lo"]) else f"[{_fmt(r, r['lo'])}, {_fmt(r, r['hi'])}]"
+
+
 def claims_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown rows; differences and intervals in accuracy points (x 100), or in the statistic's
-    own units (``RAW_UNITS``: tokens, steps)."""
-    lines = ["| claim | setting | statistic (Delta = a - b) | rule | mean Delta | 95% CI | seeds | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+    own units (``RAW_UNITS``: tokens, steps); a binary statistic as counts."""
+    lines = ["| claim | family | setting | statistic (Delta = a - b) | rule | mean Delta | 95% CI | seeds | p_holds | "
+             "p_contradicted | verdict | adjusted verdict (Holm) |", "|---" * 12 + "|"]
     for r in rows:
         unit = RAW_UNITS.get(r.get("statistic", ""))
-        _signed = (lambda x: "-" if math.isnan(x) else f"{x:+.2f}") if unit else _signed_pct  # noqa: E731
-        ci = "-" if math.isnan(r["lo"]) else f"[{_signed(r['lo'])}, {_signed(r['hi'])}]"
         verdict = VERDICT_CELL[r["verdict"]] + (f" ({r['why']})" if r["why"] else "")
         measured = r["measured"] + (f" ({unit}; margin {r['margin']:g})" if unit else "")
-        lines.append(f"| {r['claim']} | {r['setting']} | {measured} | {r['rule']} | {_signed(r['mean'])} | {ci} | "
-                     f"{r['seeds']} | {verdict} |")
+        mean = r["counts"] if "counts" in r else _fmt(r, r["mean"])
+        adjusted = VERDICT_CELL[r["adjusted_verdict"]]
+        if r["family"] == "primary":
+            adjusted += f" (p {_p(r['p_holds_adjusted'])} / {_p(r['p_contradicted_adjusted'])})"
+        lines.append(f"| {r['claim']} | {r['family']} | {r['setting']} | {measured} | {r['rule']} | {mean} | "
+                     f"{_interval(r)} | {r['seeds']} | {_p(r['p_holds'])} | {_p(r['p_contradicted'])} | {verdict} | "
+                     f"{adjusted} |")
     return lines
+
+
+def _detectable_delta(r: dict[str, Any]) -> str:
+    """The smallest true Delta (or band) this row confirms with 80% power, in its units."""
+    d, m = r["detectable"], r["margin"]
+    if math.isnan(d):
+        return "-"
+    if r["rule"] == "alike":
+        return f"abs(Delta) <= {_fmt(r, m - d, False)}" if d < m else f"none (detectable {_fmt(r, d, False)} >= delta)"
+    if r["rule"] == "less":
+        return f"Delta <= {_fmt(r, -(m + d))}"
+    return f"Delta >= {_fmt(r, (m if r['rule'] == 'greater' else -m) + d)}"
+
+
+def undecided_reason(r: dict[str, Any]) -> str:
+    """Why a row got no verdict at this scale, and what would decide it."""
+    if r["test"] in ("exact McNemar", "sign-flip", "none"):
+        return r["why"] or f"the exact test's p-values ({_p(r['p_holds'])} / {_p(r['p_contradicted'])}) are not small"
+    if r["verdict"] != "inconclusive":
+        return f"decided per row ({VERDICT_CELL[r['verdict']]}) but not after the family adjustment"
+    need = r["seeds_needed"]
+    if not need:
+        return f"no seed count up to {MAX_SEEDS_SEARCHED} decides it (the observed mean lies on or near the margin)"
+    return (f"about {need} seeds would decide it with {100 * POWER:.0f}% power if the true Delta were the observed "
+            f"mean ({_fmt(r, r['mean'])})")
+
+
+def power_section(rows: list[dict[str, Any]]) -> list[str]:
+    """report.md's "Power": per primary row, the achieved half-width and the smallest effect it
+    detects at its seed count; then the primary rows this scale cannot decide."""
+    primary = [r for r in rows if r["family"] == "primary"]
+    lines = ["## Power", "",
+             f"Per primary row, with the observed sd of the differences taken as the true one: the achieved 95% "
+             f"half-width t_{{0.975,n-1}} sd / sqrt(n), and the smallest true effect confirmed with {100 * POWER:.0f}% "
+             f"power at its seed count, by the t-quantile formula (t_{{0.975,n-1}} + t_{{0.80,n-1}}) sd / sqrt(n) "
+             "beyond the margin (the normal approximation of the noncentral t; per row at 2.5%, before the family "
+             "adjustment). Units as in the claims table.", ""]
+    if not primary:
+        return lines + ["No primary claims in this study."]
+    lines += ["| claim | setting | test | seeds | sd | half-width | detectable beyond the margin | "
+              "smallest detectable true effect | adjusted verdict |", "|---" * 9 + "|"]
+    for r in primary:
+        lines.append(f"| {r['claim']} | {r['setting']} | {r['test']} | {r['seeds']} | {_fmt(r, r['sd'], False)} | "
+                     f"{_fmt(r, r['half_width'], False)} | {_fmt(r, r['detectable'], False)} | "
+                     f"{_detectable_delta(r)} | {VERDICT_CELL[r['adjusted_verdict']]} |")
+    undecided = [r for r in primary if r["adjusted_verdict"] == "inconclusive"]
+    lines += ["", f"Not decided at this scale ({len(undecided)} of {len(primary)} primary rows)"
+              + (":" if undecided else ".")]
+    lines += [f"- {r['claim']} ({r['setting']}): {undecided_reason(r)}." for r in undecided]
+    return lines
+
+
+def family_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The headline: the primary family's adjusted counts, then the per-row and secondary ones."""
+    primary = [r for r in rows if r["family"] == "primary"]
+    secondary = [r for r in rows if r["family"] == "secondary"]
+    return [f"**Primary claims, Holm-adjusted: {count_line(primary, 'adjusted_verdict')}.** "
+            f"Per row, before adjustment: primary {count_line(primary)}; secondary (not adjusted) "
+            f"{count_line(secondary)}."]
+
+
+def family_text(rows: list[dict[str, Any]]) -> str:
+    """How the primary family is controlled (under the rules table)."""
+    m = sum(r["family"] == "primary" for r in rows)
+    return (f"Family-wise control: the {m} primary rows (a claim tested under several settings gives one row "
+            f"per setting) are one family. Holm's step-down procedure runs over their {m} p_holds and, apart, over "
+            f"their {m} p_contradicted, each at {ALPHA:g}: the chance that any primary row falsely holds is at most "
+            f"{100 * ALPHA:g}%, and that any is falsely contradicted at most {100 * ALPHA:g}%, whatever the dependence "
+            f"between rows (they share cells); so any false adjusted verdict at most {200 * ALPHA:g}%. Secondary rows "
+            "keep their per-row verdict (each a 2.5% test, no control across rows): read them as exploratory. "
+            f"Rows with fewer than {MIN_SEEDS} paired seeds enter the family with p = 1.")
 
 
 def cells_table(cfg: StudyConfig, setting: str, cells: dict[str, dict[str, Any]]) -> list[str]:
@@ -297,7 +406,9 @@ def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups:
     lines = [
         f"# Study `{cfg.name}`: the paper's off-policy claims on a tiny LLM",
         "",
-        f"Produced by `{command}`. Runs complete: {done} of {total}. **Verdicts: {count_line(rows)}.**",
+        f"Produced by `{command}`. Runs complete: {done} of {total}.",
+        "",
+        *family_lines(rows),
         "",
         "## What was run",
         "",
@@ -321,24 +432,35 @@ def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups:
         + "; ".join(f"`{k}` = {v}" for k, v in STATISTICS.items()).replace("`last_evals`", str(cfg.last_evals))
         .replace("`collapse_floor`", f"{100 * cfg.collapse_floor:.0f}%") + ".",
         f"- Statistic of a claim: the per-seed paired difference Delta = statistic(a) - statistic(b) over the seeds "
-        f"both cells completed; mean and {100 * LEVEL:.0f}% Student-t interval (`reclight.stats`, the bandit bench's "
-        f"code). Fewer than {MIN_SEEDS} paired seeds: no verdict (inconclusive).",
+        f"both cells completed; its mean, {100 * LEVEL:.0f}% Student-t interval and tests (`reclight.stats`, the "
+        f"bandit bench's code). Fewer than {MIN_SEEDS} paired seeds: no test (inconclusive).",
         f"- Verdicts, with one margin delta = {100 * cfg.margin:g} accuracy points fixed in the study config before "
-        "running: **holds** = the pre-registered rule holds; **contradicted** = the whole interval lies where the "
-        "claim is false; **inconclusive** = neither.",
+        "running (a claim on tokens or steps states its own): **holds** = the test of \"claim false\" rejects; "
+        "**contradicted** = the test of \"claim true\" rejects; **inconclusive** = neither.",
         "",
         *rules_table(),
+        "",
+        family_text(rows),
         "",
         "## Claims",
         "",
         *claims_table(rows),
+        "",
+        f"![claims]({CLAIMS_PLOT})",
+        "",
+        f"`{CLAIMS_PLOT}`: every row's mean Delta with its 95% interval, the margin dashed, colour = per-row verdict, "
+        "the adjusted verdict written for primary rows; degenerate and binary rows have no interval (marker or "
+        "counts only).",
+        "",
+        *power_section(rows),
     ]
     for setting in cfg.settings:
         if setting.name in cells:
             lines += ["", f"## Cells: `{setting.name}` ({setting.describe()})", "",
                       *cells_table(cfg, setting.name, cells[setting.name])]
-    lines += ["", "## Plots", "", "Per setting: held-out accuracy (mean over seeds, band = min..max over seeds), "
-              "clip fraction, entropy and `kl/init` (10-step moving averages, mean over seeds).", ""]
+    lines += ["", "## Plots", "", "Per setting: held-out accuracy (thin lines: each seed; thick: the mean over "
+              "seeds; band: its 95% Student-t interval over seeds), clip fraction, entropy and `kl/init` (log scale) "
+              "(10-step moving averages, mean over seeds). Each arm keeps one colour in every figure.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if samples:
         lines += ["", *samples]
@@ -375,20 +497,21 @@ def _warmups(cfg: StudyConfig) -> dict[int, dict[str, Any]]:
 
 def write_report(folder: str | Path, command: str | None = None, log=print) -> Path:
     """Aggregate the study in ``folder`` (its ``study.yaml`` and run folders) into
-    ``report.md``, ``summary.json`` and ``<setting>.png``; returns the report's path."""
+    ``report.md``, ``summary.json``, ``claims.png`` and ``<setting>.png``; returns the report's path."""
     folder = Path(folder)
     study = folder / STUDY_FILE
     if not study.is_file():
         raise ValueError(f"DIR={str(folder)!r} is not valid; accepted: a study folder holding {STUDY_FILE} "
                          "(written by `reclight study --config ...`, also with --dry-run)")
-    cfg = load_study(study, {"out_dir": str(folder)}, check_files=False)
+    cfg = load_study(study, {"out_dir": str(folder)}, check_files=False, field="DIR")
     runs = collect(cfg)
     rows = claim_rows(cfg, runs)
     cells: dict[str, dict[str, Any]] = {}
     for (setting, arm), cell in runs.items():
         cells.setdefault(setting, {})[arm] = cell_summary(cfg, cell)
-    from reclight.study.plots import plot_settings
+    from reclight.study.plots import plot_claims, plot_settings
 
+    plot_claims(rows, folder / CLAIMS_PLOT)
     plots = plot_settings(cfg, runs, folder)
     warmups = _warmups(cfg)
     command = command or f"reclight study report {folder}"
@@ -398,11 +521,16 @@ def write_report(folder: str | Path, command: str | None = None, log=print) -> P
     curves: dict[str, dict[str, dict[str, list]]] = {}
     for (setting, arm), cell in runs.items():
         curves.setdefault(setting, {})[arm] = {str(seed): r.evals for seed, r in cell.items() if r.complete}
-    summary = {"study": cfg.to_dict(), "counts": count_verdicts(rows), "counts_line": count_line(rows),
-               "min_seeds": MIN_SEEDS, "rows": rows,
+    primary = [r for r in rows if r["family"] == "primary"]
+    headline = count_line(primary, "adjusted_verdict")
+    summary = {"study": cfg.to_dict(), "counts_line": f"primary, Holm-adjusted: {headline}",
+               "counts": {"primary_adjusted": count_verdicts(primary, "adjusted_verdict"),
+                          **{f: count_verdicts(r for r in rows if r["family"] == f) for f in FAMILIES}},
+               "alpha": ALPHA, "min_seeds": MIN_SEEDS, "rows": rows,
                "cells": cells, "curves": curves, "warmups": warmups,
                "runs": [{"folder": str(r.folder), "complete": r.complete, "samples": r.samples}
                         for cell in runs.values() for r in cell.values()]}
     (folder / "summary.json").write_text(json.dumps(_clean(summary), indent=1) + "\n")
-    log(f"{count_line(rows)}; wrote {report}, summary.json and {len(plots)} plot(s)")
+    log(f"primary, Holm-adjusted: {headline}; wrote {report}, summary.json, {CLAIMS_PLOT} and {len(plots)} "
+        "setting plot(s)")
     return report

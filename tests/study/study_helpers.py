@@ -42,7 +42,7 @@ def micro_study(tmp_path: Path, **changes) -> dict:
         "margin": 0.05,
         "workers": 2,
         "claims": [{"text": "clipping not worse", "a": "clip", "b": "reinforce", "statistic": "final",
-                    "rule": "not_worse"}],
+                    "rule": "not_worse", "family": "primary"}],
     }
     study.update(changes)
     return study

@@ -15,7 +15,7 @@ SHIPPED = sorted((ROOT / "configs" / "study").glob("*.yaml"))
 
 
 def _claim(**kw):
-    return [{"text": "t", "a": "clip", "b": "reinforce", "statistic": "final", "rule": "not_worse", **kw}]
+    return [{"text": "t", "a": "clip", "b": "reinforce", "statistic": "final", "rule": "not_worse", "family": "primary", **kw}]
 
 
 BAD = [
@@ -43,6 +43,14 @@ BAD = [
     ({"claims": _claim(statistic="median")}, "claims[0].statistic='median' is not valid; accepted: final, auc, early, "
      "drawdown, collapsed"),
     ({"claims": _claim(rule="most")}, "claims[0].rule='most' is not valid; accepted: less, greater, alike, not_worse"),
+    # every claim says, before any run, whether it is in the Holm-adjusted primary family
+    ({"claims": [{k: v for k, v in _claim()[0].items() if k != "family"}]},
+     "claims[0].family=None is not valid; accepted: primary or secondary, required for every claim and fixed before "
+     "any run (claim 't';"),
+    ({"claims": _claim(family="headline")}, "claims[0].family='headline' is not valid; accepted: primary or secondary"),
+    # a 0/1 statistic gets an exact paired test, which has no margin: alike / not_worse are refused
+    ({"claims": _claim(statistic="collapsed", rule="alike")}, "claims[0].rule='alike' is not valid; accepted: less or "
+     "greater for the binary statistic collapsed"),
     ({"claims": _claim(a="clip@periodic", b="clip@periodic")}, "claims[0]='clip@periodic vs itself' is not valid"),
     ({"arms": {"clip": {"preset": "rec_oneside_nois", "settings": ["lag"]}}},
      "arms.clip.settings[0]='lag' is not valid; accepted: a setting of the study: periodic"),
@@ -75,7 +83,7 @@ def test_bad_config_through_the_cli_writes_nothing(tmp_path, capsys):
     """The real command: exit status 2, the message on stderr, and no study folder created."""
     path = write_study(tmp_path / "bad.yaml", micro_study(tmp_path, arms={"clip": "ppo"}))
     assert main(["--config", str(path)]) == 2
-    assert "arms.clip.preset='ppo' is not valid; accepted: reinforce" in capsys.readouterr().err
+    assert f"{path}: arms.clip.preset='ppo' is not valid; accepted: reinforce" in capsys.readouterr().err
     assert not (tmp_path / "study").exists()
 
 
