@@ -403,7 +403,8 @@ def rules_table() -> list[str]:
         "| alike | -delta ≤ Delta ≤ +delta | -delta < lo and hi < +delta (TOST: both one-sided p < 0.025) | "
         "2 x the smaller one-sided p < 0.025: the 97.5% interval lies wholly above +delta or below -delta |",
         "| not_worse | Delta > -delta | lo > -delta | hi < -delta |",
-        "| binary statistic (`collapsed`; less / greater only) | a is 1 more (less) often than b (margin 0) | "
+        "| binary statistic (`collapsed`; less / greater only) | greater: a is 1 on more seeds than b; less: on "
+        "fewer (margin 0) | "
         "exact one-sided McNemar: binomial(N, 1/2) tail of the N discordant seeds | the same test, other tail |",
         "| degenerate (all n differences equal X) | as the rule | exact sign-flip: p = 2^-n if X lies strictly in "
         "the region, else 1 | 2^-n if X lies strictly outside (alike: 2 x 2^-n); n ≤ 5 never decides |",
