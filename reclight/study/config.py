@@ -143,6 +143,10 @@ class Claim:
     margin: float | None = None
     """This claim's delta, in the statistic's units (null: the study's ``margin``, in accuracy
     units); required for ``len_trained`` and ``staleness``."""
+    source: str | None = None
+    """Where the claim comes from, in the report beside it: the statement of the paper it tests
+    (quoted, with its section or figure) or ``reclight's own question``. Optional in general;
+    ``configs/study/paper.yaml`` gives one for every claim (a test checks)."""
 
 
 @dataclass(frozen=True)
@@ -408,6 +412,15 @@ def claim_cells(cfg: StudyConfig, claim: Claim) -> list[tuple[tuple[str, str], t
     return [((arm_a, set_a or s), (arm_b, set_b or s)) for s in over]
 
 
+def _source(where: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(where, value, "a non-empty string (the paper's statement with its section or figure, or "
+                      "\"reclight's own question\"), or null")
+    return " ".join(value.split())
+
+
 def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
     where = f"claims[{i}]"
     v = _keys(where, value, _fields(Claim), required=("text", "a", "b", "statistic", "rule"))
@@ -436,7 +449,7 @@ def _claim(i: int, value: Any, cfg: StudyConfig) -> Claim:
         raise invalid(f"{where}.margin", None, f"a number > 0 in the units of {v['statistic']} (the study's margin "
                       "is in accuracy units)")
     claim = Claim(text=v["text"].strip(), a=v["a"], b=v["b"], statistic=v["statistic"], rule=v["rule"],
-                  family=v["family"], settings=settings, margin=margin)
+                  family=v["family"], settings=settings, margin=margin, source=_source(f"{where}.source", v.get("source")))
     rows = claim_cells(cfg, claim)
     if not rows:
         raise invalid(where, f"{claim.a} vs {claim.b}", "a claim with at least one setting both arms run under")

@@ -237,6 +237,16 @@ def claims_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def sources_section(cfg: StudyConfig) -> list[str]:
+    """Where each claim comes from (its ``source``), claim by claim; nothing when no claim names one."""
+    if not any(c.source for c in cfg.claims):
+        return []
+    lines = ["", "## Sources of the claims", ""]
+    for i, c in enumerate(cfg.claims, 1):
+        lines.append(f"{i}. {c.text} ({c.family}): {c.source or 'no source given'}")
+    return lines
+
+
 def _detectable_delta(r: dict[str, Any]) -> str:
     """The smallest true Delta (or band) this row confirms with 80% power, in its units."""
     d, m = r["detectable"], r["margin"]
@@ -453,6 +463,7 @@ def render(cfg: StudyConfig, rows: list[dict], cells: dict, runs: dict, warmups:
         "counts only).",
         "",
         *power_section(rows),
+        *sources_section(cfg),
     ]
     for setting in cfg.settings:
         if setting.name in cells:

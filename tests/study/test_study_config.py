@@ -8,7 +8,7 @@ import pytest
 from study_helpers import ROOT, micro_study, write_study
 
 from reclight.study.cli import main
-from reclight.study.config import load_study, study_from_dict
+from reclight.study.config import claim_cells, load_study, study_from_dict
 from reclight.study.plan import make_plan, validate_commands
 
 SHIPPED = sorted((ROOT / "configs" / "study").glob("*.yaml"))
@@ -48,6 +48,8 @@ BAD = [
      "claims[0].family=None is not valid; accepted: primary or secondary, required for every claim and fixed before "
      "any run (claim 't';"),
     ({"claims": _claim(family="headline")}, "claims[0].family='headline' is not valid; accepted: primary or secondary"),
+    ({"claims": _claim(source="  ")}, "claims[0].source='  ' is not valid; accepted: a non-empty string (the paper's "
+     "statement with its section or figure"),
     # a 0/1 statistic gets an exact paired test, which has no margin: alike / not_worse are refused
     ({"claims": _claim(statistic="collapsed", rule="alike")}, "claims[0].rule='alike' is not valid; accepted: less or "
      "greater for the binary statistic collapsed"),
@@ -147,15 +149,37 @@ def test_every_shipped_study_parses_through_the_real_cli(path, monkeypatch):
 
 
 def test_paper_study_covers_the_issue_claims(monkeypatch):
-    """paper.yaml: the four settings, the claim families of issue #15 item 4, 54 runs."""
+    """paper.yaml: the four settings, 9 cells x 8 seeds, and as its primary family exactly the
+    paper's headline claims that issue #23 names (REINFORCE degrades at periodic, lag, offline;
+    one-side clipping keeps learning at periodic and offline; IS alike NoIS; OPMD's and AsymRE's
+    regularizers keep REINFORCE from degrading); paper_more.yaml keeps the paper's other
+    comparisons, every one secondary."""
     monkeypatch.chdir(ROOT)
     cfg = load_study(ROOT / "configs" / "study" / "paper.yaml")
     assert [s.name for s in cfg.settings] == ["on_policy", "periodic", "lag", "offline"]
-    assert len(cfg.cells()) * len(cfg.seeds) == 54
-    presets = {a.preset for a in cfg.arms}
+    assert len(cfg.cells()) == 9 and len(cfg.seeds) == 8
+    preset = {a.name: a.preset for a in cfg.arms}
+    rows = set()
+    for c in cfg.claims:
+        if c.family == "primary":
+            for (arm_a, set_a), (arm_b, set_b) in claim_cells(cfg, c):
+                rows.add((preset[arm_a], set_a, preset[arm_b], set_b, c.rule))
+    assert rows == {
+        ("reinforce", "periodic", "reinforce", "on_policy", "less"),
+        ("reinforce", "lag", "reinforce", "on_policy", "less"),
+        ("reinforce", "offline", "reinforce", "on_policy", "less"),
+        ("rec_oneside_nois", "periodic", "reinforce", "periodic", "greater"),
+        ("rec_oneside_nois", "offline", "reinforce", "offline", "greater"),
+        ("rec_oneside_is", "periodic", "rec_oneside_nois", "periodic", "alike"),
+        ("opmd", "periodic", "reinforce", "periodic", "greater"),
+        ("asymre", "periodic", "reinforce", "periodic", "greater"),
+    }
+    more = load_study(ROOT / "configs" / "study" / "paper_more.yaml")
+    assert {c.family for c in more.claims} == {"secondary"}
+    presets = {a.preset for a in cfg.arms} | {a.preset for a in more.arms}
     assert presets >= {"reinforce", "rec_oneside_nois", "rec_oneside_is", "rec_oneside_nois_wide", "rec_twoside_nois",
                        "rec_ring_nois", "opmd", "asymre", "red_drop", "red_weight", "grpo"}
-    assert any(a.overrides.get("model.updates") for a in cfg.arms)  # several updates per batch, on-policy
+    assert any(a.overrides.get("model.updates") for a in more.arms)  # several updates per batch, on-policy
 
 
 def test_a_clock_setting_runs_with_model_clock(tmp_path):
@@ -176,3 +200,16 @@ def test_a_clock_setting_runs_with_model_clock(tmp_path):
     assert cfg.settings[0].describe() == "clock: staleness=pace, max_staleness=1, max_inflight=3"
     # the study writes its normalized config (study.yaml) and its warm-ups and report read it back
     assert study_from_dict(cfg.to_dict()) == cfg
+
+
+def test_every_claim_of_the_default_study_names_its_source(monkeypatch):
+    """Issue #23 item 5: each claim of configs/study/paper.yaml quotes or cites what it tests, or
+    says it is reclight's own question; the headline (primary) family is the paper's."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_study(ROOT / "configs" / "study" / "paper.yaml")
+    assert all(c.source for c in cfg.claims), [c.text for c in cfg.claims if not c.source]
+    for c in cfg.claims:
+        assert any(k in c.source for k in ("2509.24203", "the paper", "docs/algorithms.md", "reclight's own question")), c
+    primary = [c for c in cfg.claims if c.family == "primary"]
+    assert all("reclight's own question" not in c.source for c in primary)
+    assert len(cfg.seeds) >= 8
