@@ -101,32 +101,12 @@ def hf_generate(
     top_p: float = 1.0,
     do_sample: bool = True,
     record_logp: bool = True,
-    stop_strings: tuple[str, ...] = (),
-) -> tuple[Tensor, Tensor, Tensor | None]:  # ids [B, K, T], mask [B, K, T], logp [B, K, T] | None
-    """Sample (or greedy-decode) ``num_samples`` responses per prompt with the KV cache."""
-    ids, mask, logp, _ = _hf_generate(
-        model, tokenizer, prompt_ids, prompt_mask, num_samples=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, do_sample=do_sample, record_logp=record_logp, stop_strings=stop_strings)
-    return ids, mask, logp
-
-
-def _hf_generate(
-    model: Any,
-    tokenizer: Any,
-    prompt_ids: Tensor,  # [B, P]
-    prompt_mask: Tensor,  # [B, P]
-    *,
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    do_sample: bool = True,
-    record_logp: bool = True,
     record_kept_mass: bool = False,
     stop_strings: tuple[str, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # ids, mask, logp, logp_kept_mass: [B, K, T]
-    """:func:`hf_generate`, and with ``record_kept_mass`` (sampling with top_p < 1) also log S per
-    token (0 off-mask). Without it the processors, and so the samples, are exactly hf_generate's."""
+    """Sample (or greedy-decode) ``num_samples`` responses per prompt with the KV cache; with
+    ``record_kept_mass`` (sampling with top_p < 1) also log S per token, the mass top-p kept (0
+    off-mask; None without it). The flag adds a recording processor only: the samples are the same."""
     from transformers import (
         GenerationConfig,
         LogitsProcessorList,
@@ -213,7 +193,7 @@ class HFGenerateEngine:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            ids, mask, logp, log_kept = _hf_generate(
+            ids, mask, logp, log_kept = hf_generate(
                 self.model, self.tokenizer, prompt_ids, prompt_mask, num_samples=s.num_samples,
                 max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                 record_kept_mass=s.top_p < 1.0, stop_strings=self.stop_strings,

@@ -30,7 +30,7 @@ def greedy_eval(
     was_training = model.training
     model.eval()
     ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples], use_chat_template)
-    resp, rmask, _ = hf_generate(
+    resp, rmask, _, _ = hf_generate(
         model, tokenizer, ids, mask, num_samples=1, max_new_tokens=max_new_tokens,
         do_sample=False, record_logp=False, stop_strings=task.stop_strings,
     )

@@ -80,9 +80,9 @@ def test_top_p_one_adds_nothing_and_records_no_kept_mass(tmp_path):
     ids, mask = encode_prompts(tok, PROMPTS)
     gen = eng.generate(ids, mask, seed=3)
     torch.manual_seed(3)
-    ref_ids, ref_mask, ref_logp = hf_generate(eng.model, tok, ids, mask, num_samples=3, max_new_tokens=6,
-                                              temperature=0.7)
-    assert gen.logp_kept_mass is None
+    ref_ids, ref_mask, ref_logp, ref_kept = hf_generate(eng.model, tok, ids, mask, num_samples=3, max_new_tokens=6,
+                                                        temperature=0.7)
+    assert gen.logp_kept_mass is None and ref_kept is None
     assert torch.equal(gen.response_ids, ref_ids) and torch.equal(gen.response_mask, ref_mask)
     assert torch.equal(gen.logp_behav, ref_logp)
 
@@ -93,7 +93,7 @@ def test_top_p_records_the_mass_it_kept(tmp_path):
     descending, a token is kept while the mass ranked above it is < 0.7), the sampled token lies in
     it, and log S is 0 off-mask. The samples are those of the same seed without recording S (the
     recorder only reads)."""
-    from reclight.engines.hf import _hf_generate
+    from reclight.engines.hf import hf_generate
 
     model, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=3)))
     sampling = SamplingConfig(num_samples=4, max_new_tokens=6, temperature=0.7, top_p=0.7)
@@ -120,7 +120,7 @@ def test_top_p_records_the_mass_it_kept(tmp_path):
                 truncated += int(len(nucleus) < probs.shape[-1])
     assert checked >= 8 and truncated >= 4  # top-p truncated real distributions here
     torch.manual_seed(7)
-    plain = _hf_generate(eng.model, tok, ids, mask, num_samples=4, max_new_tokens=6, temperature=0.7, top_p=0.7)
+    plain = hf_generate(eng.model, tok, ids, mask, num_samples=4, max_new_tokens=6, temperature=0.7, top_p=0.7)
     assert torch.equal(plain[0], gen.response_ids) and torch.equal(plain[2], gen.logp_behav) and plain[3] is None
 
 
