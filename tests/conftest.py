@@ -121,7 +121,7 @@ def micro_module(tmp_path, **kwargs) -> RLModule:
     if "algorithm" in kwargs or "algorithm_overrides" in kwargs:  # a preset name and fields to change
         kwargs["algorithm"] = AlgorithmGroup(preset=kwargs.pop("algorithm", "rec_oneside_nois"),
                                              **kwargs.pop("algorithm_overrides", {}))
-    monitor = MonitorConfig(log_kl_init=kwargs.pop("log_kl_init", True))
+    monitor = MonitorConfig(log_kl_init=kwargs.pop("log_kl_init", True), kl_init_every=1)  # kl/init every step
     args = dict(policy=PolicyConfig(tiny=MICRO, tiny_dir=str(tmp_path / "tiny")), optim=optim, monitor=monitor,
                 seed=0, warmup=None, sampling=SamplingConfig(num_samples=3, max_new_tokens=3),
                 engine=EngineConfig(name="hf"), train_forward=TrainForwardConfig(impl="hf"))

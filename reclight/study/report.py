@@ -136,7 +136,12 @@ def run_statistics(run: RunData, cfg: StudyConfig) -> dict[str, float]:
 
 
 def _tail_mean(points: list[tuple[int, float]], n: int = 20) -> float:
-    return statistics.fmean(v for _, v in points[-n:]) if points else math.nan
+    """Mean of the values logged in the last ``n`` steps (a series measured every k steps, as
+    ``kl/init`` by default, has ``n / k`` of them there)."""
+    if not points:
+        return math.nan
+    last = points[-1][0]
+    return statistics.fmean(v for s, v in points if s > last - n)
 
 
 def collect(cfg: StudyConfig) -> dict[tuple[str, str], dict[int, RunData]]:

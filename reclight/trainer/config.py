@@ -206,6 +206,12 @@ class MonitorConfig:
     log_kl_init: bool = True
     """Keep a frozen copy of the RL-start policy and log ``kl/init`` (its memory: one more copy
     of the weights)."""
+    kl_init_every: int = 10
+    """Measure ``kl/init`` (and ``kl/ref``) every this many steps: it costs a no-grad forward of
+    the reference copy, ~15% of a step of the main job (docs/benchmarks.md). Only at steps the
+    loggers write (``trainer.log_every_n_steps``): with 1, steps 0, 10, 20, ...; with 50, every
+    logged step. 1: every logged step. A preset whose loss or advantages use the reference
+    (``needs_reference``) runs that forward every step anyway and logs ``kl/init`` with it."""
     eval_max_new_tokens: int | None = None
     """Response cap of the greedy evaluation (null: ``sampling.max_new_tokens``)."""
     log_mismatch: bool = False
@@ -226,6 +232,8 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         check_bool("model.monitor.log_kl_init", self.log_kl_init)
+        check_int("model.monitor.kl_init_every", self.kl_init_every, minimum=1,
+                  accepted="an integer >= 1 (1: every step)")
         check_bool("model.monitor.log_mismatch", self.log_mismatch)
         check_int("model.monitor.eval_max_new_tokens", self.eval_max_new_tokens, minimum=1, allow_none=True)
         check_int("model.monitor.samples_every", self.samples_every, minimum=0,

@@ -1,7 +1,19 @@
-"""Per-step metrics of the rollout batch that are not the loss's own: rewards, lengths, entropy,
-staleness, degenerate samples, rollout throughput."""
+"""Per-step metrics of the rollout batch that are not the loss's own (rewards, lengths, entropy,
+staleness, degenerate samples, rollout throughput), and how a step's metrics reach the loggers.
+
+Why a step's metrics do not go through ``LightningModule.log``: Lightning 2.6 moves the stored
+metric object to the value's device on every call (``_ResultCollection.log`` calls
+``_ResultMetric.to``, which walks the metric's attributes), about 1.3-1.7 ms per key on this
+project's CPUs. With ~30 keys a step that was 10-12% of the main job's RL phase (docs/benchmarks.md,
+"Where the main job's time goes"). :func:`publish_step_metrics` does what Lightning does with
+them, in one pass: the same values (fp32 scalars) to every logger at the same step and cadence
+(``trainer.log_every_n_steps``, and the last step of a stopping run), and into
+``trainer.callback_metrics`` for callbacks (``ModelCheckpoint(monitor=...)``, ``EarlyStopping``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -70,3 +82,48 @@ def batch_metrics(batch: RolloutBatch, entropy: Tensor, eos_ids: list[int], max_
     }
     out.update({k: torch.tensor(float(v)) for k, v in (batch.metrics or {}).items()})
     return out
+
+
+def logged_step(trainer: Any, step: int) -> bool:
+    """Whether training step ``step`` (0-based) writes a row to the loggers: Lightning's rule,
+    ``(step + 1) % trainer.log_every_n_steps == 0`` or the run is stopping (never when
+    ``log_every_n_steps`` is 0)."""
+    every = trainer.log_every_n_steps
+    return bool(every) and ((step + 1) % every == 0 or bool(trainer.should_stop))
+
+
+def measured_step(trainer: Any, step: int, every: int) -> bool:
+    """Whether a metric measured "every ``every`` steps" (``monitor.kl_init_every``) is measured at
+    ``step``: only at logged steps (a value no row shows is not computed), at every
+    ``ceil(every / log_every_n_steps)``-th of them, from the first: with ``log_every_n_steps: 1``
+    steps 0, every, 2 * every, ...; with 50 and ``every`` <= 50, every logged step (49, 99, ...).
+    A trainer without loggers (callbacks only): steps 0, every, 2 * every, ..."""
+    if not trainer.loggers:
+        return step % every == 0
+    if not logged_step(trainer, step):
+        return False
+    n = trainer.log_every_n_steps
+    return trainer.should_stop or ((step + 1) // n - 1) % -(-every // n) == 0
+
+
+@torch.no_grad()
+def publish_step_metrics(module: Any, metrics: dict[str, Tensor], step: int, bar: tuple[str, ...] = ()) -> None:
+    """Hand one training step's scalar ``metrics`` to the loggers and callbacks as
+    ``module.log(k, v, on_step=True, on_epoch=False)`` would (module docstring): logged at ``step``
+    (the step the batch was for, Lightning's ``_batches_that_stepped``) with Lightning's ``epoch``
+    column when ``(step + 1) % trainer.log_every_n_steps == 0`` or the run is stopping, always
+    stored in ``trainer.callback_metrics``. The keys in ``bar`` also go through ``module.log`` for
+    the progress bar only (``logger=False``)."""
+    trainer = module.trainer
+    keys = list(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys])  # one copy, one sync
+    trainer.callback_metrics.update(dict(zip(keys, values.unbind())))
+    for k in bar:
+        if k in metrics:
+            module.log(k, metrics[k].float(), on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
+    if not module.loggers or not logged_step(trainer, step):
+        return
+    scalars = {**dict(zip(keys, values.tolist())), "epoch": trainer.current_epoch}
+    for lg in module.loggers:
+        lg.log_metrics(scalars, step=step)
+        lg.save()

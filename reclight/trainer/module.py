@@ -21,7 +21,12 @@ Departures from a textbook trainer, listed up front:
   single-process update on the union batch.
 - ``kl/init`` is :func:`reclight.losses.kl_estimate` on the batch's own samples (drawn from the
   behaviour policy mu): k3, importance-weighted to pi by rho = pi / mu. It needs a frozen copy of
-  the policy at the start of RL; ``monitor.log_kl_init: false`` saves that memory.
+  the policy at the start of RL; ``monitor.log_kl_init: false`` saves that memory. Its no-grad
+  forward runs every ``monitor.kl_init_every`` steps (10) at logged steps (every step when the
+  loss uses the reference), so ``kl/init`` is a sampled curve.
+- A step's metrics reach the loggers and ``trainer.callback_metrics`` through
+  :func:`reclight.trainer.metrics.publish_step_metrics`, not ``self.log`` per key (that module
+  says why: Lightning's per-key cost).
 - Samples whose reward failed (``reward_valid`` false) and RED-Drop's dropped samples are
   removed from the loss (``mask & keep``), and counted in ``reward/failed``.
 - Guards (:mod:`reclight.trainer.guards`, table in ``docs/reliability.md``): a step with more
@@ -67,7 +72,7 @@ from reclight.rollout.build import build_rollouts
 from reclight.rollout.queue import RolloutQueue
 from reclight.clock import ClockConfig
 from reclight.sync import SyncConfig
-from reclight.updates import check_mini_batches, merge_update_metrics, micro_batches, update_rows
+from reclight.updates import check_mini_batches, fused_adamw_supported, merge_update_metrics, micro_batches, update_rows
 from reclight.trainer.checkpoint import check_state_dict_matches, rng_state, set_rng_state
 from reclight.trainer.config import (
     AlgorithmGroup,
@@ -83,7 +88,7 @@ from reclight.trainer.config import (
 from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
-from reclight.trainer.metrics import batch_metrics
+from reclight.trainer.metrics import batch_metrics, measured_step, publish_step_metrics
 from reclight.trainer.prompts import PromptSource
 from reclight.trainer.resume import RECORD_KEY, apply_optim_config, check_resume_config, run_record
 from reclight.trainer.samples import SampleLog
@@ -233,11 +238,8 @@ class RLModule(LightningModule):
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
         o = self.optim_cfg
-        # torch's fused AdamW kernel (one pass per tensor instead of ~10 ops): 4.4 -> 1.9 ms per
-        # step on the 3.4M-parameter benchmark model (CPU). Not for sharded (DTensor) parameters.
-        fused = not is_sharded(self.policy) and all(p.device.type in ("cpu", "cuda") for p in params)
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                                fused=True if fused else None)
+                                fused=fused_adamw_supported(params, sharded=is_sharded(self.policy)))
         if not o.lr_warmup_steps:
             return opt
         # Stepped by hand after each APPLIED update (a skipped non-finite step does not count).
@@ -303,7 +305,7 @@ class RLModule(LightningModule):
         start = time.perf_counter()
         self._check_rewards(batch)
         ref = self._init_policy  # the RL-start policy: the reference of the KL terms and of kl/init
-        logp_ref = self._logprobs_no_grad(ref.model, batch) if ref is not None else None  # [B, K, T]
+        logp_ref = self._logprobs_no_grad(ref.model, batch) if self._reference_due(batch.step) else None  # [B, K, T]
         adv, keep = self._advantages(batch, logp_ref)  # [B, K]
         mask = batch.response_mask & keep[..., None]  # [B, K, T]: the tokens that are trained on
         logp_prox = self._logprobs_no_grad(self.policy, batch) if self._needs_prox else None  # theta_t's
@@ -319,6 +321,16 @@ class RLModule(LightningModule):
         self._log_step(batch, merge_update_metrics(updates), logp, entropy, logp_ref, time.perf_counter() - start)
         self.sample_log.write(self, batch, adv, mask, logp, entropy, logp_prox, logp_ref)  # no extra forward
         return sum(updates[-1][k] for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy"))
+
+    def _reference_due(self, step: int) -> bool:
+        """Whether step ``step`` runs the reference forward: every step when the loss or the
+        advantages use it, else where ``kl/init`` is measured (``monitor.kl_init_every``: at
+        logged steps only, :func:`reclight.trainer.metrics.measured_step`)."""
+        if self._init_policy is None:
+            return False
+        if self.algo.needs_reference:
+            return True
+        return self.monitor_cfg.log_kl_init and measured_step(self.trainer, step, self.monitor_cfg.kl_init_every)
 
     def _advantages(self, batch: RolloutBatch, logp_ref: Tensor | None) -> tuple[Tensor, Tensor]:
         """Group advantages and ``keep`` [B, K] of the batch's rewards after the algorithm's reward
@@ -436,9 +448,7 @@ class RLModule(LightningModule):
         }
         if logp_ref is not None and self.monitor_cfg.log_kl_init:
             out["kl/init"] = kl_estimate(logp, logp_ref, m, logp_behav=batch.logp_behav, estimator="k3")
-        bar = {"reward/mean", "reward/acc"}
-        for k, v in out.items():
-            self.log(k, v.float(), on_step=True, on_epoch=False, prog_bar=k in bar, batch_size=1)
+        publish_step_metrics(self, out, batch.step, bar=("reward/mean", "reward/acc"))  # not self.log: metrics.py says why
 
     # -- evaluation -----------------------------------------------------------------------------
     def _greedy(self, split: str, index: list[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
