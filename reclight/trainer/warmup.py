@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from reclight.checks import check_float, check_int
+from reclight.updates import fused_adamw_supported
 from reclight.models.forward import response_logprobs
-from reclight.models.tokens import encode_prompts, eos_ids, pad_id
+from reclight.models.tokens import eos_ids, pad_id, render_prompts, uses_chat_template
 from reclight.tasks.base import Task
 from reclight.trainer.evaluation import greedy_eval
 
@@ -57,18 +58,44 @@ class WarmupConfig:
         check_float("model.warmup.lr", self.lr, gt=0)
 
 
+def _pad(rows: list[list[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        cols = slice(T - len(r), T) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(r, dtype=torch.long)
+        mask[i, cols] = True
+    return ids, mask
+
+
 def _answer_tokens(tokenizer: Any, answers: Sequence[str]) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
     """Each answer's tokens then one EOS (the first id when the tokenizer has several), right-padded
     with the pad id (the first EOS id when there is none); ``mask`` marks answer and EOS tokens."""
     eos = eos_ids(tokenizer)[0]
-    rows = [tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad_id(tokenizer), dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = True
-    return ids, mask
+    return _pad([tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers],
+                pad_id(tokenizer), left=False)
+
+
+class _EncodedExamples:
+    """The training examples tokenized once (one batched tokenizer call each for the prompts and
+    the answers), each step's batch padded from the stored ids: the same tensors as
+    :func:`reclight.models.tokens.encode_prompts` and :func:`_answer_tokens` on that batch
+    (tested), without tokenizing 2 x batch_size strings per step (7% of the warm-up's time)."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[Any], use_chat_template: bool | None) -> None:
+        chat = uses_chat_template(tokenizer, use_chat_template)
+        prompts = render_prompts(tokenizer, [e.prompt for e in examples], chat)
+        self.prompts = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+        eos = eos_ids(tokenizer)[0]
+        self.answers = [a + [eos] for a in tokenizer([e.answer for e in examples], add_special_tokens=False)["input_ids"]]
+        self.prompt_pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_id(tokenizer)
+        self.answer_pad = pad_id(tokenizer)
+
+    def batch(self, idx: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # prompt ids, mask, answer ids, mask
+        pid, pmask = _pad([self.prompts[i] for i in idx], self.prompt_pad, left=True)
+        aid, amask = _pad([self.answers[i] for i in idx], self.answer_pad, left=False)
+        return pid, pmask, aid, amask
 
 
 def supervised_warmup(
@@ -86,8 +113,12 @@ def supervised_warmup(
     on the first ``check_size`` examples of the ``check`` split reaches ``target_accuracy``
     (checked every ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures."""
     train = task.examples("train")
+    encoded = _EncodedExamples(tokenizer, train, use_chat_template)
     check = list(task.examples("check"))[: cfg.check_size]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused AdamW kernel where it has one for these tensors (as the RL optimizer): 5-6x
+    # faster than the per-tensor loop on this model, the same update up to float rounding.
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=fused_adamw_supported(params))
     gen = torch.Generator().manual_seed(seed)
     model.train()
     start, acc, step, loss = time.perf_counter(), 0.0, 0, torch.tensor(float("nan"))
@@ -101,9 +132,7 @@ def supervised_warmup(
             if acc >= cfg.target_accuracy:
                 break
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
-        batch = [train[i] for i in idx]
-        pid, pmask = encode_prompts(tokenizer, [e.prompt for e in batch], use_chat_template)
-        aid, amask = _answer_tokens(tokenizer, [e.answer for e in batch])
+        pid, pmask, aid, amask = encoded.batch(idx)
         logp, _ = response_logprobs(model, pid.to(device), pmask.to(device), aid[:, None].to(device),
                                     amask[:, None].to(device))
         loss = -logp.sum() / amask.sum()

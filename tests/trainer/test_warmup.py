@@ -3,6 +3,8 @@
 steps, it checks once more so the reported accuracy is current. It checks on the task's
 ``check`` split, never on ``val`` (what every RL evaluation scores)."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -122,3 +124,25 @@ def test_warmup_trains_with_a_list_eos_and_no_pad_id(tmp_path, monkeypatch):
     cfg = WarmupConfig(target_accuracy=0.4, max_steps=50, batch_size=4, check_every=2, check_size=10)
     stats, _, _, moved = _run(tmp_path, monkeypatch, [0.1, 0.5], cfg, wrap=wrap)
     assert stats["warmup/steps"] == 2 and moved
+
+
+def test_examples_tokenized_once_give_the_per_step_tensors(tmp_path):
+    """The warm-up tokenizes its training examples once and pads each step's batch from the
+    stored ids: the same four tensors as encode_prompts and _answer_tokens on that batch
+    (prompts of different lengths, left-padded; answers right-padded), for random batches."""
+    from reclight.models.tokens import encode_prompts
+
+    _, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=0)))
+    examples = [e for e in DigitTask().examples("train")]
+    examples = [dataclasses.replace(e, prompt=e.prompt * (1 + i % 3), answer=e.answer * (1 + i % 2))
+                for i, e in enumerate(examples)]
+    encoded = warmup_lib._EncodedExamples(tok, examples, None)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = torch.randint(len(examples), (7,), generator=gen).tolist()
+        batch = [examples[i] for i in idx]
+        want = (*encode_prompts(tok, [e.prompt for e in batch]), *warmup_lib._answer_tokens(tok, [e.answer for e in batch]))
+        got = encoded.batch(idx)
+        assert len({t.shape[1] for t in want[:2]}) == 1 and want[1].sum(1).unique().numel() > 1  # padding happened
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
