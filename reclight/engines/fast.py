@@ -86,10 +86,13 @@ class FastLlamaEngine:
             CPU at the benchmark's shapes; the first rollout compiles (seconds to tens of seconds)
             and it needs a C++ compiler (CPU) or Triton (GPU). Same distribution: the recorded
             ``logp_behav`` is as close to the trainer's as the eager engine's (tested).
+        greedy: take each row's most likely token instead of sampling (the greedy evaluation,
+            :func:`reclight.trainer.evaluation.greedy_eval`; K must be 1).
     """
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, sampling: SamplingConfig,
-                 dtype: str | None = None, stop_strings: tuple[str, ...] = (), compile_decode: bool = False) -> None:
+                 dtype: str | None = None, stop_strings: tuple[str, ...] = (), compile_decode: bool = False,
+                 greedy: bool = False) -> None:
         cfg = policy.config
         _check_supported(cfg, sampling, tuple(stop_strings))
         self.sampling = sampling
@@ -108,6 +111,7 @@ class FastLlamaEngine:
         self.weights = self._allocate(policy)
         self.compact_below = 0.75
         self.compile_decode = bool(compile_decode)
+        self.greedy = bool(greedy)
         self._compiled_step: Any = None
         self._kv: tuple[list[Tensor], list[Tensor]] | None = None  # flat KV buffers (see _cache)
         self.version = 0
@@ -250,7 +254,7 @@ class FastLlamaEngine:
         decode = self._decoder()
         for t in range(T):
             check_stop("FastLlamaEngine.generate")  # a SIGTERM is honoured within one token (reclight.engines.stop)
-            tok = self._sample(logp_next, gen, vocab)  # [n]
+            tok = logp_next.argmax(-1) if self.greedy else self._sample(logp_next, gen, vocab)  # [n]
             tok = torch.where(done, self.pad_id, tok)
             out_ids[rows, t] = tok
             out_logp[rows, t] = torch.where(done, 0.0, logp_next.gather(-1, tok[:, None]).squeeze(-1))
