@@ -22,6 +22,9 @@ Departures from a textbook trainer, listed up front:
 - ``kl/init`` is :func:`reclight.losses.kl_estimate` on the batch's own samples (drawn from the
   behaviour policy mu): k3, importance-weighted to pi by rho = pi / mu. It needs a frozen copy of
   the policy at the start of RL; ``monitor.log_kl_init: false`` saves that memory.
+  With LoRA (``policy.lora``, :mod:`reclight.models.lora`) the reference is the policy with its
+  adapter disabled instead (the base is frozen, the adapter starts at B = 0 after a warm-up that
+  trains the base), and a checkpoint holds the adapter and the base's hash, not the weights.
 - Samples whose reward failed (``reward_valid`` false) and RED-Drop's dropped samples are
   removed from the loss (``mask & keep``), and counted in ``reward/failed``.
 - Guards (:mod:`reclight.trainer.guards`, table in ``docs/reliability.md``): a step with more
