@@ -568,3 +568,10 @@ class RLModule(LightningModule):
                 if not is_adapter(k):
                     sd.setdefault(k, v)
         self._pending_base_hash = saved["base_sha256"]
+        if self.trainer.state.fn != "fit" and base_sha256(self.policy) != self._pending_base_hash:
+            # validate / test: no warm-up runs, so a warmed-up base cannot be rebuilt here
+            raise CheckpointError(
+                f"--ckpt_path={str(path)!r}: the LoRA adapter was trained on another base model (base weights "
+                f"SHA-256: the checkpoint has {self._pending_base_hash}, this run {base_sha256(self.policy)}); "
+                "accepted: the checkpoint's model.policy; a base changed by the warm-up exists only inside `fit` "
+                "(evaluate a LoRA run's checkpoints there, or a run without model.warmup)")

@@ -387,3 +387,24 @@ def test_checkpointing_switch_in_a_trainer_step(tmp_path, impl):
     for (name, p), q in zip(a.policy.named_parameters(), b.policy.parameters()):
         assert p.grad.abs().max() > 0, name
         assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_validate_with_a_lora_checkpoint_of_another_base_is_refused(tmp_path):
+    """Outside ``fit`` no warm-up rebuilds the base: the hash is checked when the checkpoint loads."""
+    import lightning.pytorch as pl
+
+    from reclight.trainer.data import RLDataModule
+
+    _fit_with_checkpoint(tmp_path / "a", 1)
+    path = tmp_path / "a" / "ckpt" / "step=1.ckpt"
+    module = micro_module(tmp_path / "b", policy=_policy(tmp_path / "b"), engine=EngineConfig(name="fast"))
+    dm = RLDataModule(task=DigitTask(), prompts_per_step=2, eval_size=4, eval_batch_size=4, seed=0)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=1, accelerator="cpu", devices=1,
+                         default_root_dir=str(tmp_path / "b"))
+    trainer.validate(module, datamodule=dm, ckpt_path=str(path), weights_only=False)  # the same base: accepted
+    ck = torch.load(path, weights_only=False)
+    ck["reclight"]["lora"]["base_sha256"] = "f" * 64
+    torch.save(ck, path)
+    with pytest.raises(ValueError, match=r"the LoRA adapter was trained on another base model \(base weights SHA-256: "
+                                         r"the checkpoint has f{64}, this run [0-9a-f]{64}\)"):
+        trainer.validate(module, datamodule=dm, ckpt_path=str(path), weights_only=False)
