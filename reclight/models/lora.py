@@ -65,8 +65,9 @@ class LoraConfig:
     log-probs random, so on-policy ratios are no longer 1 (a warning says so) and the fused
     training forward does not apply (``auto`` takes ``hf``)."""
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    """Names of the ``nn.Linear`` modules that get an adapter (the last part of their name); the
-    default is every attention and MLP projection of Llama / Qwen / Mistral models."""
+    """Names of the ``nn.Linear`` modules of the decoder layers that get an adapter (the last part
+    of their name); the default is every attention and MLP projection of Llama / Qwen / Mistral
+    models."""
 
     def __post_init__(self) -> None:
         check_bool("model.policy.lora.enabled", self.enabled)
@@ -96,7 +97,13 @@ def require_peft() -> None:
 
 # -- attaching ------------------------------------------------------------------------------------
 def _linear_names(model: torch.nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    """The last name part of every ``nn.Linear`` inside the decoder layers: the accepted targets
+    (not ``lm_head``, which may be tied to the input embedding: a merged head would then be
+    written into the embedding too)."""
+    from reclight.models.fsdp import is_decoder_layer
+
+    return sorted({name.rsplit(".", 1)[-1] for layer in model.modules() if is_decoder_layer(layer)
+                   for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
 def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.Module:
@@ -109,7 +116,7 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.
     missing = [t for t in cfg.target_modules if t not in linear]
     if missing:
         raise invalid("model.policy.lora.target_modules", list(cfg.target_modules),
-                      f"names of the model's nn.Linear modules ({', '.join(linear)}); "
+                      f"names of the nn.Linear modules of the model's decoder layers ({', '.join(linear)}); "
                       f"not found: {', '.join(missing)}")
     pcfg = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                            target_modules=list(cfg.target_modules), bias="none", init_lora_weights=True)

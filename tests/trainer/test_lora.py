@@ -261,6 +261,11 @@ def _fit_with_checkpoint(tmp_path, steps, ckpt_path=None, policy=None, **kw):
     return module
 
 
+# The resumed in-process runs write their checkpoints to a folder of their own on purpose.
+NEW_FOLDER = pytest.mark.filterwarnings("ignore:The dirpath has changed from")
+
+
+@NEW_FOLDER
 def test_checkpoint_holds_the_adapter_its_optimizer_state_and_the_base_hash(tmp_path):
     """A LoRA checkpoint: the adapter (no base weight), AdamW's state for the adapter only, the
     engine's state in adapter form, the base's SHA-256, and no frozen reference copy. Resumed
@@ -287,6 +292,7 @@ def test_checkpoint_holds_the_adapter_its_optimizer_state_and_the_base_hash(tmp_
     ("hash", r"the LoRA adapter was trained on another base model \(base weights SHA-256: the checkpoint has "
              r"0{64}, this run [0-9a-f]{64}\)"),
 ])
+@NEW_FOLDER
 def test_resume_into_another_lora_setting_is_refused_naming_the_field(tmp_path, change, message):
     _fit_with_checkpoint(tmp_path / "a", 1)
     path = tmp_path / "a" / "ckpt" / "step=1.ckpt"
@@ -317,9 +323,11 @@ def test_bad_lora_values_are_refused_naming_the_field(kwargs, message):
 def test_a_target_module_the_model_lacks_is_refused_naming_the_modules(tmp_path):
     model, _ = load_causal_lm(str(build_tiny(tmp_path / "tiny", MICRO, seed=3)))
     with pytest.raises(ValueError, match=r"model.policy.lora.target_modules=\['q_proj', 'c_attn'\] is not valid; "
-                                         r"accepted: names of the model's nn.Linear modules \(down_proj, gate_proj, "
-                                         r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\); not found: c_attn"):
+                                         r"accepted: names of the nn.Linear modules of the model's decoder layers "
+                                         r"\(down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj\); not found: c_attn"):
         attach_lora(model, LoraConfig(enabled=True, target_modules=("q_proj", "c_attn")), seed=0)
+    with pytest.raises(ValueError, match=r"not found: lm_head"):  # may be tied to the input embedding
+        attach_lora(model, LoraConfig(enabled=True, target_modules=("lm_head",)), seed=0)
 
 
 def test_lora_without_peft_names_the_install_command(monkeypatch):
@@ -389,6 +397,7 @@ def test_checkpointing_switch_in_a_trainer_step(tmp_path, impl):
         assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks")  # validate needs none
 def test_validate_with_a_lora_checkpoint_of_another_base_is_refused(tmp_path):
     """Outside ``fit`` no warm-up rebuilds the base: the hash is checked when the checkpoint loads."""
     import lightning.pytorch as pl
