@@ -108,6 +108,9 @@ class FastLlamaEngine:
         # The KV cache and attention stay fp32 even with bf16 weights: CPU bf16 batched matmuls
         # of attention's tiny shapes are several times slower than fp32 ones (measured).
         self.cache_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        from reclight.models.lora import AdapterForm
+
+        self._lora = AdapterForm()  # LoRA: merged weights in, adapter-form state out
         self.weights = self._allocate(policy)
         self.compact_below = 0.75
         self.compile_decode = bool(compile_decode)
@@ -132,6 +135,8 @@ class FastLlamaEngine:
         """Copy ``policy``'s weights (a module, or its full state dict with HF names) into the
         fused tensors, in place (casts dtype, allocates nothing)."""
         if isinstance(policy, torch.nn.Module):
+            policy = self._lora.source(policy)  # LoRA: the merged weights, the adapter recorded
+        if isinstance(policy, torch.nn.Module):
             policy = full_weights(policy)  # the module itself unless it is sharded
         for name, srcs in self._sources(policy).items():
             dst, row = self.weights[name], 0
@@ -141,9 +146,15 @@ class FastLlamaEngine:
         self.version = int(version)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "weights": dict(self.weights)}
+        """The fused weights and their version; with LoRA the adapter they were merged from
+        instead (re-merged with the frozen base on load: bitwise the same weights)."""
+        return self._lora.state({"version": self.version, "weights": dict(self.weights)})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        merged = self._lora.restore(state)
+        if merged is not None:
+            self.update_weights(merged, int(state["version"]))
+            return
         for name, t in state["weights"].items():
             self.weights[name].copy_(t)
         self.version = int(state["version"])

@@ -177,7 +177,12 @@ class HFGenerateEngine:
         dtype: str | None = None,
         stop_strings: tuple[str, ...] = (),
     ) -> None:
-        self.model = copy.deepcopy(policy).eval()
+        from reclight.models.lora import AdapterForm, has_lora, plain_copy
+
+        # A LoRA policy: a plain model of its merged weights (reclight/models/lora.py)
+        self.model = (plain_copy(policy) if has_lora(policy) else copy.deepcopy(policy)).eval()
+        self._lora = AdapterForm()
+        self._lora.source(policy)  # records the adapter of version 0 (LoRA only)
         if dtype is not None:
             self.model.to(resolve_dtype(dtype, "engine_dtype"))
         for p in self.model.parameters():
@@ -208,6 +213,7 @@ class HFGenerateEngine:
         gathered from a sharded policy by ``reclight.models.fsdp.full_weights``) into the engine's
         model, in place. Buffers are copied when the source has them (a state dict holds
         only persistent ones, e.g. not the rotary ``inv_freq``, which never changes)."""
+        policy = self._lora.source(policy)  # LoRA: the merged weights, the adapter recorded
         policy = full_weights(policy) if isinstance(policy, torch.nn.Module) else policy
         if isinstance(policy, torch.nn.Module):
             src = dict(policy.named_parameters())
@@ -222,8 +228,10 @@ class HFGenerateEngine:
         self.version = int(version)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "weights": self.model.state_dict()}
+        """The weights and their version; with LoRA the adapter they were merged from instead."""
+        return self._lora.state({"version": self.version, "weights": self.model.state_dict()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["weights"])
+        merged = self._lora.restore(state)
+        self.model.load_state_dict(state["weights"] if merged is None else merged, strict=merged is None)
         self.version = int(state["version"])

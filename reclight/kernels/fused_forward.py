@@ -125,6 +125,7 @@ def shared_prefix_hidden(
     response_ids: Tensor,  # [B, K, T] long, right-padded
     response_mask: Tensor,  # [B, K, T] bool, a prefix mask per sample
     compile_pointwise: bool = False,
+    checkpointing: bool = False,
 ) -> Tensor:  # [B, K, T, h]
     """``hidden[b, k, t]``: the final-norm hidden state that predicts ``response_ids[b, k, t]``
     (what ``causal_lm_hidden_and_head`` gives at position ``P - 1 + t`` of ``prompt + response``),
@@ -135,6 +136,8 @@ def shared_prefix_hidden(
     per-token ops (norms, projections, MLP) see only the ``M`` positions whose output is used
     (packed ``[M, h]``); attention scatters them into ``[B * K, T - 1]`` and back.
     ``compile_pointwise``: run the element-wise chains compiled (:func:`pointwise_ops`).
+    ``checkpointing``: each layer under non-reentrant ``torch.utils.checkpoint`` (only its input
+    rows are kept for the backward, the layer runs again there); same gradients up to rounding.
     """
     B, K, T = response_ids.shape
     P = prompt_ids.shape[1]
@@ -182,7 +185,8 @@ def shared_prefix_hidden(
     x = torch.cat((xp, xr)) if M else xp  # [R, h]
     cos, sin = (torch.cat((cos_p, cos_r)), torch.cat((sin_p, sin_r))) if M else (cos_p, sin_p)
     dx = None  # the MLP output of the previous layer, added to the residual with the next norm
-    for i in range(dims.num_layers):
+
+    def layer(i: int, x: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor]:
         ln1 = w[f"{i}.ln1"]
         x, h = (x, pw["norm"](x, ln1, eps, mm_dtype)) if dx is None else pw["add_norm"](x, dx, ln1, eps, mm_dtype)
         qkv = pw["rope"](F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos, sin, n_qk, D, mm_dtype)  # [R, C]
@@ -204,7 +208,15 @@ def shared_prefix_hidden(
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))
             att = torch.cat((att, _FromHeadMajor.apply(att_r, bi, ki, ti)))
-        x, dx = attn_out_and_mlp(pw, x, att, w, i, eps, mm_dtype)
+        return attn_out_and_mlp(pw, x, att, w, i, eps, mm_dtype)
+
+    for i in range(dims.num_layers):
+        if checkpointing:
+            from torch.utils.checkpoint import checkpoint
+
+            x, dx = checkpoint(layer, i, x, dx, use_reentrant=False)
+        else:
+            x, dx = layer(i, x, dx)
     hidden = pw["add_norm"](x, dx, w["norm"], eps, dtype)[1]  # [R, h]
     hidden_p, hidden_r = hidden.split((BP, M)) if M else (hidden, None)
     first = hidden_p.view(B, P, -1)[:, -1]  # [B, h]: predicts response token 0

@@ -61,12 +61,17 @@ def fused_sources(weights: torch.nn.Module | Mapping[str, Tensor], num_layers: i
                   ) -> dict[str, list[Tensor]]:
     """Fused tensor name -> the policy tensors it is the concatenation of (along dim 0).
 
-    ``weights``: a ``LlamaForCausalLM`` (its parameters, so autograd links are kept) or a state
+    ``weights``: a ``LlamaForCausalLM`` (its parameters, so autograd links are kept; with LoRA
+    layers, its merged weights :func:`reclight.models.lora.effective_weights`) or a state
     dict with Hugging Face names (e.g. the full weights gathered from a sharded policy). Tied
     embeddings: ``lm_head.weight`` may be absent; the input embedding is used then."""
     if isinstance(weights, torch.nn.Module):
         num_layers = weights.config.num_hidden_layers
-        weights = dict(weights.named_parameters())  # shared (tied) tensors appear once
+        from reclight.models.lora import effective_weights, has_lora
+
+        # LoRA (peft's layers): W + scaling * (B @ A) under the plain names, with autograd into
+        # A and B (reclight/models/lora.py); reading the base weights would skip the adapter.
+        weights = effective_weights(weights) if has_lora(weights) else dict(weights.named_parameters())
     elif num_layers is None:
         raise ValueError("fused_sources(state_dict) needs num_layers")
     embed = weights["model.embed_tokens.weight"]

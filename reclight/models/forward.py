@@ -33,6 +33,7 @@ def response_logprobs(
     return_entropy: bool = False,
     impl: str = "hf",
     compile_pointwise: bool = False,
+    checkpointing: bool = False,
 ) -> tuple[Tensor, Tensor | None]:  # logp [B, K, T] fp32 (0 off-mask), entropy [B, K, T] | None
     """``logp[b, k, t] = log softmax(logits / temperature)[response_ids[b, k, t]]`` given the
     prompt and the earlier response tokens, with gradient when ``model`` has it.
@@ -45,6 +46,9 @@ def response_logprobs(
     :func:`reclight.kernels.fused_forward.shared_prefix_hidden`: each prompt once for its K
     samples, attention written out, with its element-wise chains compiled when
     ``compile_pointwise``. Same values up to float rounding.
+
+    ``checkpointing`` (fused only; the HF forward follows the model's own
+    ``gradient_checkpointing_enable``): each decoder layer recomputed in the backward.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature!r} is not valid; accepted: temperature > 0")
@@ -56,7 +60,7 @@ def response_logprobs(
         from reclight.kernels.fused_forward import shared_prefix_hidden
 
         hidden = shared_prefix_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask,
-                                      compile_pointwise=compile_pointwise)
+                                      compile_pointwise=compile_pointwise, checkpointing=checkpointing)
         head = model.get_output_embeddings()
         weight, bias = head.weight, getattr(head, "bias", None)
     else:
@@ -76,16 +80,34 @@ def response_logprobs(
     return logp, entropy
 
 
-def resolve_forward_impl(impl: str, compile: bool, model_config: Any, sharded: bool) -> tuple[str, str | None]:
+def enable_checkpointing(model: Any) -> None:
+    """The HF forward's gradient checkpointing (``model.train_forward.checkpointing``),
+    non-reentrant: transformers 5 names it ``activation_checkpointing_enable`` (the older name
+    warns there), transformers 4 ``gradient_checkpointing_enable``."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model: Any) -> bool:
+    """Whether any module of ``model`` runs under HF's gradient checkpointing."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def resolve_forward_impl(impl: str, compile: bool, model_config: Any, sharded: bool,
+                         other_problems: list[str] | None = None) -> tuple[str, str | None]:
     """``(impl, note)``: ``model.train_forward.impl`` for this policy, ``fused`` or ``hf`` (``auto``:
     fused where it applies, with a note saying which and why). An explicit ``fused`` that cannot
-    apply, or ``compile`` with an ``auto`` that resolves to ``hf``, is an error naming why."""
+    apply, or ``compile`` with an ``auto`` that resolves to ``hf``, is an error naming why.
+    ``other_problems``: settings of the run that rule the fused forward out (LoRA dropout)."""
     from reclight.checks import invalid
     from reclight.kernels.llama import llama_problems
 
     problems = llama_problems(model_config)
     if sharded:  # FSDP: the fused forward reads the full parameters outside the wrapped modules' forward
         problems.insert(0, "a sharded policy (FSDP)")
+    problems += other_problems or []
     if impl == "fused" and problems:
         raise invalid("model.train_forward.impl", "fused", "'hf' or 'auto' here: the fused forward does not "
                       "support " + "; ".join(problems))

@@ -55,9 +55,12 @@ def shard_policy(policy: torch.nn.Module, mesh: Any) -> torch.nn.Module:
 
 def full_weights(policy: torch.nn.Module) -> torch.nn.Module | Mapping[str, Tensor]:
     """The policy itself when it is not sharded (engines read its parameters in place, no copy);
+    its merged weights when it has LoRA layers (Hugging Face names, :mod:`reclight.models.lora`);
     otherwise its full state dict (HF names, full tensors on every rank), gathered collectively."""
     if not is_sharded(policy):
-        return policy
+        from reclight.models.lora import has_lora, merged_state_dict
+
+        return merged_state_dict(policy) if has_lora(policy) else policy  # LoRA: W + scaling * (B @ A)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
@@ -65,12 +68,14 @@ def full_weights(policy: torch.nn.Module) -> torch.nn.Module | Mapping[str, Tens
 
 def unsharded_copy(policy: torch.nn.Module) -> torch.nn.Module:
     """A plain (unsharded, not trained) copy of the policy on this rank: the policy's class
-    rebuilt from its config and loaded with :func:`full_weights` when sharded; a deep copy
-    otherwise. Collective when sharded."""
+    rebuilt from its config and loaded with :func:`full_weights` when sharded; a plain model of
+    its merged weights when it has LoRA layers; a deep copy otherwise. Collective when sharded."""
     import copy
 
     if not is_sharded(policy):
-        return copy.deepcopy(policy)
+        from reclight.models.lora import has_lora, plain_copy
+
+        return plain_copy(policy) if has_lora(policy) else copy.deepcopy(policy)
     from transformers import AutoModelForCausalLM
 
     weights = full_weights(policy)

@@ -37,6 +37,7 @@ from reclight.clock import ClockConfig
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_path
+from reclight.models.lora import LoraConfig
 from reclight.models.tiny import TinyModelConfig
 from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD
 from reclight.sync import SyncConfig
@@ -60,6 +61,8 @@ class PolicyConfig:
     compute with fp32 master weights."""
     use_chat_template: bool | None = None
     """Render prompts through the tokenizer's chat template; null: when it has one."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA through peft (off by default; ``pip install 'reclight[lora]'``; docs/lora.md)."""
 
     def __post_init__(self) -> None:
         check_choice("model.policy.dtype", self.dtype, tuple(DTYPES))
@@ -88,6 +91,11 @@ class TrainForwardConfig:
     micro_batch_size: int | None = None
     """Prompts (whole groups) per forward/backward; null: the whole batch. The gradient is the
     full batch's exactly (global token counts)."""
+    checkpointing: bool = False
+    """Gradient checkpointing: keep only each decoder layer's input for the backward and run the
+    layer again there (less activation memory, about one more forward of time). ``hf``: the
+    model's own ``gradient_checkpointing_enable`` (non-reentrant); ``fused``: each layer under
+    ``torch.utils.checkpoint`` (non-reentrant). Same gradients up to float rounding."""
 
     def __post_init__(self) -> None:
         check_choice("model.train_forward.impl", self.impl, ("auto", "hf", "fused"))
@@ -97,6 +105,7 @@ class TrainForwardConfig:
                           f"true only with model.train_forward.impl: fused (this run's impl is {self.impl!r})")
         check_choice("model.train_forward.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         check_int("model.train_forward.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        check_bool("model.train_forward.checkpointing", self.checkpointing)
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,9 @@ def check_settings(policy: PolicyConfig, algo: AlgorithmConfig, sampling: Sampli
     if algo.overlong_penalty:
         algo.overlong_bounds(sampling.max_new_tokens)
     algo.check_sampling(engine.name, sampling.top_p)  # the truncated-sampling correction needs HF and top_p < 1
+    if policy.lora.enabled and engine.name == "vllm":
+        raise invalid("model.engine.name", engine.name, "hf, fast or auto with model.policy.lora.enabled true (the "
+                      "vLLM engine would hold and checkpoint a full merged copy of the weights; not supported)")
     if engine.name == "fast" and sampling.top_p != 1.0:
         raise invalid("model.sampling.top_p", sampling.top_p, "1.0 with model.engine.name: fast (use engine hf)")
     if clock.enabled:

@@ -24,6 +24,9 @@ Departures from a textbook trainer, listed up front:
   the policy at the start of RL; ``monitor.log_kl_init: false`` saves that memory. Its no-grad
   forward runs every ``monitor.kl_init_every`` steps (10) at logged steps (every step when the
   loss uses the reference), so ``kl/init`` is a sampled curve.
+  With LoRA (``policy.lora``, :mod:`reclight.models.lora`) the reference is the policy with its
+  adapter disabled instead (the base is frozen, the adapter starts at B = 0 after a warm-up that
+  trains the base), and a checkpoint holds the adapter and the base's hash, not the weights.
 - A step's metrics reach the loggers and ``trainer.callback_metrics`` through
   :func:`reclight.trainer.metrics.publish_step_metrics`, not ``self.log`` per key (that module
   says why: Lightning's per-key cost).
@@ -39,6 +42,7 @@ Departures from a textbook trainer, listed up front:
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Any
@@ -50,12 +54,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from reclight.advantages import group_advantages, shape_rewards, truncated_responses
-from reclight.checks import check_int, run_seed
+from reclight.checks import check_int, invalid, run_seed
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
 from reclight.losses import kl_estimate, policy_loss
 from reclight.kernels.compile import check_cpp_compiler
-from reclight.models.forward import resolve_forward_impl, response_logprobs
+from reclight.models.forward import enable_checkpointing, resolve_forward_impl, response_logprobs
 from reclight.models.loading import (
     Frozen,
     check_dtype_for_device,
@@ -65,6 +69,7 @@ from reclight.models.loading import (
     load_tokenizer,
 )
 from reclight.models.fsdp import shard_on_mesh
+from reclight.models.lora import adapter_disabled, attach_lora, base_sha256, base_training, is_adapter
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
 from reclight.rollout.batch import RolloutBatch
@@ -73,7 +78,7 @@ from reclight.rollout.queue import RolloutQueue
 from reclight.clock import ClockConfig
 from reclight.sync import SyncConfig
 from reclight.updates import check_mini_batches, fused_adamw_supported, merge_update_metrics, micro_batches, update_rows
-from reclight.trainer.checkpoint import check_state_dict_matches, rng_state, set_rng_state
+from reclight.trainer.checkpoint import CheckpointError, check_state_dict_matches, rng_state, set_rng_state
 from reclight.trainer.config import (
     AlgorithmGroup,
     GuardsConfig,
@@ -157,6 +162,8 @@ class RLModule(LightningModule):
         self.rollouts: RolloutQueue | None = None
         self.prompts: PromptSource | None = None  # the data, fitted to the model (configure_model)
         self._init_policy: Frozen | None = None
+        self._base_hash: str | None = None  # LoRA: SHA-256 of the frozen base weights (checkpointed)
+        self._pending_base_hash: str | None = None  # LoRA: the resumed checkpoint's, checked in on_fit_start
         self._pending_rollouts: dict[str, Any] | None = None  # queue state, restored in on_fit_start
         self._pending_rng: dict[str, Any] | None = None  # restored at the first step after a resume
         self._skip_guard = NonFiniteGuard(guards.max_consecutive_skips)
@@ -199,11 +206,23 @@ class RLModule(LightningModule):
                                         tokenizer=self.tokenizer)
         self.policy.train()
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
-        sharded = mesh is not None or (self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__)
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        sharded = mesh is not None or "FSDP" in strategy
+        lora = cfg.lora
+        if lora.enabled:
+            if sharded or "ModelParallel" in strategy:
+                raise invalid("model.policy.lora.enabled", True, f"false under FSDP (this run's strategy is {strategy}): "
+                              "the adapter's merged weights and the base hash read full tensors; use the ddp strategy")
+            # Seeded from the run seed alone, B = 0: the adapted model starts as the base model.
+            attach_lora(self.policy, lora, seed=self.run_seed)
         f = self.forward_cfg
-        self.forward_impl, note = resolve_forward_impl(f.impl, f.compile, self.policy.config, sharded)
+        no_fused = [f"model.policy.lora.dropout={lora.dropout} (the fused forward has no adapter dropout)"] \
+            if lora.enabled and lora.dropout > 0 else []
+        self.forward_impl, note = resolve_forward_impl(f.impl, f.compile, self.policy.config, sharded, no_fused)
         if note:
             rank_zero_info(note)
+        if f.checkpointing and self.forward_impl == "hf":
+            enable_checkpointing(self.policy)
         if mesh is not None:
             shard_on_mesh(self.policy, mesh)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
@@ -249,13 +268,26 @@ class RLModule(LightningModule):
 
     def on_fit_start(self) -> None:
         p = self.prompts
-        if self.warmup_cfg is not None and self.trainer.ckpt_path is None:
-            stats = supervised_warmup(
-                self.policy, self.tokenizer, p.fitted_task, self.warmup_cfg, seed=self.run_seed,
-                max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
-                log=self._log_warmup,
-            )
-            self.print(f"warm-up: {stats}")
+        lora, resumed = self.policy_cfg.lora.enabled, self.trainer.ckpt_path is not None
+        # With LoRA a checkpoint holds no base weights: a resume re-runs the (seeded) warm-up to
+        # rebuild them, and the base hash below checks that it came out bitwise the same.
+        if self.warmup_cfg is not None and (not resumed or lora):
+            with base_training(self.policy) if lora else contextlib.nullcontext():  # the base, adapter off
+                stats = supervised_warmup(
+                    self.policy, self.tokenizer, p.fitted_task, self.warmup_cfg, seed=self.run_seed,
+                    max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
+                    log=None if resumed else self._log_warmup,
+                )
+            self.print(f"LoRA base rebuilt by the warm-up: {stats}" if resumed else f"warm-up: {stats}")
+        if lora:
+            self._base_hash = base_sha256(self.policy)
+            if self._pending_base_hash is not None and self._pending_base_hash != self._base_hash:
+                raise CheckpointError(
+                    f"--ckpt_path={str(self.trainer.ckpt_path)!r}: the LoRA adapter was trained on another base model "
+                    f"(base weights SHA-256: the checkpoint has {self._pending_base_hash}, this run "
+                    f"{self._base_hash}); accepted: the same model.policy (name_or_path, tiny shape, seed) and "
+                    "model.warmup as the checkpoint's run")
+            self._pending_base_hash = None
         self.rollouts, self.engine_resolved, notes = build_rollouts(
             self.engine_cfg, self.policy, self.tokenizer, self.sampling, p, sync=self.sync_cfg, clock=self.clock_cfg,
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
@@ -266,7 +298,8 @@ class RLModule(LightningModule):
         if self._pending_rollouts is not None:
             self.rollouts.load_state_dict(self._pending_rollouts)
             self._pending_rollouts = None
-        if (self.monitor_cfg.log_kl_init or self.algo.needs_reference) and self._init_policy is None:
+        # The RL-start reference: a frozen copy, or with LoRA the base itself (adapter disabled)
+        if (self.monitor_cfg.log_kl_init or self.algo.needs_reference) and self._init_policy is None and not lora:
             self._init_policy = frozen_copy(self.policy)
 
     def _log_warmup(self, metrics: dict[str, float], step: int) -> None:
@@ -304,8 +337,7 @@ class RLModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
         start = time.perf_counter()
         self._check_rewards(batch)
-        ref = self._init_policy  # the RL-start policy: the reference of the KL terms and of kl/init
-        logp_ref = self._logprobs_no_grad(ref.model, batch) if self._reference_due(batch.step) else None  # [B, K, T]
+        logp_ref = self._reference_logprobs(batch) if self._reference_due(batch.step) else None  # [B, K, T]
         adv, keep = self._advantages(batch, logp_ref)  # [B, K]
         mask = batch.response_mask & keep[..., None]  # [B, K, T]: the tokens that are trained on
         logp_prox = self._logprobs_no_grad(self.policy, batch) if self._needs_prox else None  # theta_t's
@@ -326,7 +358,7 @@ class RLModule(LightningModule):
         """Whether step ``step`` runs the reference forward: every step when the loss or the
         advantages use it, else where ``kl/init`` is measured (``monitor.kl_init_every``: at
         logged steps only, :func:`reclight.trainer.metrics.measured_step`)."""
-        if self._init_policy is None:
+        if self._init_policy is None and not self.policy_cfg.lora.enabled:  # no reference kept
             return False
         if self.algo.needs_reference:
             return True
@@ -344,6 +376,18 @@ class RLModule(LightningModule):
         drop_rng = torch.Generator(device=rewards.device).manual_seed(self.rollouts.seed_for(batch.step))
         adv, keep = group_advantages(rewards, self.algo, drop_rng, valid=batch.reward_valid)
         return adv, keep & kept
+
+    def _reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
+        """Log-probs under the RL-start policy, the reference of the KL terms and of ``kl/init``:
+        the frozen copy, or with LoRA the policy with its adapter disabled (its base is frozen
+        and the adapter started at B = 0, so that is the RL-start policy exactly)."""
+        if self.policy_cfg.lora.enabled:
+            if not (self.monitor_cfg.log_kl_init or self.algo.needs_reference):
+                return None
+            with adapter_disabled(self.policy):
+                return self._logprobs_no_grad(self.policy, batch)
+        ref = self._init_policy
+        return self._logprobs_no_grad(ref.model, batch) if ref is not None else None
 
     @property
     def _needs_prox(self) -> bool:
@@ -398,7 +442,8 @@ class RLModule(LightningModule):
         f = self.forward_cfg
         return response_logprobs(model, batch.prompt_ids[rows], batch.prompt_mask[rows], batch.response_ids[rows],
                                  batch.response_mask[rows], temperature=self.sampling.temperature,
-                                 return_entropy=return_entropy, impl=self.forward_impl, compile_pointwise=f.compile)
+                                 return_entropy=return_entropy, impl=self.forward_impl, compile_pointwise=f.compile,
+                                 checkpointing=f.checkpointing and torch.is_grad_enabled())
 
     @torch.no_grad()
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:  # [B, K, T]
@@ -488,6 +533,10 @@ class RLModule(LightningModule):
             state["init_policy"] = self._init_policy.model.state_dict()
         if self._trainer is not None:  # what the run depends on, compared on resume (trainer/resume.py)
             state[RECORD_KEY] = run_record(self, self.trainer.datamodule, self.trainer)
+        if self.policy_cfg.lora.enabled:  # the adapter only, and which base it belongs to
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter(k)}
+            state["lora"] = {"base_sha256": self._base_hash or base_sha256(self.policy),
+                             "rank": self.policy_cfg.lora.rank}
         checkpoint["reclight"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -497,6 +546,7 @@ class RLModule(LightningModule):
             if self.trainer.state.fn == "fit" and not self.resume_checked:  # the CLI checks before loading
                 self.resume_changes = check_resume_config(state.get(RECORD_KEY), run_record(
                     self, self.trainer.datamodule, self.trainer), self.allow_changes, path)
+            self._load_lora_state(checkpoint, state, path)
             if checkpoint.get("state_dict"):  # ModelParallelStrategy (FSDP2) loads and removes it first
                 check_state_dict_matches(checkpoint["state_dict"], self.state_dict(), path)
         self._pending_rollouts = state.get("rollouts")
@@ -506,3 +556,32 @@ class RLModule(LightningModule):
         if "init_policy" in state and self.policy is not None:
             self._init_policy = frozen_copy(self.policy)
             self._init_policy.model.load_state_dict(state["init_policy"])
+
+    def _load_lora_state(self, checkpoint: dict[str, Any], state: dict[str, Any], path: Any) -> None:
+        """A LoRA checkpoint holds the adapter only: refuse it into a run without LoRA (and the
+        reverse), and complete its state dict with this run's base weights, whose hash is
+        checked against the checkpoint's once the warm-up (if any) has rebuilt them."""
+        saved, lora = state.get("lora"), self.policy_cfg.lora
+        if (saved is not None) != lora.enabled:
+            raise CheckpointError(
+                f"--ckpt_path={str(path)!r}: model.policy.lora.enabled: the checkpoint has {saved is not None}, this "
+                f"run {lora.enabled} (a LoRA checkpoint holds the adapter, not the full weights); accepted: the "
+                "checkpoint's model.policy.lora")
+        if saved is None:
+            return
+        if saved["rank"] != lora.rank:
+            raise CheckpointError(f"--ckpt_path={str(path)!r}: model.policy.lora.rank: the checkpoint has "
+                                  f"{saved['rank']}, this run {lora.rank}; accepted: the checkpoint's rank")
+        sd = checkpoint.get("state_dict")
+        if sd:
+            for k, v in self.state_dict().items():
+                if not is_adapter(k):
+                    sd.setdefault(k, v)
+        self._pending_base_hash = saved["base_sha256"]
+        if self.trainer.state.fn != "fit" and base_sha256(self.policy) != self._pending_base_hash:
+            # validate / test: no warm-up runs, so a warmed-up base cannot be rebuilt here
+            raise CheckpointError(
+                f"--ckpt_path={str(path)!r}: the LoRA adapter was trained on another base model (base weights "
+                f"SHA-256: the checkpoint has {self._pending_base_hash}, this run {base_sha256(self.policy)}); "
+                "accepted: the checkpoint's model.policy; a base changed by the warm-up exists only inside `fit` "
+                "(evaluate a LoRA run's checkpoints there, or a run without model.warmup)")

@@ -5,11 +5,12 @@ the script for every extra rank). Every process builds the same global rollout b
 fixed generator and trains on its rank's share, chosen by ``PromptSource.for_step``;
 after the step each rank saves its gradients and parameters to ``OUT/rank{r}.pt``.
 
-    python tests/trainer/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY [EPOCHSxMINI_BATCHES]]]]
+    python tests/trainer/ddp_worker.py WORLD_SIZE OUT_DIR TINY_DIR [ALGORITHM [LOSS_AGG [STRATEGY [EPOCHSxMINI_BATCHES [lora]]]]]
 
 STRATEGY is ``ddp`` (default) or ``fsdp`` (FSDP2 through Lightning's ``ModelParallelStrategy``,
 the policy sharded by ``RLModule.configure_model``); the saved gradients and parameters are the
-full tensors either way. The engine is also synced once after the step (a collective gather under
+full tensors either way (``lora``: a rank-4 LoRA adapter is trained; only its tensors have
+gradients, and the engine receives the merged weights). The engine is also synced once after the step (a collective gather under
 FSDP) and its weights saved, so the test can check the sync path.
 """
 
@@ -83,11 +84,16 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg: str = "token_mean",
-         strategy: str = "ddp", updates: str = "1x1") -> None:
+         strategy: str = "ddp", updates: str = "1x1", lora: str = "full") -> None:
     epochs, mini_batches = (int(x) for x in updates.split("x"))
+    extra = {}
+    if lora == "lora":
+        from reclight.models.lora import LoraConfig
+
+        extra = {"lora": LoraConfig(enabled=True, rank=4)}
     module = FixedRolloutModule(
         policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                            tiny_dir=tiny_dir),
+                            tiny_dir=tiny_dir, **extra),
         algorithm=AlgorithmGroup(preset=algorithm, loss_agg=loss_agg),
         sampling=SamplingConfig(num_samples=K, max_new_tokens=T), optim=OptimConfig(grad_clip=0.0),
         monitor=MonitorConfig(log_kl_init=False), seed=0, warmup=None,  # the step is what is compared
@@ -106,7 +112,7 @@ def main(world: int, out: str, tiny_dir: str, algorithm: str = "grpo", loss_agg:
     engine = {n: p.detach().clone() for n, p in module.rollouts.engine.model.named_parameters()}
     torch.save(
         {
-            "grads": {n: _full(p.grad).detach().clone() for n, p in policy.named_parameters()},
+            "grads": {n: _full(p.grad).detach().clone() for n, p in policy.named_parameters() if p.grad is not None},
             "params": {n: _full(p).detach().clone() for n, p in policy.named_parameters()},
             "engine": engine,
             "sharded": type(policy.model.layers[0].self_attn.q_proj.weight).__name__,

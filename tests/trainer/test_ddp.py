@@ -80,6 +80,9 @@ def _run(world, out, tiny_dir, *extra):
     # first update, so the 1e-7 float noise of a different reduction order grows to ~3e-6 in the
     # last update's gradients (measured; the parameters still agree to 1e-7).
     ("rec_oneside_is", "seq_mean_token_mean", "2x2"),
+    # LoRA (issue #27): only the adapter has gradients, and they are the single process's too
+    pytest.param("grpo", "token_mean", "1x1 lora", marks=pytest.mark.skipif(
+        __import__("importlib").util.find_spec("peft") is None, reason="needs peft (the lora extra)")),
 ])
 def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, updates):
     """One step with strategy=ddp on 2 CPU processes (gloo) equals one step of a single process
@@ -95,8 +98,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, u
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     single.mkdir()
     ddp.mkdir()
-    _single(single, tiny, algorithm, loss_agg, "ddp", updates)
-    _run(2, ddp, tiny, algorithm, loss_agg, "ddp", updates)
+    _single(single, tiny, algorithm, loss_agg, "ddp", *updates.split())
+    _run(2, ddp, tiny, algorithm, loss_agg, "ddp", *updates.split())
     ref = torch.load(single / "rank0.pt")
     for rank in (0, 1):
         got = torch.load(ddp / f"rank{rank}.pt")
@@ -106,6 +109,9 @@ def test_ddp_two_processes_equal_single_process(tmp_path, algorithm, loss_agg, u
                 torch.testing.assert_close(got[kind][name], value, rtol=0, atol=1e-6, msg=f"{kind} {name} rank {rank}")
     # the comparison means something: the gradient is far from zero
     assert sum(g.abs().sum() for g in ref["grads"].values()) > 1e-2
+    if updates.endswith("lora"):  # the adapter only; the engine got W + scaling * (B @ A)
+        assert ref["grads"] and all(".lora_" in n for n in ref["grads"])
+        assert ".base_layer." not in " ".join(ref["engine"]) and "model.layers.0.self_attn.q_proj.weight" in ref["engine"]
 
 
 @pytest.mark.slow

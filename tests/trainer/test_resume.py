@@ -102,6 +102,11 @@ LAG = ("lag_updates", ["--model.sync.sync_interval", "1", "--model.sync.sync_off
 # the in-flight sequences and their KV cache are checkpoint state at every kill.
 ASYNC = ("async", ["--model.clock", "{enabled: true, max_inflight: 6, weight_update: inflight, staleness: pace, "
                    "max_staleness: 1}"])
+# LoRA (issue #27) after the warm-up, with grpo_kl's reference KL (the base, adapter disabled): the
+# checkpoint holds the adapter only, so the resumed run re-runs the seeded warm-up to rebuild the
+# base (checked against the checkpoint's base hash) and must still end bitwise on the straight run.
+LORA = ("lora_warmup", ["--model.sync.sync_interval", "3", "--model.warmup", WARMUP_CFG, "--model.policy.lora",
+                        "{enabled: true, rank: 4}", "--model.algorithm.preset", "grpo_kl"])
 _REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 
@@ -133,9 +138,11 @@ def reference(tmp_path_factory, setting):
         (LAG, "sigterm rollout", 3, "interrupted"),
         # the asynchronous schedule, killed mid-flight (groups in flight, completed groups queued)
         (ASYNC, "sigkill", 3, "last"),
+        pytest.param(LORA, "sigkill", 4, "own folder", marks=pytest.mark.skipif(
+            __import__("importlib").util.find_spec("peft") is None, reason="needs peft (the lora extra)")),
     ],
     ids=["periodic-warmup-sigkill", "lag-updates-2x2-sigkill-last", "periodic-sigterm-update", "lag-sigterm-rollout",
-         "async-inflight-sigkill-last"],
+         "async-inflight-sigkill-last", "lora-warmup-sigkill"],
 )
 def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_factory, setting, stop, at, resume):
     name, sync = setting
@@ -185,7 +192,12 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_f
     ref = torch.load(run_dir(ref_folder, "reference") / "checkpoints" / final, weights_only=True)
     res = torch.load(run_dir(tmp_path, version) / "checkpoints" / final, weights_only=True)
     assert ref["global_step"] == res["global_step"] == MAX_STEPS
-    assert {"rollouts", "init_policy", "rng", "skip_guard", "run_config"} <= set(res["reclight"])
+    reference_state = "lora" if setting is LORA else "init_policy"  # LoRA: no frozen copy, the base hash
+    assert {"rollouts", reference_state, "rng", "skip_guard", "run_config"} <= set(res["reclight"])
+    if setting is LORA:  # the adapter only, in the weights and in the engine's state
+        assert res["state_dict"] and all(".lora_" in k for k in res["state_dict"])
+        assert "weights" not in res["reclight"]["rollouts"]["engine"]
+        assert "LoRA base rebuilt by the warm-up" in log("resumed")
     rollout_state = {"engine", "clock", "batcher", "scored"} if setting is ASYNC else {"engine", "queue", "next_step",
                                                                                        "num_syncs"}
     assert len(res["lr_schedulers"]) == 1 and rollout_state <= set(res["reclight"]["rollouts"])
@@ -212,6 +224,6 @@ def test_killed_and_resumed_run_is_bitwise_the_straight_run(tmp_path, tmp_path_f
     assert sorted(joined) == sorted(ref_rows) == list(range(MAX_STEPS))
     for step in ref_rows:
         assert joined[step] == ref_rows[step], step
-    assert bool(metric_rows(ref_csv, warmup=True)) == (setting is PERIODIC)
+    assert bool(metric_rows(ref_csv, warmup=True)) == (setting in (PERIODIC, LORA))
     columns = set().union(*joined.values())
     assert {"reward/mean", "val/acc", "train/lr", "train/skipped_steps", "grad/norm", "kl/init"} <= columns
