@@ -193,6 +193,22 @@ class SigtermAt(pl.Callback):
             engine.generate = generate
 
 
+class SignalWorkerAt(pl.Callback):
+    """Signal ``sig`` (a name: SIGTERM, SIGSTOP, ...) to the run's rollout worker at the start of
+    step ``step`` (after its batch arrived, while the worker runs the step's training window)."""
+
+    def __init__(self, step: int, sig: str) -> None:
+        self.step = step
+        self.sig = sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step:
+            os.kill(pl_module.rollouts.process.pid, getattr(signal, self.sig))
+
+
 class BatchLog(pl.Callback):
     """Writes, per rank, every step's example indices and token versions and, at the end, a
     checksum of the weights to ``<folder>/rank<r>.json`` (for multi-process tests)."""

@@ -186,6 +186,7 @@ class WorkerRolloutQueue:
     def batch_for_step(self, step: int, policy: torch.nn.Module) -> RolloutBatch:
         check_stop("the asynchronous rollout of the next step")
         start = time.perf_counter()
+        self._check_open()
         self._start()
         self._close_step()  # normally read already, in finish_step
         for name, src in _parameters(policy).items():  # theta_step; the worker is quiesced now
@@ -202,7 +203,13 @@ class WorkerRolloutQueue:
         if self._open is not None and self._open.step == batch.step:
             batch.metrics = self._close_step()
 
+    def _check_open(self) -> None:
+        if self.process is None and self.local is None:
+            raise RuntimeError(f"{self.name} was stopped (after an error): its state is lost; resume from the last "
+                               "checkpoint")
+
     def state_dict(self) -> dict[str, Any]:
+        self._check_open()
         if self.process is None:
             return self.local.state_dict()
         self._close_step()  # quiesced: the state of the end of the last step (module doc)
@@ -210,6 +217,7 @@ class WorkerRolloutQueue:
         return _clone(self._get("state", "saving its state")[1])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._check_open()
         if self.process is None:
             self.local.load_state_dict(state)
             return
