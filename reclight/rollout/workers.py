@@ -35,8 +35,11 @@ trainer stops it), and is daemonic (multiprocessing ends it when the trainer exi
 goes to ``<run folder>/rollout-worker-0.log``.
 
 Departures from the in-process queue: ``async/`` metrics are the same, plus
-``rollout/worker_rss_mib`` (the worker's resident memory) and ``rollout/worker_wait_s`` (the
-trainer's wait for the step-end message); ``rollout/wait_s`` is the trainer's wait for the batch.
+``rollout/worker_rss_mib`` (the worker's resident memory), ``rollout/worker_wait_s`` (the
+trainer's wait for the step-end message), ``rollout/worker_batch_s`` and ``rollout/worker_window_s``
+(the worker's time until the batch was formed, and in the training window's events),
+``rollout/worker_cpu_s`` (its CPU time in the step);
+``rollout/wait_s`` is the trainer's wait for the batch.
 """
 
 from __future__ import annotations
@@ -350,13 +353,18 @@ def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results:
         while True:
             msg = requests.get()
             if msg[0] == "step":
-                step = msg[1]
+                step, times = msg[1], [(time.perf_counter(), time.process_time())]
 
                 def send(batch: RolloutBatch) -> None:
+                    times.append((time.perf_counter(), time.process_time()))
                     results.put(("batch", step, dataclasses.replace(batch, metrics={})))
 
                 batch = queue.batch_for_step(step, weights, on_batch=send)
-                results.put(("done", step, batch.metrics, _memory_mib()))
+                times.append((time.perf_counter(), time.process_time()))
+                phases = {"rollout/worker_batch_s": times[1][0] - times[0][0],  # until the batch was formed
+                          "rollout/worker_window_s": times[2][0] - times[1][0],  # the training window's events
+                          "rollout/worker_cpu_s": times[2][1] - times[0][1]}  # CPU time of the step (all threads)
+                results.put(("done", step, {**batch.metrics, **phases}, _memory_mib()))
             elif msg[0] == "state":
                 results.put(("state", queue.state_dict()))
             elif msg[0] == "load":
