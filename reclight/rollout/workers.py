@@ -194,6 +194,8 @@ class WorkerRolloutQueue:
         self._close_step()  # normally read already, in finish_step
         for name, src in _parameters(policy).items():  # theta_step; the worker is quiesced now
             self.weights[name].copy_(src)
+        if any(t.is_cuda for t in self.weights.values()):  # the copy is asynchronous: done before the worker reads
+            torch.cuda.synchronize()
         self.requests.put(("step", step))
         batch = self._get("batch", f"generating step {step}'s batch")[2]
         batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
@@ -357,9 +359,13 @@ def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results:
 
                 def send(batch: RolloutBatch) -> None:
                     times.append((time.perf_counter(), time.process_time()))
-                    results.put(("batch", step, dataclasses.replace(batch, metrics={})))
+                    # on the CPU: a CUDA tensor sent would live in this process's memory, which the
+                    # next steps reuse while the trainer still trains on it
+                    results.put(("batch", step, dataclasses.replace(batch.to("cpu"), metrics={})))
 
                 batch = queue.batch_for_step(step, weights, on_batch=send)
+                if queue.engine.device.type == "cuda":  # every read of the shared weights done before the trainer writes
+                    torch.cuda.synchronize(queue.engine.device)
                 times.append((time.perf_counter(), time.process_time()))
                 phases = {"rollout/worker_batch_s": times[1][0] - times[0][0],  # until the batch was formed
                           "rollout/worker_window_s": times[2][0] - times[1][0],  # the training window's events

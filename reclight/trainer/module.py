@@ -59,7 +59,7 @@ from reclight.models.loading import (
     load_model_config,
     load_tokenizer,
 )
-from reclight.models.fsdp import shard_on_mesh
+from reclight.models.fsdp import is_sharded, shard_on_mesh
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
 from reclight.rollout.batch import RolloutBatch
@@ -265,10 +265,10 @@ class RLModule(LightningModule):
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
             use_chat_template=self.policy_cfg.use_chat_template, max_abs_reward=self.guards_cfg.max_abs_reward,
             model_path=self._model_path, precision=str(self.trainer.precision))
-        if self.rollout_cfg.workers:
-            if self.trainer.world_size > 1:
-                raise invalid("model.rollout.workers", self.rollout_cfg.workers, f"0 with data parallelism (world "
-                              f"size {self.trainer.world_size}): one worker per rank is not built yet (docs/async.md)")
+        if self.rollout_cfg.workers:  # one worker per rank, no process group (docs/async.md "Rollout workers")
+            if is_sharded(self.policy):
+                raise invalid("model.rollout.workers", self.rollout_cfg.workers, "0 with a sharded policy (FSDP): "
+                              "the worker's weights would be gathered every step; not built (docs/async.md)")
             self.rollouts = WorkerRolloutQueue(self.rollouts, self.policy, self.rollout_cfg,
                                                self.trainer.log_dir or self.trainer.default_root_dir,
                                                index=self.global_rank)
