@@ -1,6 +1,7 @@
 """Step throughput of the asynchronous schedule with a rollout worker against in-process (issue #28).
 
-    python benchmarks/workers_bench.py [--steps 16] [--skip 4] [--repeats 2] [--out outputs/workers_bench]
+    python benchmarks/workers_bench.py [--steps 16] [--skip 4] [--repeats 2] [--out outputs/workers_bench] \
+        [--before DIR]
 
 The main job's RL phase (configs/arithmetic.yaml: the ~1M-parameter Llama, B = 32 prompts x K = 8,
 5 new tokens) on the simulated clock with this machine's calibrated costs (docs/llm.md,
@@ -14,7 +15,9 @@ and three arms, interleaved (setting by setting, arm by arm, ``--repeats`` times
 
 - ``inproc2``: in-process, 2 torch threads (today's path on this 2-core machine);
 - ``inproc1``: in-process, 1 thread (for the thread scaling of each part);
-- ``worker``: one worker, 1 thread in the trainer and 1 in the worker.
+- ``worker``: one worker, 1 thread in the trainer and 1 in the worker;
+- ``before2`` (with ``--before DIR``): ``inproc2`` on another checkout, e.g. the commit before the
+  workers (``git archive <commit> | tar -x -C DIR``): ``workers: 0`` must be no slower.
 
 Each arm is one ``reclight fit`` process (no warm-up: a step's time does not depend on the
 weights' values; no validation; the start-of-RL evaluation on 8 problems). A callback times each
@@ -39,14 +42,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent  # this file's StepTimer is the callback of every arm
+ROOT = HERE.parent
 COSTS = "{decode_a: 0.003626, decode_b: 0.0001016, prefill_b: 0.0001366, sync_cost: 0.0008889, " \
         "train_c: 0.04308, train_e: 0.0002214}"  # docs/llm.md: reclight calibrate on this machine
 SETTINGS = {
     "one_step_off": "{staleness: pace, max_staleness: 1, weight_update: drain, max_inflight: 32}",
     "inflight": "{staleness: pace, max_staleness: 1, weight_update: inflight, max_inflight: 64}",
 }
-ARMS = {"inproc2": (2, 0), "inproc1": (1, 0), "worker": (1, 1)}  # (torch threads per process, workers)
+ARMS = {"inproc2": (2, 0), "inproc1": (1, 0), "worker": (1, 1), "before2": (2, 0)}
+"""(torch threads per process, workers); ``before2`` is ``inproc2`` on the checkout ``--before``."""
 
 
 class StepTimer(pl.Callback):
@@ -70,8 +75,9 @@ class StepTimer(pl.Callback):
         Path(self.out).write_text(json.dumps(self.rows))
 
 
-def run(setting: str, arm: str, steps: int, out: Path) -> dict[int, dict[str, float]]:
+def run(setting: str, arm: str, steps: int, out: Path, before: Path | None) -> dict[int, dict[str, float]]:
     threads, workers = ARMS[arm]
+    root = before if arm == "before2" else ROOT
     result = out / f"{setting}-{arm}-{time.time_ns()}.json"
     cmd = [sys.executable, "-m", "reclight", "fit", "--config", str(ROOT / "configs/arithmetic.yaml"),
            "--model.warmup", "null", "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
@@ -79,10 +85,10 @@ def run(setting: str, arm: str, steps: int, out: Path) -> dict[int, dict[str, fl
            "--trainer.enable_progress_bar", "false", "--data.eval_size", "8",
            "--model.policy.tiny_dir", str(out / "tiny-model"), "--model.engine.name", "fast",
            "--model.clock", SETTINGS[setting], "--model.clock.enabled", "true", "--model.clock.costs", COSTS,
-           "--model.rollout", f"{{workers: {workers}, threads: 1}}",
+           *(["--model.rollout", f"{{workers: {workers}, threads: 1}}"] if workers else []),
            "--trainer.callbacks+=workers_bench.StepTimer", f"--trainer.callbacks.out={result}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(HERE), str(root), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{setting}/{arm} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -128,7 +134,11 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=list(SETTINGS))
     p.add_argument("--arms", nargs="+", default=list(ARMS))
     p.add_argument("--out", type=Path, default=Path("outputs/workers_bench"))
+    p.add_argument("--before", type=Path, default=None,
+                   help="a checkout of the code before the workers (git archive <commit>): adds the arm before2")
     args = p.parse_args()
+    if args.before is None:
+        args.arms = [a for a in args.arms if a != "before2"]
     args.out.mkdir(parents=True, exist_ok=True)
     args.out = args.out.resolve()
     start = time.perf_counter()
@@ -137,7 +147,7 @@ def main() -> None:
         for setting in args.settings:
             for arm in args.arms:
                 print(f"repeat {rep}: {setting} / {arm}", flush=True)
-                results.setdefault((setting, arm), []).append(run(setting, arm, args.steps, args.out))
+                results.setdefault((setting, arm), []).append(run(setting, arm, args.steps, args.out, args.before))
     print(f"\n{args.repeats} repeats x {args.steps} steps (first {args.skip} dropped), "
           f"{time.perf_counter() - start:.0f} s wall; load average at the end {os.getloadavg()[0]:.1f}\n")
     print("| setting | arm | step (s) | wait for batch (s) | generation (s) | hidden | train (s) | CPU s: train / "
