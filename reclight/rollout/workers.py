@@ -121,17 +121,13 @@ def check_device(field: str, value: Any) -> torch.device:
     raise invalid(field, value, "null, cpu or cuda:<i>")
 
 
-def check_workers_settings(rollout: WorkersConfig, clock_enabled: bool, engine_name: str) -> None:
+def check_workers_settings(rollout: WorkersConfig, clock_enabled: bool) -> None:
     """What a worker needs, checked when the module is built: the asynchronous schedule (the
-    synchronous queue has nothing to overlap within a step) on the fast engine."""
-    if not rollout.workers:
-        return
-    if not clock_enabled:
+    synchronous queue has nothing to overlap within a step). Its engine needs are the schedule's
+    own (``check_async_settings``: the fast engine; hf and vllm cannot run in a worker either)."""
+    if rollout.workers and not clock_enabled:
         raise invalid(PREFIX + "workers", rollout.workers, "0 with model.clock.enabled false (workers run the "
                       "asynchronous schedule; set model.clock.enabled true)")
-    if engine_name in ("hf", "vllm"):
-        raise invalid("model.engine.name", engine_name, "fast or auto with model.rollout.workers 1 (the worker runs "
-                      "the fast engine's continuous batching)")
 
 
 # -- the trainer's side -------------------------------------------------------------------------------

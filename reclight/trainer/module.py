@@ -146,7 +146,7 @@ class RLModule(LightningModule):
         self.algo = algorithm.resolve()
         check_int("model.seed", seed, minimum=0, allow_none=True)
         check_settings(policy, self.algo, sampling, sync, clock, engine, monitor)
-        check_workers_settings(rollout, clock.enabled, engine.name)
+        check_workers_settings(rollout, clock.enabled)
         self.rollout_cfg = rollout
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
         self.clock_cfg, self.updates_cfg = clock, updates
