@@ -176,7 +176,7 @@ class WorkerRolloutQueue:
     @property
     def engine(self) -> Any:
         if self.local is None:
-            raise RuntimeError(f"{self.name}: the engine lives in the worker process (pid {self.process.pid})")
+            raise RuntimeError(f"{self.name}: the engine lives in the worker process, not in the trainer's")
         return self.local.engine
 
     def seed_for(self, step: int) -> int:

@@ -115,14 +115,20 @@ def test_stopping_the_trainer_leaves_no_worker(tmp_path, how):
         proc = subprocess.Popen(
             command(tmp_path, "run", *ASYNC[1], *WORKER, "--trainer.callbacks+=conftest.PauseAtStep",
                     "--trainer.callbacks.step=2", f"--trainer.callbacks.marker={marker}"),
-            env=env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        while not marker.exists() and proc.poll() is None:
-            time.sleep(0.05)
-        assert proc.poll() is None, log(tmp_path, "run")[-3000:]
-        if how == "sigkill":
-            proc.send_signal(signal.SIGKILL)
-        else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group, the worker included
-            os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+            env=env(), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # as from a terminal: a shell's background job (pytest run with &) would pass SIGINT on ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            while not marker.exists() and proc.poll() is None:
+                time.sleep(0.05)
+            assert proc.poll() is None, log(tmp_path, "run")[-3000:]
+            if how == "sigkill":
+                proc.send_signal(signal.SIGKILL)
+            else:  # a terminal's Ctrl-C: SIGINT to the whole foreground process group, the worker included
+                os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     (pid,) = worker_pids(tmp_path, "run")
     assert gone(pid), f"{how}: worker {pid} outlived the trainer"
