@@ -34,6 +34,10 @@ dies with the trainer (``PR_SET_PDEATHSIG`` and a parent-pid watch), ignores Ctr
 trainer stops it), and is daemonic (multiprocessing ends it when the trainer exits). Its output
 goes to ``<run folder>/rollout-worker-0.log``.
 
+Data parallel: one worker per rank (each rank has its own clock), talking to its rank only
+through shared memory and torch multiprocessing queues: no process group, so Lightning's default
+group is left to the ranks. A sharded (FSDP) policy is refused (not built).
+
 Departures from the in-process queue: ``async/`` metrics are the same, plus
 ``rollout/worker_rss_mib`` (the worker's resident memory), ``rollout/worker_wait_s`` (the
 trainer's wait for the step-end message), ``rollout/worker_batch_s`` and ``rollout/worker_window_s``
