@@ -153,7 +153,8 @@ class AsyncRolloutQueue:
         self.admitted: dict[int, int] = {}  # admission index n -> train index, until the group completes
         self.scored: dict[int, _Scored] = {}  # completed groups not yet trained or discarded
         self.completed = {"groups": 0, "samples": 0, "reward_sum": 0.0, "length_sum": 0.0, "sync_clock": 0.0}
-        self.policy: torch.nn.Module | Mapping[str, Tensor] | None = None  # theta_s during batch_for_step (the weights a swap takes)
+        # theta_s during batch_for_step (the weights a swap takes): the module, or its parameters by name
+        self.policy: torch.nn.Module | Mapping[str, Tensor] | None = None
         self.last_wait_s = 0.0
 
     @property

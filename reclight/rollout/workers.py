@@ -268,7 +268,8 @@ class WorkerRolloutQueue:
             return None
         start = time.perf_counter()
         msg = self._get("done", f"ending step {batch.step}")
-        batch.metrics = {**msg[2], "rollout/worker_rss_mib": msg[3], "rollout/worker_wait_s": time.perf_counter() - start}
+        batch.metrics = {**msg[2], "rollout/worker_rss_mib": msg[3],
+                         "rollout/worker_wait_s": time.perf_counter() - start}
         return batch.metrics
 
     def _get(self, kind: str, doing: str) -> tuple:
@@ -288,7 +289,8 @@ class WorkerRolloutQueue:
                 raise RuntimeError(f"{self.name} (pid {p.pid}) sent {msg[0]!r} while {doing}; expected {kind!r}")
             if not p.is_alive():
                 code = p.exitcode
-                how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+                killed = code is not None and code < 0
+                how = f"killed by {signal.Signals(-code).name}" if killed else f"exit code {code}"
                 self.close()
                 raise RuntimeError(f"{self.name} (pid {p.pid}) died ({how}) while {doing}; log: {self.log_path}; "
                                    "resume from the last checkpoint: it is exact (docs/async.md)")
@@ -364,7 +366,7 @@ def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results:
                     results.put(("batch", step, dataclasses.replace(batch.to("cpu"), metrics={})))
 
                 batch = queue.batch_for_step(step, weights, on_batch=send)
-                if queue.engine.device.type == "cuda":  # every read of the shared weights done before the trainer writes
+                if queue.engine.device.type == "cuda":  # the shared weights read before the trainer writes
                     torch.cuda.synchronize(queue.engine.device)
                 times.append((time.perf_counter(), time.process_time()))
                 phases = {"rollout/worker_batch_s": times[1][0] - times[0][0],  # until the batch was formed

@@ -9,10 +9,7 @@ the asynchronous schedule's generation in a process of its own, concurrent with 
 - what cannot work is refused when the config is built, naming the field.
 """
 
-import os
 import re
-import signal
-import time
 
 import pytest
 import torch
