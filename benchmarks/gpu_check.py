@@ -31,6 +31,9 @@ is recorded as FAIL with its error, and the run goes on; ``--sections`` runs a s
   moved, both from its initial value and during RL.
 - ``mismatch``: |logp_behav - logp_trainer| of a bf16 engine (HF and fast) against the fp32
   trainer, on the model the ``fit`` section trained.
+- ``workers``: a rollout worker process on the same GPU (paced, in-flight updates, the micro
+  model): batches and final weights bitwise those of the in-process run, and both step times
+  (one chip shared by trainer and worker: peers' two-pool speedups do not transfer).
 - ``compiled`` (CUDA only: Triton): the compiled training forward (``compile_pointwise``) vs HF's
   (as ``fused`` fp32) and the compiled decoding step's ``logp_behav`` (as ``engines``).
 - ``rollout_hf`` / ``rollout_fast``: rollout tokens/s at the paper's GSM8K shapes (96 prompts x
@@ -434,6 +437,75 @@ def section_async(ctx: Context) -> None:
             float(module.global_step))
 
 
+def section_workers(ctx: Context) -> None:
+    """A rollout worker on the device (docs/async.md "Rollout workers"): the micro model's fit with
+    in-flight updates, in-process and with ``model.rollout.workers: 1`` (paced): the batches and
+    final weights must be bitwise equal, and the median step time of each is reported. Trainer and
+    worker share the one GPU here, so the overlap that peers measure with separate generation and
+    training GPUs (their 1.3-2.7x) does not transfer to this figure."""
+    import statistics
+
+    import lightning.pytorch as pl
+
+    from reclight.clock import ClockConfig, ClockCosts
+    from reclight.engines.base import SamplingConfig
+    from reclight.engines.config import EngineConfig
+    from reclight.models.tiny import TinyModelConfig
+    from reclight.rollout.workers import WorkersConfig
+    from reclight.trainer.config import AlgorithmGroup, MonitorConfig, OptimConfig, PolicyConfig, TrainForwardConfig
+    from reclight.trainer.data import RLDataModule
+    from reclight.trainer.module import RLModule
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import DigitTask
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.batches, self.starts = {}, {}
+
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+            self.batches[trainer.global_step] = batch
+            self.starts[trainer.global_step] = time.perf_counter()
+
+    def fit(workers: int, steps: int) -> tuple[Any, Record]:
+        rec = Record()
+        module = RLModule(
+            policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                                     max_positions=32), tiny_dir=str(ctx.tmp / "workers-tiny")),
+            algorithm=AlgorithmGroup(preset="rec_oneside_nois"), sampling=SamplingConfig(num_samples=4, max_new_tokens=6),
+            clock=ClockConfig(enabled=True, max_inflight=8, weight_update="inflight", staleness="pace", max_staleness=1,
+                              recompute_kv_on_update=True, costs=ClockCosts(decode_a=1.0, decode_b=0.05, train_c=8.0,
+                                                                           train_e=0.01)),
+            rollout=WorkersConfig(workers=workers), engine=EngineConfig(name="fast"),
+            train_forward=TrainForwardConfig(impl="hf"), optim=OptimConfig(lr=3e-2),
+            monitor=MonitorConfig(log_kl_init=False), warmup=None, seed=0)
+        trainer = pl.Trainer(max_steps=steps, callbacks=[rec], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, default_root_dir=str(ctx.tmp / f"workers{workers}"),
+                             accelerator="gpu" if ctx.cuda else "cpu", devices=1, precision="32-true")
+        trainer.fit(module, datamodule=RLDataModule(task=DigitTask(), prompts_per_step=4, eval_size=4, seed=0))
+        return module, rec
+
+    steps = 4 if ctx.smoke else 12
+    ref, rec_ref = fit(0, steps)
+    run, rec = fit(1, steps)
+    same = all(torch.equal(getattr(rec_ref.batches[s], f).cpu(), getattr(rec.batches[s], f).cpu())
+               for s in rec_ref.batches for f in ("response_ids", "logp_behav", "token_version", "rewards"))
+    same = same and all(torch.equal(p, q) for p, q in zip(ref.policy.parameters(), run.policy.parameters()))
+    ctx.add("paced worker: batches and final weights bitwise the in-process run's", str(same), "True",
+            PASS if same else FAIL, float(same))
+
+    def median_step(r: Record) -> float:
+        t = [r.starts[s + 1] - r.starts[s] for s in sorted(r.starts)[2:-1]]
+        return statistics.median(t)
+
+    a, b = median_step(rec_ref), median_step(rec)
+    ctx.detail("step_s", {"in_process": a, "worker": b})
+    ctx.add("median step time, in-process / one worker (same GPU: no two-pool speedup expected)",
+            f"{a * 1e3:.1f} ms / {b * 1e3:.1f} ms ({a / b:.2f}x)")
+
+
 def _model(ctx: Context, kind: str) -> torch.nn.Module:
     """The big model ``kind`` (built once, dropped by the section that names it in ``after``)."""
     models = ctx.shared.setdefault("models", {})
@@ -508,6 +580,7 @@ SECTIONS = (
     Section("fit", section_fit, 80, least=30, smoke_budget=120),
     Section("mismatch", section_mismatch, 20),
     Section("async", section_async, 40),
+    Section("workers", section_workers, 45),
     Section("compiled", section_compiled, 120, least=30),
     Section("rollout_hf", lambda ctx: section_rollout(ctx, "qwen2", "hf"), 65, least=20),
     Section("train_hf", lambda ctx: section_train(ctx, "qwen2", "hf"), 55, least=20, after=("qwen2",)),

@@ -505,12 +505,15 @@ class AsyncClock:
 
     # ---- the trainer's call ----------------------------------------------------------------
 
-    def step(self, s: int) -> StepPlan:
+    def step(self, s: int, on_batch: Callable[[list[GroupRecord]], None] | None = None) -> StepPlan:
         """Training step ``s`` (0, 1, 2, ... in order), called when the trainer holds theta_s.
 
         Publishes version s at T_s, runs generator events until B groups pass the staleness
         rule, charges the training cost, runs every generator event that starts strictly before
-        T_{s+1}, and returns the plan. Every ``generator.swap`` made here takes a version <= s."""
+        T_{s+1}, and returns the plan. Every ``generator.swap`` made here takes a version <= s.
+        ``on_batch(groups)``, if given, is called as soon as the batch is formed, before the
+        events of the training window: a rollout worker hands the batch to the trainer there and
+        generates the window's events while the trainer trains (docs/async.md, "Rollout workers")."""
         if s != self.next_step:
             raise ValueError(f"step={s!r} is not valid; accepted: {self.next_step} (steps are called in order)")
         self._acc = dict.fromkeys(("swaps", "recomputed_tokens", "admitted", "paced", "drain_blocked", "discarded",
@@ -531,6 +534,8 @@ class AsyncClock:
                 raise self._stuck(s, "the generator has nothing to do while the trainer waits")
             events += 1
             batch = self._form_batch(s, discarded)
+        if on_batch is not None:
+            on_batch(batch)
         train_start = self._now
         tokens = sum(rec.tokens for rec in batch)
         train_end = train_start + self.costs.train(tokens)

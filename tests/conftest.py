@@ -193,6 +193,22 @@ class SigtermAt(pl.Callback):
             engine.generate = generate
 
 
+class SignalWorkerAt(pl.Callback):
+    """Signal ``sig`` (a name: SIGTERM, SIGSTOP, ...) to the run's rollout worker at the start of
+    step ``step`` (after its batch arrived, while the worker runs the step's training window)."""
+
+    def __init__(self, step: int, sig: str) -> None:
+        self.step = step
+        self.sig = sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step:
+            os.kill(pl_module.rollouts.process.pid, getattr(signal, self.sig))
+
+
 class BatchLog(pl.Callback):
     """Writes, per rank, every step's example indices and token versions and, at the end, a
     checksum of the weights to ``<folder>/rank<r>.json`` (for multi-process tests)."""
@@ -201,16 +217,28 @@ class BatchLog(pl.Callback):
         self.folder = Path(folder)
         self.steps: dict[int, dict] = {}
 
+    @staticmethod
+    def _digest(tensors) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in tensors:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps[trainer.global_step] = {
             "example_index": batch.example_index.tolist(),
             "versions": sorted(set(batch.token_version[batch.response_mask].tolist()))
-            if batch.token_version is not None else None}
+            if batch.token_version is not None else None,
+            "digest": self._digest([batch.response_ids, batch.logp_behav, batch.rewards])}  # bitwise comparisons
 
     def on_train_end(self, trainer, pl_module):
         import json
 
-        weights = {k: float(v.double().sum()) for k, v in pl_module.policy.state_dict().items()}
+        state = pl_module.policy.state_dict()
+        weights = {k: float(v.double().sum()) for k, v in state.items()}
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"steps": self.steps, "weights": weights, "world": trainer.world_size}))
+            {"steps": self.steps, "weights": weights, "world": trainer.world_size,
+             "weights_digest": self._digest([state[k] for k in sorted(state)])}))

@@ -38,7 +38,7 @@ Departures from the synchronous queue, listed up front:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +153,8 @@ class AsyncRolloutQueue:
         self.admitted: dict[int, int] = {}  # admission index n -> train index, until the group completes
         self.scored: dict[int, _Scored] = {}  # completed groups not yet trained or discarded
         self.completed = {"groups": 0, "samples": 0, "reward_sum": 0.0, "length_sum": 0.0, "sync_clock": 0.0}
-        self.policy: torch.nn.Module | None = None  # theta_s during batch_for_step (the weights a swap takes)
+        # theta_s during batch_for_step (the weights a swap takes): the module, or its parameters by name
+        self.policy: torch.nn.Module | Mapping[str, Tensor] | None = None
         self.last_wait_s = 0.0
 
     @property
@@ -180,18 +181,29 @@ class AsyncRolloutQueue:
         c["length_sum"] += float(out.response_mask.sum())
 
     # -- one step ---------------------------------------------------------------------------------
-    def batch_for_step(self, step: int, policy: torch.nn.Module) -> RolloutBatch:
-        """The batch that step ``step`` trains on; ``policy`` holds theta_step."""
+    def batch_for_step(self, step: int, policy: torch.nn.Module | Mapping[str, Tensor],
+                       on_batch: Callable[[RolloutBatch], None] | None = None) -> RolloutBatch:
+        """The batch that step ``step`` trains on; ``policy`` holds theta_step (a module, or its
+        parameters by Hugging Face name). ``on_batch(batch)`` is called as soon as the batch is
+        formed, before the clock runs the training window's events (its ``metrics`` are filled
+        after them): a rollout worker sends it to the trainer there (reclight/rollout/workers.py)."""
         check_stop("the asynchronous rollout of the next step")  # the last consistent point (module doc)
         start = time.perf_counter()
+        formed: dict[str, Any] = {}
+
+        def take(records: list[GroupRecord]) -> None:  # the same data whether or not a worker waits for it
+            formed["groups"] = [self.scored.pop(rec.n) for rec in records]
+            formed["batch"] = self._assemble(step, records, formed["groups"])
+            if on_batch is not None:
+                on_batch(formed["batch"])
+
         self.policy = policy
         try:
             with deferred():
-                plan = self.clock.step(step)
+                plan = self.clock.step(step, on_batch=take)
         finally:
             self.policy = None
-        groups = [self.scored.pop(rec.n) for rec in plan.groups]
-        batch = self._assemble(step, plan.groups, groups)
+        groups, batch = formed["groups"], formed["batch"]
         # the synchronous loop's clock for the same batches and costs: the emulated speedup
         self.completed["sync_clock"] = self.completed.get("sync_clock", 0.0) + synchronous_clock(self.cfg.costs,
                                                                                               [plan.groups])

@@ -54,7 +54,7 @@ def build_rollouts(
     engine = build_engine(cfg, policy, tokenizer, sampling, stop_strings=stop, model_path=model_path, seed=seed)
     if clock.enabled:
         queue: RolloutQueue | AsyncRolloutQueue = AsyncRolloutQueue(
-            engine, prompts.train, prompts.index_at, prompts.epoch_size, prompts.task, tokenizer, clock=clock,
+            engine, prompts.train, prompts.order, prompts.epoch_size, prompts.task, tokenizer, clock=clock,
             groups_per_step=prompts.groups_per_rank, seed=seed, rank=rank, use_chat_template=use_chat_template,
             max_abs_reward=max_abs_reward)
     else:

@@ -40,6 +40,7 @@ from reclight.models.loading import ATTN_IMPLEMENTATIONS, DTYPES, check_model_pa
 from reclight.models.lora import LoraConfig
 from reclight.models.tiny import TinyModelConfig
 from reclight.rollout.scoring import DEFAULT_MAX_ABS_REWARD
+from reclight.rollout.workers import WorkersConfig
 from reclight.sync import SyncConfig
 from reclight.trainer.context import check_response_budget
 from reclight.trainer.warmup import WarmupConfig
@@ -358,6 +359,7 @@ MODEL_GROUPS: dict[str, type] = {
     "sampling": SamplingConfig,
     "sync": SyncConfig,
     "clock": ClockConfig,
+    "rollout": WorkersConfig,
     "updates": UpdatesConfig,
     "engine": EngineConfig,
     "train_forward": TrainForwardConfig,

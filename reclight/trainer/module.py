@@ -68,7 +68,7 @@ from reclight.models.loading import (
     load_model_config,
     load_tokenizer,
 )
-from reclight.models.fsdp import shard_on_mesh
+from reclight.models.fsdp import is_sharded, shard_on_mesh
 from reclight.models.lora import adapter_disabled, attach_lora, base_sha256, base_training, is_adapter
 from reclight.models.tiny import build_tiny
 from reclight.models.tokens import eos_ids
@@ -76,6 +76,7 @@ from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.build import build_rollouts
 from reclight.rollout.queue import RolloutQueue
 from reclight.clock import ClockConfig
+from reclight.rollout.workers import WorkerRolloutQueue, WorkersConfig, check_workers_settings
 from reclight.sync import SyncConfig
 from reclight.updates import check_mini_batches, fused_adamw_supported, merge_update_metrics, micro_batches, update_rows
 from reclight.trainer.checkpoint import CheckpointError, check_state_dict_matches, rng_state, set_rng_state
@@ -117,6 +118,8 @@ class RLModule(LightningModule):
         sync: the off-policy schedule: weights pushed every ``sync_interval`` steps, the engine
             ``sync_offset`` steps ahead, or ``offline``.
         clock: the asynchronous schedule on a simulated clock instead (``model.clock.enabled``).
+        rollout: where that schedule's rollouts run: in-process, or a worker process concurrent
+            with training (``model.rollout``, :mod:`reclight.rollout.workers`).
         updates: optimizer updates per rollout batch, ``epochs`` x ``mini_batches`` (``model.updates``).
         engine: the rollout engine and its options (``model.engine``).
         train_forward: how the training forward computes log-probs (``model.train_forward``).
@@ -134,6 +137,7 @@ class RLModule(LightningModule):
         sampling: SamplingConfig = SamplingConfig(),
         sync: SyncConfig = SyncConfig(),
         clock: ClockConfig = ClockConfig(),
+        rollout: WorkersConfig = WorkersConfig(),
         updates: UpdatesConfig = UpdatesConfig(),
         engine: EngineConfig = EngineConfig(),
         train_forward: TrainForwardConfig = TrainForwardConfig(),
@@ -152,6 +156,8 @@ class RLModule(LightningModule):
         self.algo = algorithm.resolve()
         check_int("model.seed", seed, minimum=0, allow_none=True)
         check_settings(policy, self.algo, sampling, sync, clock, engine, monitor)
+        check_workers_settings(rollout, clock.enabled, policy.lora.enabled)
+        self.rollout_cfg = rollout
         self.policy_cfg, self.sampling, self.sync_cfg, self.engine_cfg = policy, sampling, sync, engine
         self.clock_cfg, self.updates_cfg = clock, updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
@@ -253,8 +259,6 @@ class RLModule(LightningModule):
         return source
 
     def configure_optimizers(self) -> Any:
-        from reclight.models.fsdp import is_sharded
-
         params = [p for p in self.policy.parameters() if p.requires_grad]
         o = self.optim_cfg
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
@@ -293,6 +297,13 @@ class RLModule(LightningModule):
             total_steps=int(self.trainer.max_steps), seed=self.run_seed, rank=self.global_rank,
             use_chat_template=self.policy_cfg.use_chat_template, max_abs_reward=self.guards_cfg.max_abs_reward,
             model_path=self._model_path, precision=str(self.trainer.precision))
+        if self.rollout_cfg.workers:  # one worker per rank, no process group (docs/async.md "Rollout workers")
+            if is_sharded(self.policy):
+                raise invalid("model.rollout.workers", self.rollout_cfg.workers, "0 with a sharded policy (FSDP): "
+                              "the worker's weights would be gathered every step; not built (docs/async.md)")
+            self.rollouts = WorkerRolloutQueue(self.rollouts, self.policy, self.rollout_cfg,
+                                               self.trainer.log_dir or self.trainer.default_root_dir,
+                                               index=self.global_rank)
         for note in notes:
             rank_zero_info(note)
         if self._pending_rollouts is not None:
@@ -350,6 +361,8 @@ class RLModule(LightningModule):
             loss, metrics = self._backward(batch, rows, adv, mask, counts, logp, entropy, logp_prox, logp_ref)
             metrics["grad/norm"] = self._clip_and_step(loss, batch.step, last=i == self.updates_cfg.count - 1)
             updates.append(metrics)
+        if isinstance(self.rollouts, WorkerRolloutQueue):  # the worker's end-of-step metrics (rollout/workers.py)
+            self.rollouts.finish_step(batch)
         self._log_step(batch, merge_update_metrics(updates), logp, entropy, logp_ref, time.perf_counter() - start)
         self.sample_log.write(self, batch, adv, mask, logp, entropy, logp_prox, logp_ref)  # no extra forward
         return sum(updates[-1][k] for k in ("loss/policy", "loss/reg", "loss/kl", "loss/entropy"))
@@ -523,6 +536,10 @@ class RLModule(LightningModule):
         correct, _, _ = self._greedy("test", batch.tolist())
         self.test_acc.update(correct.float())
         self.log("test/acc", self.test_acc, on_epoch=True)
+
+    def teardown(self, stage: str) -> None:
+        if isinstance(self.rollouts, WorkerRolloutQueue):  # the run ends, however it ends: so does its worker
+            self.rollouts.close()
 
     # -- checkpoint state -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -80,8 +80,12 @@ class PromptSource:
 
     def index_at(self, position: int) -> int:
         """The train-split index at position ``position`` of this rank's stream (admission order)."""
-        step, offset = divmod(position, self.sampled_per_rank)
-        return self.for_step(step)[0][offset]
+        return self.order(position)
+
+    @property
+    def order(self) -> "StreamOrder":
+        """:meth:`index_at` as a picklable callable (a rollout worker's process gets it)."""
+        return StreamOrder(self.sampler, self.world, self.rank, self.sampled_per_rank)
 
     def at(self, position: int) -> tuple[int, Example]:
         """``(index, example)`` at position ``position`` of this rank's stream."""
@@ -102,3 +106,23 @@ class PromptSource:
         """``(metric name, prompts dropped or truncated over the splits used so far)``."""
         kind = "dropped" if self.long_prompts == "drop" else "truncated"
         return f"prompts/{kind}", float(sum(self.counts.values()))
+
+
+@dataclass
+class StreamOrder:
+    """``position -> train-split index`` of one rank's prompt stream: step ``position //
+    sampled_per_rank``'s indices (:meth:`PromptSource.for_step`), at offset ``position %
+    sampled_per_rank``."""
+
+    sampler: PromptSampler
+    world: int
+    rank: int
+    sampled_per_rank: int
+
+    def __call__(self, position: int) -> int:
+        step, offset = divmod(position, self.sampled_per_rank)
+        idx = self.sampler.indices(step)
+        if self.world > 1:
+            per_rank = len(idx) // self.world
+            idx = idx[self.rank * per_rank : (self.rank + 1) * per_rank]
+        return idx[offset]

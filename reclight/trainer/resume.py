@@ -64,10 +64,11 @@ RECORD_KEY = "run_config"
 FREE_PREFIXES = (
     "model.guards", "model.monitor", "model.warmup", "model.policy.tiny_dir",
     "model.engine.vllm.gpu_memory_utilization", "model.engine.vllm.enforce_eager",
-    "data.eval_size", "data.eval_batch_size",
+    "data.eval_size", "data.eval_batch_size", "model.rollout",
 )
 """Settings that do not change what is trained on: they may differ on resume (stop rules,
-metrics, the warm-up (not re-run on resume), a cache folder, GPU memory, the evaluation's size)."""
+metrics, the warm-up (not re-run on resume), a cache folder, GPU memory, the evaluation's size,
+where the rollouts run: paced rollout workers give the in-process run's batches bitwise)."""
 INFO_PREFIX = "resolved."
 """Record entries that say what the defaults resolved to on the machine that ran (precision and why,
 the engine's name and dtype): stored for the reader, never compared on resume."""

@@ -38,6 +38,13 @@ CASES = {
                         "0 < eps_low < 1"),
     "model.clock": (["--model.clock.max_inflight", "0"], "model.clock.max_inflight=0 is not valid; accepted: "),
     "model.clock.costs": (["--model.clock.costs.decode_a", "-1"], "model.clock.costs.decode_a=-1.0 is not valid; "),
+    "model.rollout": (["--model.rollout.workers", "2"], "model.rollout.workers=2 is not valid; accepted: 0 "
+                      "(in-process) or 1 (one worker per rank"),
+    "model.rollout.device": (["--model.rollout.device", "cuda:7"], "model.rollout.device='cuda:7' is not valid; "
+                             "accepted: null, cpu or cuda:<i> with i < "),
+    "model.rollout.engine": (["--model.clock.enabled", "true", "--model.rollout.workers", "1", "--model.engine.name",
+                              "hf"], "model.engine.name='hf' is not valid; accepted: fast or auto with "
+                                     "model.clock.enabled true"),
     "data": (["--data.eval_size", "0"], "data.eval_size=0 is not valid; accepted: None or an integer >= 1"),
 }
 
