@@ -355,6 +355,9 @@ RUNNERS = {"floor": run_floor, "trl": run_trl, "reclight": run_reclight}
 
 
 def _worker(framework: str, spec: Spec, conn: Any) -> None:
+    from reclight.rollout.workers import die_with_parent
+
+    die_with_parent(os.getppid())  # a killed coordinator leaves no arm running (it did)
     import torch
 
     torch.set_num_threads(spec.threads)

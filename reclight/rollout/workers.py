@@ -321,7 +321,9 @@ def _clone(state: Any) -> Any:
 
 
 # -- the worker's side --------------------------------------------------------------------------------
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` (its parent) ends, however it ends (also used by
+    ``benchmarks/rl_step_bench.py``'s arm processes)."""
     try:  # Linux: the kernel sends SIGKILL when the parent exits, however it exits
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -343,7 +345,7 @@ def _memory_mib() -> float:
 
 def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results: Any, beat: Any, parent_pid: int,
                  threads: int, log_path: str) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the trainer stops us
     log = open(log_path, "a", buffering=1)
     os.dup2(log.fileno(), 1)
