@@ -67,7 +67,7 @@ def fused_sources(weights: torch.nn.Module | Mapping[str, Tensor], num_layers: i
     embeddings: ``lm_head.weight`` may be absent; the input embedding is used then."""
     if isinstance(weights, torch.nn.Module):
         num_layers = weights.config.num_hidden_layers
-        from reclight.models.lora import effective_weights, has_lora
+        from reclight.kernels.adapters import effective_weights, has_lora
 
         # LoRA (peft's layers): W + scaling * (B @ A) under the plain names, with autograd into
         # A and B (reclight/models/lora.py); reading the base weights would skip the adapter.

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reclight.kernels.adapters import has_lora, merged_state_dict
+
 
 def is_decoder_layer(module: torch.nn.Module) -> bool:
     """``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...: any HF decoder block, by class name."""
@@ -58,8 +60,6 @@ def full_weights(policy: torch.nn.Module) -> torch.nn.Module | Mapping[str, Tens
     its merged weights when it has LoRA layers (Hugging Face names, :mod:`reclight.models.lora`);
     otherwise its full state dict (HF names, full tensors on every rank), gathered collectively."""
     if not is_sharded(policy):
-        from reclight.models.lora import has_lora, merged_state_dict
-
         return merged_state_dict(policy) if has_lora(policy) else policy  # LoRA: W + scaling * (B @ A)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -73,8 +73,6 @@ def unsharded_copy(policy: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     if not is_sharded(policy):
-        from reclight.models.lora import has_lora, plain_copy
-
         return plain_copy(policy) if has_lora(policy) else copy.deepcopy(policy)
     from transformers import AutoModelForCausalLM
 
@@ -97,3 +95,18 @@ def shard_on_mesh(policy: torch.nn.Module, mesh: Any) -> torch.nn.Module:
         raise ValueError(f"ModelParallelStrategy tensor_parallel_size={mesh['tensor_parallel'].size()} is not "
                          "valid; accepted: 1 (reclight shards the policy with FSDP over data_parallel only)")
     return shard_policy(policy, mesh["data_parallel"] if "data_parallel" in names else mesh)
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Hugging Face model (no LoRA layers) holding ``model``'s merged weights."""
+    from transformers import AutoModelForCausalLM
+
+    weights = merged_state_dict(model)
+    first = next(iter(weights.values()))
+    with torch.device(first.device):
+        fresh = AutoModelForCausalLM.from_config(model.config, dtype=first.dtype)
+    missing, unexpected = fresh.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not fresh.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"plain_copy: state dict mismatch (missing {missing}, unexpected {unexpected})")
+    return fresh

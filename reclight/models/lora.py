@@ -42,10 +42,18 @@ import torch
 from torch import Tensor
 
 from reclight.checks import check_bool, check_float, check_int, invalid
+from reclight.kernels.adapters import (  # noqa: F401 (the merged-weight helpers, re-exported)
+    ADAPTER,
+    effective_weights,
+    has_lora,
+    is_adapter,
+    lora_layers,
+    merged_state_dict,
+)
+from reclight.models.fsdp import is_decoder_layer, plain_copy  # noqa: F401 (plain_copy re-exported)
 
 INSTALL = "pip install 'reclight[lora]'"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER = "default"  # peft's adapter name; reclight trains one adapter
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,6 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     """The last name part of every ``nn.Linear`` inside the decoder layers: the accepted targets
     (not ``lm_head``, which may be tied to the input embedding: a merged head would then be
     written into the embedding too)."""
-    from reclight.models.fsdp import is_decoder_layer
-
     return sorted({name.rsplit(".", 1)[-1] for layer in model.modules() if is_decoder_layer(layer)
                    for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
 
@@ -127,23 +133,6 @@ def attach_lora(model: torch.nn.Module, cfg: LoraConfig, seed: int) -> torch.nn.
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter(name))
     return model
-
-
-def is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
-    """``(name, layer)`` of every peft LoRA layer of ``model`` (empty without peft or LoRA)."""
-    if importlib.util.find_spec("peft") is None:
-        return []
-    from peft.tuners.lora import LoraLayer
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def has_lora(model: Any) -> bool:
-    return isinstance(model, torch.nn.Module) and any(is_adapter(n) for n, _ in model.named_parameters())
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, Tensor]:
@@ -179,59 +168,6 @@ def base_training(model: torch.nn.Module) -> Iterator[None]:
 
 
 # -- merged weights ---------------------------------------------------------------------------------
-def _delta(layer: Any, a: Tensor, b: Tensor) -> Tensor:
-    """``scaling * (B @ A)`` in the weights' dtype, autocast off (bf16-mixed would otherwise round
-    the training forward's delta to bf16 and not the engine's)."""
-    with torch.autocast(a.device.type, enabled=False):
-        return (b @ a) * layer.scaling[ADAPTER]
-
-
-def effective_weights(model: torch.nn.Module, adapter: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """``{Hugging Face name: tensor}`` of ``model``'s weights as its forward uses them: each LoRA
-    layer's ``W + scaling * (B @ A)`` under the plain name (``...q_proj.weight``; ``W`` alone when
-    its adapter is disabled), every other parameter as it is; autograd links kept. ``adapter``:
-    other adapter tensors (by parameter name) to merge instead of the model's own."""
-    params = dict(model.named_parameters())
-    out = {n: p for n, p in params.items() if not is_adapter(n) and ".base_layer." not in n}
-    for name, layer in lora_layers(model):
-        for pname, p in layer.base_layer.named_parameters():
-            w = p
-            if pname == "weight" and not layer.disable_adapters and ADAPTER in layer.lora_A:
-                a_name, b_name = f"{name}.lora_A.{ADAPTER}.weight", f"{name}.lora_B.{ADAPTER}.weight"
-                a = params[a_name] if adapter is None else adapter[a_name]
-                b = params[b_name] if adapter is None else adapter[b_name]
-                w = p + _delta(layer, a, b).to(p.dtype)
-            out[f"{name}.{pname}"] = w
-    return out
-
-
-@torch.no_grad()
-def merged_state_dict(model: torch.nn.Module, adapter: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """:func:`effective_weights` without gradient plus the persistent buffers: what a rollout
-    engine copies (the plain model's state dict, Hugging Face names)."""
-    out = {n: t.detach() for n, t in effective_weights(model, adapter).items()}
-    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    for name, buf in model.state_dict().items():  # the persistent buffers
-        if name not in params and name not in out:
-            out[name] = buf
-    return out
-
-
-def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain Hugging Face model (no LoRA layers) holding ``model``'s merged weights."""
-    from transformers import AutoModelForCausalLM
-
-    weights = merged_state_dict(model)
-    first = next(iter(weights.values()))
-    with torch.device(first.device):
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=first.dtype)
-    missing, unexpected = fresh.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not fresh.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"plain_copy: state dict mismatch (missing {missing}, unexpected {unexpected})")
-    return fresh
-
-
 def base_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of the base weights (every parameter but the adapter's, by name and bytes): the
     checkpoint's proof of which base its adapter belongs to."""
