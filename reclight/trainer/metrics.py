@@ -84,6 +84,14 @@ def batch_metrics(batch: RolloutBatch, entropy: Tensor, eos_ids: list[int], max_
     return out
 
 
+def _plain(value: Tensor) -> Tensor:
+    """A plain tensor of ``value``'s full value: under FSDP2 some metrics (the gradient norm) are
+    ``DTensor``s, which cannot be stacked with plain tensors or turned into Python numbers
+    (``full_tensor`` is collective: every rank publishes the same keys, so all take part)."""
+    value = value.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def logged_step(trainer: Any, step: int) -> bool:
     """Whether training step ``step`` (0-based) writes a row to the loggers: Lightning's rule,
     ``(step + 1) % trainer.log_every_n_steps == 0`` or the run is stopping (never when
@@ -116,7 +124,7 @@ def publish_step_metrics(module: Any, metrics: dict[str, Tensor], step: int, bar
     the progress bar only (``logger=False``)."""
     trainer = module.trainer
     keys = list(metrics)
-    values = torch.stack([metrics[k].detach().float().reshape(()).cpu() for k in keys])  # one copy, one sync
+    values = torch.stack([_plain(metrics[k]).float().reshape(()).cpu() for k in keys])  # one copy, one sync
     trainer.callback_metrics.update(dict(zip(keys, values.unbind())))
     for k in bar:
         if k in metrics:
