@@ -45,7 +45,7 @@ def without_worker_columns(rows):
     return {s: {k: v for k, v in r.items() if not k.startswith("rollout/worker_")} for s, r in rows.items()}
 
 
-# Unstable: it failed in 1 of 5 runs (a CI run; 4 local reruns passed): the resumed run's
+# Unstable: it failed in 1 of 9 runs (a CI run; 8 local reruns passed): the resumed run's
 # checkpoint at step 7 differed from the reference's in the rollout batcher's out_logp buffer
 # only (weights, optimizer and LR state equal). Cause not found (docs/async.md, "Faults"); run it
 # with -m unstable until it is.
