@@ -3,9 +3,11 @@ the supervised warm-up stops on.
 
 It decodes with :class:`reclight.engines.fast.FastLlamaEngine` (``greedy``) where that engine
 applies (a Llama model on the CPU, not sharded, a task without stop strings; elsewhere its fused
-weight copy would cost accelerator memory), else with Hugging Face ``generate``: the same argmax tokens up to float rounding of the logits (tested equal on the test
-models), about 7x faster per evaluation on the main job's model (docs/benchmarks.md). The engine
-is kept per model between evaluations (its fused weight copy refreshed each time)."""
+weight copy would cost accelerator memory), else with Hugging Face ``generate``: the same argmax
+tokens up to float rounding of the logits (tested equal on the test models), without HF's
+per-token Python overhead, which made a 200-problem check of the main job's model ~140 ms
+(docs/benchmarks.md). The engine is kept per model between evaluations (its fused weight copy
+refreshed each time)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Why a step's metrics do not go through ``LightningModule.log``: Lightning 2.6 mo
 metric object to the value's device on every call (``_ResultCollection.log`` calls
 ``_ResultMetric.to``, which walks the metric's attributes), about 1.3-1.7 ms per key on this
 project's CPUs. With ~30 keys a step that was 10-12% of the main job's RL phase (docs/benchmarks.md,
-"Where the main job's time goes"). :func:`publish_step_metrics` does what Lightning does with
+"Where the main job's time went"). :func:`publish_step_metrics` does what Lightning does with
 them, in one pass: the same values (fp32 scalars) to every logger at the same step and cadence
 (``trainer.log_every_n_steps``, and the last step of a stopping run), and into
 ``trainer.callback_metrics`` for callbacks (``ModelCheckpoint(monitor=...)``, ``EarlyStopping``).

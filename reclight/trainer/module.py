@@ -348,7 +348,7 @@ class RLModule(LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> Tensor:
         start = time.perf_counter()
         self._check_rewards(batch)
-        logp_ref = self._reference_logprobs(batch) if self._reference_due(batch.step) else None  # [B, K, T]
+        logp_ref = self._reference_logprobs(batch)  # [B, K, T], or None at a step that needs none
         adv, keep = self._advantages(batch, logp_ref)  # [B, K]
         mask = batch.response_mask & keep[..., None]  # [B, K, T]: the tokens that are trained on
         logp_prox = self._logprobs_no_grad(self.policy, batch) if self._needs_prox else None  # theta_t's
@@ -391,16 +391,16 @@ class RLModule(LightningModule):
         return adv, keep & kept
 
     def _reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
-        """Log-probs under the RL-start policy, the reference of the KL terms and of ``kl/init``:
-        the frozen copy, or with LoRA the policy with its adapter disabled (its base is frozen
-        and the adapter started at B = 0, so that is the RL-start policy exactly)."""
+        """Log-probs under the RL-start policy, the reference of the KL terms and of ``kl/init``,
+        at the steps that use it (:meth:`_reference_due`, else None): the frozen copy, or with
+        LoRA the policy with its adapter disabled (its base is frozen and the adapter started at
+        B = 0, so that is the RL-start policy exactly)."""
+        if not self._reference_due(batch.step):
+            return None
         if self.policy_cfg.lora.enabled:
-            if not (self.monitor_cfg.log_kl_init or self.algo.needs_reference):
-                return None
             with adapter_disabled(self.policy):
                 return self._logprobs_no_grad(self.policy, batch)
-        ref = self._init_policy
-        return self._logprobs_no_grad(ref.model, batch) if ref is not None else None
+        return self._logprobs_no_grad(self._init_policy.model, batch)
 
     @property
     def _needs_prox(self) -> bool:
