@@ -69,19 +69,13 @@ def _pad(rows: list[list[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]: 
     return ids, mask
 
 
-def _answer_tokens(tokenizer: Any, answers: Sequence[str]) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
-    """Each answer's tokens then one EOS (the first id when the tokenizer has several), right-padded
-    with the pad id (the first EOS id when there is none); ``mask`` marks answer and EOS tokens."""
-    eos = eos_ids(tokenizer)[0]
-    return _pad([tokenizer(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers],
-                pad_id(tokenizer), left=False)
-
-
 class _EncodedExamples:
     """The training examples tokenized once (one batched tokenizer call each for the prompts and
-    the answers), each step's batch padded from the stored ids: the same tensors as
-    :func:`reclight.models.tokens.encode_prompts` and :func:`_answer_tokens` on that batch
-    (tested), without tokenizing 2 x batch_size strings per step (7% of the warm-up's time)."""
+    the answers), each step's batch padded from the stored ids: prompts left-padded, the same
+    tensors as :func:`reclight.models.tokens.encode_prompts` on that batch (tested); answers as
+    their tokens then one EOS (the first id when the tokenizer has several), right-padded with
+    the pad id (the first EOS id when there is none), ``mask`` on answer and EOS tokens. Tokenizing
+    2 x batch_size strings per step was 7% of the warm-up's time."""
 
     def __init__(self, tokenizer: Any, examples: Sequence[Any], use_chat_template: bool | None) -> None:
         chat = uses_chat_template(tokenizer, use_chat_template)

@@ -12,6 +12,7 @@ import reclight.trainer.warmup as warmup_lib
 from conftest import MICRO, DigitTask
 from reclight.models.loading import load_causal_lm
 from reclight.models.tiny import build_tiny
+from reclight.tasks.base import Example
 from reclight.trainer.warmup import WarmupConfig, supervised_warmup
 
 
@@ -99,6 +100,8 @@ class _ListEosNoPad:
     def __call__(self, text, **kw):
         if self.inner is not None:
             return self.inner(text, **kw)
+        if isinstance(text, list):
+            return {"input_ids": [[10 + int(c) for c in t] for t in text]}
         return {"input_ids": [10 + int(c) for c in text]}
 
     def __getattr__(self, name):
@@ -107,8 +110,11 @@ class _ListEosNoPad:
 
 def test_answer_tokens_with_a_list_eos_and_no_pad_id():
     """Answers "12" and "3": ids 11 12 then EOS 7 (the first of [7, 9]); the short row is padded
-    with 7 too (no pad id: the first EOS id), and its pad is masked out."""
-    ids, mask = warmup_lib._answer_tokens(_ListEosNoPad(), ["12", "3"])
+    with 7 too (no pad id: the first EOS id), and its pad is masked out. Prompts "45" and "6" are
+    left-padded with the same 7."""
+    examples = [Example(prompt="45", answer="12", uid="a"), Example(prompt="6", answer="3", uid="b")]
+    pid, pmask, ids, mask = warmup_lib._EncodedExamples(_ListEosNoPad(), examples, None).batch([0, 1])
+    assert pid.tolist() == [[14, 15], [7, 16]] and pmask.tolist() == [[True, True], [False, True]]
     assert ids.tolist() == [[11, 12, 7], [13, 7, 7]]
     assert mask.tolist() == [[True, True, True], [True, True, False]]
 
@@ -128,8 +134,9 @@ def test_warmup_trains_with_a_list_eos_and_no_pad_id(tmp_path, monkeypatch):
 
 def test_examples_tokenized_once_give_the_per_step_tensors(tmp_path):
     """The warm-up tokenizes its training examples once and pads each step's batch from the
-    stored ids: the same four tensors as encode_prompts and _answer_tokens on that batch
-    (prompts of different lengths, left-padded; answers right-padded), for random batches."""
+    stored ids: the same four tensors as encode_prompts and a per-answer tokenization (answer
+    tokens, EOS, right-padded with the pad id) on that batch (prompts of different lengths,
+    left-padded), for random batches."""
     from reclight.models.tokens import encode_prompts
 
     _, tok = load_causal_lm(str(build_tiny(tmp_path, MICRO, seed=0)))
@@ -141,7 +148,11 @@ def test_examples_tokenized_once_give_the_per_step_tensors(tmp_path):
     for _ in range(5):
         idx = torch.randint(len(examples), (7,), generator=gen).tolist()
         batch = [examples[i] for i in idx]
-        want = (*encode_prompts(tok, [e.prompt for e in batch]), *warmup_lib._answer_tokens(tok, [e.answer for e in batch]))
+        rows = [tok(e.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for e in batch]
+        T = max(map(len, rows))
+        aid = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+        amask = torch.tensor([[True] * len(r) + [False] * (T - len(r)) for r in rows])
+        want = (*encode_prompts(tok, [e.prompt for e in batch]), aid, amask)
         got = encoded.batch(idx)
         assert len({t.shape[1] for t in want[:2]}) == 1 and want[1].sum(1).unique().numel() > 1  # padding happened
         for g, w in zip(got, want):
