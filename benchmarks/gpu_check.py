@@ -147,6 +147,12 @@ class Context:
 
 
 # -- sections: each adds its rows to the table ---------------------------------------------------
+def _tests_importable() -> None:
+    """The test suite's helpers (``conftest.DigitTask``: a tiny task with a dense reward) importable."""
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+
+
 def section_env(ctx: Context) -> None:
     import lightning
     import transformers
@@ -292,8 +298,7 @@ def fit_args(ctx: Context) -> list[str]:
     if not ctx.smoke:  # the embedded default (warm-up to 40% accuracy, then RL); validation at 10 and 20
         return [*common, "--trainer.max_steps", "20", "--trainer.val_check_interval", "10"]
     # A random tiny model with a dense reward, so the RL steps have gradient (tests/conftest.py).
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
+    _tests_importable()
     return ["--config", str(ROOT / "configs/smoke_test.yaml"), *common, "--trainer.max_steps", "3",
             "--data.task", "conftest.DigitTask"]
 
@@ -386,8 +391,7 @@ def section_async(ctx: Context) -> None:
     from reclight.trainer.data import RLDataModule
     from reclight.trainer.module import RLModule
 
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
+    _tests_importable()
     from conftest import DigitTask
 
     class Record(pl.Callback):
@@ -456,8 +460,7 @@ def section_workers(ctx: Context) -> None:
     from reclight.trainer.data import RLDataModule
     from reclight.trainer.module import RLModule
 
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
+    _tests_importable()
     from conftest import DigitTask
 
     class Record(pl.Callback):
