@@ -110,10 +110,12 @@ LORA = ("lora_warmup", ["--model.sync.sync_interval", "3", "--model.warmup", WAR
 _REFERENCES: dict[str, tuple[subprocess.Popen, Path]] = {}
 
 
-def start(folder, version, *args):
-    """A ``reclight fit`` of resume.yaml in ``folder``; output to a file (a full pipe would block it)."""
+def start(folder, version, *args, threads=None):
+    """A ``reclight fit`` of resume.yaml in ``folder``; output to a file (a full pipe would block it).
+    ``threads``: its torch threads (OMP_NUM_THREADS); None: the caller's."""
     out = open(folder / f"{version}.log", "w")
-    return subprocess.Popen(command(folder, version, *args), env=env(), cwd=folder, stdout=out, stderr=subprocess.STDOUT)
+    e = env() if threads is None else {**env(), "OMP_NUM_THREADS": str(threads)}
+    return subprocess.Popen(command(folder, version, *args), env=e, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
 
 
 def reference(tmp_path_factory, setting):

@@ -45,16 +45,15 @@ def without_worker_columns(rows):
     return {s: {k: v for k, v in r.items() if not k.startswith("rollout/worker_")} for s, r in rows.items()}
 
 
-# Unstable: it failed in 1 of 9 runs (a CI run; 8 local reruns passed): the resumed run's
-# checkpoint at step 7 differed from the reference's in the rollout batcher's out_logp buffer
-# only (weights, optimizer and LR state equal). Cause not found (docs/async.md, "Faults"); run it
-# with -m unstable until it is.
-@pytest.mark.unstable
+@pytest.mark.extended
 def test_a_dead_worker_stops_the_run_and_the_last_checkpoint_resumes_exactly(tmp_path):
     """Three runs (~60 s on 2 shared cores): the in-process reference, a worker run whose worker
     gets SIGTERM at step 3, and its resume with ``--ckpt_path last``."""
     (tmp_path / "ref").mkdir()
-    ref = start(tmp_path / "ref", "reference", *ASYNC[1])
+    # the reference generates at the worker's threads (1): at 2 threads the engine's log-probs
+    # differ in the last bit now and then (its reductions split differently), so a reference at
+    # the machine's default threads fails on a 2-core CI machine (docs/async.md, "Faults")
+    ref = start(tmp_path / "ref", "reference", *ASYNC[1], threads=1)
     killed = start(tmp_path, "killed", *ASYNC[1], *WORKER, "--trainer.callbacks+=conftest.SignalWorkerAt",
                    "--trainer.callbacks.step=3", "--trainer.callbacks.sig=SIGTERM")
     assert killed.wait() != 0, log(tmp_path, "killed")[-3000:]
