@@ -81,6 +81,10 @@ from reclight.checks import check_bool, check_choice, check_float, check_int, in
 
 WEIGHT_UPDATES = ("inflight", "drain")
 STALENESS_RULES = ("none", "pace", "drop")
+_ACC_KEYS = ("swaps", "recomputed_tokens", "admitted", "paced", "drain_blocked", "discarded", "requeued", "events",
+             "generator_idle")
+"""The generator's counters of one step (:meth:`AsyncClock.step`) or of one interval between two
+batches (:meth:`AsyncClock.form`)."""
 MAX_EVENTS_PER_STEP = 100_000
 """Generator events one :meth:`AsyncClock.step` may run before it declares the schedule stuck."""
 PREFIX = "model.clock."
@@ -391,7 +395,7 @@ class AsyncClock:
         self.streak: dict[int, int] = {}
         self.totals = {"trainer_idle": 0.0, "generator_idle": 0.0, "completed_samples": 0, "completed_tokens": 0,
                        "trained_samples": 0, "trained_tokens": 0, "discarded": 0, "requeued": 0}
-        self._acc: dict[str, float] = {}
+        self._acc: dict[str, float] = dict.fromkeys(_ACC_KEYS, 0.0)
         self._now = 0.0  # time of the trainer's current batch check
 
     # ---- events ----------------------------------------------------------------------------
@@ -516,8 +520,7 @@ class AsyncClock:
         generates the window's events while the trainer trains (docs/async.md, "Rollout workers")."""
         if s != self.next_step:
             raise ValueError(f"step={s!r} is not valid; accepted: {self.next_step} (steps are called in order)")
-        self._acc = dict.fromkeys(("swaps", "recomputed_tokens", "admitted", "paced", "drain_blocked", "discarded",
-                                   "requeued", "events", "generator_idle"), 0.0)
+        self._acc = dict.fromkeys(_ACC_KEYS, 0.0)
         t_publish = self.train_end
         self.published = s
         self._log("publish", t=t_publish, version=s)
@@ -560,8 +563,57 @@ class AsyncClock:
         plan.metrics = self._metrics(plan)
         return plan
 
-    def _metrics(self, plan: StepPlan) -> dict[str, float]:
-        window = plan.train_end - plan.published_at
+    # ---- the real clock (a free rollout worker, reclight/rollout/workers.py) ------------------
+
+    def form(self, s: int) -> StepPlan:
+        """Free mode: the trainer holds theta_s NOW (the real clock decides when). Publishes
+        version s at the generator's current time and runs generator events until B groups pass
+        the staleness rule (as :meth:`step` does), but charges no training cost and runs no
+        window: the caller runs :meth:`event` until the trainer's next request, however long
+        the training takes for real. The staleness rule, the swaps (taking the newest published
+        version) and the per-token versions are the paced schedule's rules; only the times differ.
+
+        The plan's metrics are :func:`step_metrics` of the batch and the generator's counters
+        since the previous batch was formed (its window events included): the interval a free
+        worker can account for when it hands over a batch. The simulated times (``async/clock``
+        and the idle fractions) are not reported: they would describe no real run."""
+        if s != self.next_step:
+            raise ValueError(f"step={s!r} is not valid; accepted: {self.next_step} (steps are called in order)")
+        self.published = s
+        t_publish = self._now = self.gen_time
+        self._log("publish", t=t_publish, version=s)
+        discarded: list[GroupRecord] = []
+        batch = self._form_batch(s, discarded)
+        events = 0
+        while batch is None:
+            if events >= self.max_events_per_step:
+                raise self._stuck(s, f"more than {self.max_events_per_step} generator events while the trainer waits "
+                                     "(does every sequence end?)")
+            self._now = self.gen_time
+            if self._generator_event() == "idle":
+                raise self._stuck(s, "the generator has nothing to do while the trainer waits")
+            events += 1
+            batch = self._form_batch(s, discarded)
+        tokens = sum(rec.tokens for rec in batch)
+        self._log("train", t=self._now, end=self._now, step=s, groups=[rec.n for rec in batch])
+        self.totals["trained_samples"] += self.B * self.K
+        self.totals["trained_tokens"] += tokens
+        self.train_end = self._now
+        self.next_step = s + 1
+        plan = StepPlan(step=s, groups=batch, metrics={}, published_at=t_publish, train_start=self._now,
+                        train_end=self._now, discarded=discarded)
+        plan.metrics = self._counter_metrics(plan)
+        self._acc = dict.fromkeys(_ACC_KEYS, 0.0)
+        return plan
+
+    def event(self) -> bool:
+        """Free mode: one generator event of the time the trainer trains (swap to the newest
+        published version, retire, admit, decode). False: nothing to do until the next publish."""
+        return self._generator_event() != "idle"
+
+    def _counter_metrics(self, plan: StepPlan) -> dict[str, float]:
+        """The metrics that hold on any clock: the batch's staleness and lengths, the rule's
+        discards, the generator's counters, the backlog."""
         tot = self.totals
         m = step_metrics(plan.groups, plan.step)
         m.update({
@@ -570,12 +622,6 @@ class AsyncClock:
             "async/starved": float(sum(1 for c in self.streak.values() if c >= self.cfg.starve_after)),
             "async/discard_streak_max": float(max(self.streak.values(), default=0)),
             "async/discarded_total": float(tot["discarded"]),
-            "async/trainer_wait": plan.train_start - plan.published_at,
-            "async/trainer_idle_frac": (plan.train_start - plan.published_at) / window,
-            "async/generator_idle_frac": self._acc["generator_idle"] / window,
-            "async/trainer_idle_frac_total": tot["trainer_idle"] / plan.train_end,
-            "async/generator_idle_frac_total": tot["generator_idle"] / plan.train_end,
-            "async/clock": plan.train_end,
             "async/admitted": self._acc["admitted"],
             "async/paced": self._acc["paced"],
             "async/drain_blocked": self._acc["drain_blocked"],
@@ -586,6 +632,20 @@ class AsyncClock:
             "async/backlog": float(len(self.completed)),
             "async/completed_len_mean": tot["completed_tokens"] / max(tot["completed_samples"], 1),
             "async/trained_len_mean_run": tot["trained_tokens"] / max(tot["trained_samples"], 1),
+        })
+        return m
+
+    def _metrics(self, plan: StepPlan) -> dict[str, float]:
+        window = plan.train_end - plan.published_at
+        tot = self.totals
+        m = self._counter_metrics(plan)
+        m.update({
+            "async/trainer_wait": plan.train_start - plan.published_at,
+            "async/trainer_idle_frac": (plan.train_start - plan.published_at) / window,
+            "async/generator_idle_frac": self._acc["generator_idle"] / window,
+            "async/trainer_idle_frac_total": tot["trainer_idle"] / plan.train_end,
+            "async/generator_idle_frac_total": tot["generator_idle"] / plan.train_end,
+            "async/clock": plan.train_end,
         })
         return m
 

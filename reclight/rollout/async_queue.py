@@ -213,6 +213,29 @@ class AsyncRolloutQueue:
         batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
         return batch
 
+    # -- the real clock (a free rollout worker: model.rollout.mode free) ---------------------------
+    def free_batch(self, step: int, policy: Mapping[str, Tensor]) -> RolloutBatch:
+        """Step ``step``'s batch under the real clock (:meth:`AsyncClock.form`): version ``step``
+        is published now, as ``policy`` (theta_step by Hugging Face name, kept for the swaps of
+        :meth:`window_event` until the next call). Its ``metrics`` cover the interval since the
+        previous batch (the clock's counters, the selection bias; no simulated times)."""
+        check_stop("the asynchronous rollout of the next step")
+        start = time.perf_counter()
+        self.policy = policy
+        with deferred():
+            plan = self.clock.form(step)
+            groups = [self.scored.pop(rec.n) for rec in plan.groups]
+        batch = self._assemble(step, plan.groups, groups)
+        batch.metrics = {**plan.metrics, **self._selection(groups)}
+        batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
+        return batch
+
+    def window_event(self) -> bool:
+        """One generator event while the trainer trains (free mode); False: nothing to do until the
+        next publish. Reads the weights of the last :meth:`free_batch`."""
+        with deferred():
+            return self.clock.event()
+
     def _selection(self, groups: list[_Scored]) -> dict[str, float]:
         """Reward of the trained samples vs every completed one so far (the selection bias)."""
         valid = torch.stack([g.valid for g in groups])

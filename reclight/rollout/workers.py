@@ -72,7 +72,7 @@ from reclight.rollout.batch import RolloutBatch
 from reclight.rollout.queue import rollout_seed
 
 PREFIX = "model.rollout."
-MODES = ("paced",)
+MODES = ("paced", "free")
 POLL_S = 0.5
 """How often the waiting trainer checks the worker (the heartbeat bound is heartbeat_s + this)."""
 BEAT_S = 0.2
@@ -87,9 +87,12 @@ class WorkersConfig:
     workers: int = 0
     """0: in the trainer's process, one thing after another (the emulation). 1: in a worker
     process, concurrent with training. One clock per rank, so one worker per rank at most."""
-    mode: Literal["paced"] = "paced"
+    mode: Literal["paced", "free"] = "paced"
     """``paced``: the worker follows the simulated clock: batches and weights bitwise those of
-    the in-process run (same threads per role). ``free`` (the real clock decides) is not built."""
+    the in-process run (same threads per role). ``free``: the real clock decides (the worker
+    generates until the trainer's next request; which versions sample which tokens depends on
+    timing), for throughput; the staleness rule and the per-token versions hold, the run is not
+    reproducible."""
     device: str | None = None
     """The worker's device; null: the trainer's. Another device than the trainer's is refused
     for now (the engine's state is built on the trainer's device)."""
@@ -103,6 +106,9 @@ class WorkersConfig:
                   accepted="0 (in-process) or 1 (one worker per rank: a rank's clock runs its events one after "
                            "another, so a second worker would have nothing to do)")
         check_choice(PREFIX + "mode", self.mode, MODES)
+        if self.mode == "free" and not self.workers:
+            raise invalid(PREFIX + "mode", self.mode, "paced with model.rollout.workers 0 (in-process generation "
+                          "runs one thing after another: there is no real clock to follow; set workers: 1)")
         check_float(PREFIX + "heartbeat_s", self.heartbeat_s, gt=0.0)
         check_int(PREFIX + "threads", self.threads, minimum=1)
         if self.device is not None:
@@ -175,7 +181,10 @@ class WorkerRolloutQueue:
         self.local, self.cfg, self.index = queue, cfg, index
         self.seed, self.rank = queue.seed, queue.rank
         self.log_path = Path(log_dir) / f"rollout-worker-{index}.log"
-        self.weights = {k: v.detach().clone().share_memory_() for k, v in _parameters(policy).items()}
+        # paced: one set (the worker reads it only while the trainer does not write); free: two,
+        # version v in set v % 2, so theta_{s+1} is written while the worker may swap theta_s in
+        self.weights = [{k: v.detach().clone().share_memory_() for k, v in _parameters(policy).items()}
+                        for _ in range(2 if cfg.mode == "free" else 1)]
         self.process: Any = None
         self.last_wait_s = 0.0
         self._open: RolloutBatch | None = None  # the batch sent whose step-end message is not read yet
@@ -197,14 +206,19 @@ class WorkerRolloutQueue:
         self._check_open()
         self._start()
         self._close_step()  # normally read already, in finish_step
-        for name, src in _parameters(policy).items():  # theta_step; the worker is quiesced now
-            self.weights[name].copy_(src)
-        if any(t.is_cuda for t in self.weights.values()):  # the copy is asynchronous: done before the worker reads
+        weights = self.weights[step % len(self.weights)]
+        for name, src in _parameters(policy).items():  # theta_step; paced: the worker is quiesced now
+            weights[name].copy_(src)  # free: it reads the other set, if any (module doc)
+        if any(t.is_cuda for t in weights.values()):  # the copy is asynchronous: done before the worker reads
             torch.cuda.synchronize()
         self.requests.put(("step", step))
-        batch = self._get("batch", f"generating step {step}'s batch")[2]
+        msg = self._get("batch", f"generating step {step}'s batch")
+        batch = msg[2]
         batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
-        self._open = batch
+        if self.cfg.mode == "free":  # its metrics came with it (the interval since the previous batch)
+            batch.metrics = {**msg[3], "rollout/worker_wait_s": self.last_wait_s}
+        else:
+            self._open = batch
         return batch
 
     def finish_step(self, batch: RolloutBatch) -> None:
@@ -261,7 +275,7 @@ class WorkerRolloutQueue:
         self.process = ctx.Process(
             target=_worker_main, name=f"reclight-rollout-worker-{self.index}", daemon=True,
             args=(self.local, self.weights, self.requests, self.results, self.beat, os.getpid(), self.cfg.threads,
-                  str(self.log_path)))
+                  str(self.log_path), self.cfg.mode))
         self.process.start()
         self.local = None  # the worker holds the queue now (the trainer keeps no second KV cache)
         print(f"{self.name}: pid {self.process.pid}, log {self.log_path}", flush=True)
@@ -343,8 +357,8 @@ def _memory_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results: Any, beat: Any, parent_pid: int,
-                 threads: int, log_path: str) -> None:
+def _worker_main(queue: Any, weights: list[dict[str, Tensor]], requests: Any, results: Any, beat: Any,
+                 parent_pid: int, threads: int, log_path: str, mode: str = "paced") -> None:
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the trainer stops us
     log = open(log_path, "a", buffering=1)
@@ -359,35 +373,12 @@ def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results:
             time.sleep(BEAT_S)
 
     threading.Thread(target=heartbeat, daemon=True, name="heartbeat").start()
-    print(f"rollout worker: pid {os.getpid()}, parent {parent_pid}, {threads} thread(s)", flush=True)
+    print(f"rollout worker: pid {os.getpid()}, parent {parent_pid}, {threads} thread(s), mode {mode}", flush=True)
     try:
-        while True:
-            msg = requests.get()
-            if msg[0] == "step":
-                step, times = msg[1], [(time.perf_counter(), time.process_time())]
-
-                def send(batch: RolloutBatch) -> None:
-                    times.append((time.perf_counter(), time.process_time()))
-                    # on the CPU: a CUDA tensor sent would live in this process's memory, which the
-                    # next steps reuse while the trainer still trains on it
-                    results.put(("batch", step, dataclasses.replace(batch.to("cpu"), metrics={})))
-
-                batch = queue.batch_for_step(step, weights, on_batch=send)
-                if queue.engine.device.type == "cuda":  # the shared weights read before the trainer writes
-                    torch.cuda.synchronize(queue.engine.device)
-                times.append((time.perf_counter(), time.process_time()))
-                phases = {"rollout/worker_batch_s": times[1][0] - times[0][0],  # until the batch was formed
-                          "rollout/worker_window_s": times[2][0] - times[1][0],  # the training window's events
-                          "rollout/worker_cpu_s": times[2][1] - times[0][1]}  # CPU time of the step (all threads)
-                results.put(("done", step, {**batch.metrics, **phases}, _memory_mib()))
-            elif msg[0] == "state":
-                results.put(("state", queue.state_dict()))
-            elif msg[0] == "load":
-                queue.load_state_dict(msg[1])
-                results.put(("loaded",))
-            elif msg[0] == "stop":
-                print("rollout worker: stopped by the trainer", flush=True)
-                return
+        if mode == "free":
+            _serve_free(queue, weights, requests, results)
+        else:
+            _serve_paced(queue, weights[0], requests, results)
     except BaseException:
         text = traceback.format_exc()
         print(text, flush=True)
@@ -395,3 +386,81 @@ def _worker_main(queue: Any, weights: dict[str, Tensor], requests: Any, results:
         results.close()
         results.join_thread()
         os._exit(1)
+
+
+def _serve_state(queue: Any, msg: tuple, results: Any) -> bool:
+    """The requests both modes answer alike; False: ``stop``."""
+    if msg[0] == "state":
+        results.put(("state", queue.state_dict()))
+    elif msg[0] == "load":
+        queue.load_state_dict(msg[1])
+        results.put(("loaded",))
+    elif msg[0] == "stop":
+        print("rollout worker: stopped by the trainer", flush=True)
+        return False
+    else:
+        raise ValueError(f"unknown request {msg[0]!r}")
+    return True
+
+
+def _serve_paced(queue: Any, weights: dict[str, Tensor], requests: Any, results: Any) -> None:
+    """Step s: the simulated clock's step, the batch sent when formed, then the window's events
+    and the step-end message; idle (blocked on the next request) in between."""
+    while True:
+        msg = requests.get()
+        if msg[0] != "step":
+            if not _serve_state(queue, msg, results):
+                return
+            continue
+        step, times = msg[1], [(time.perf_counter(), time.process_time())]
+
+        def send(batch: RolloutBatch) -> None:
+            times.append((time.perf_counter(), time.process_time()))
+            # on the CPU: a CUDA tensor sent would live in this process's memory, which the
+            # next steps reuse while the trainer still trains on it
+            results.put(("batch", step, dataclasses.replace(batch.to("cpu"), metrics={})))
+
+        batch = queue.batch_for_step(step, weights, on_batch=send)
+        if queue.engine.device.type == "cuda":  # the shared weights read before the trainer writes
+            torch.cuda.synchronize(queue.engine.device)
+        times.append((time.perf_counter(), time.process_time()))
+        phases = {"rollout/worker_batch_s": times[1][0] - times[0][0],  # until the batch was formed
+                  "rollout/worker_window_s": times[2][0] - times[1][0],  # the training window's events
+                  "rollout/worker_cpu_s": times[2][1] - times[0][1]}  # CPU time of the step (all threads)
+        results.put(("done", step, {**batch.metrics, **phases}, _memory_mib()))
+
+
+def _serve_free(queue: Any, weights: list[dict[str, Tensor]], requests: Any, results: Any) -> None:
+    """Step s: publish theta_s (set s % 2) and form the batch at once, send it with the metrics
+    of the interval since the previous batch, then run generator events until the next request
+    arrives (it is looked for between two events, so every state sent is between events, and a
+    swap of theta_s ends before the trainer can write set s % 2 again: it writes theta_{s+2}
+    only after asking for step s + 1). Idle when the generator has nothing to do (the staleness
+    rule or the drain holds it): blocked on the next request."""
+    generating, idle_s, cpu0 = False, 0.0, time.process_time()
+    while True:
+        if generating:
+            try:
+                msg = requests.get_nowait()
+            except queue_lib.Empty:
+                generating = queue.window_event()
+                continue
+        else:
+            t0 = time.perf_counter()
+            msg = requests.get()
+            idle_s += time.perf_counter() - t0
+        if msg[0] != "step":
+            if not _serve_state(queue, msg, results):
+                return
+            generating = generating and msg[0] != "load"  # a loaded state waits for its next step
+            continue
+        step, t0 = msg[1], time.perf_counter()
+        batch = queue.free_batch(step, weights[step % len(weights)])
+        if queue.engine.device.type == "cuda":
+            torch.cuda.synchronize(queue.engine.device)
+        cpu = time.process_time()
+        metrics = {**batch.metrics, "rollout/worker_batch_s": time.perf_counter() - t0,
+                   "rollout/worker_idle_s": idle_s,  # blocked with nothing to do, since the previous batch
+                   "rollout/worker_cpu_s": cpu - cpu0, "rollout/worker_rss_mib": _memory_mib()}
+        results.put(("batch", step, dataclasses.replace(batch.to("cpu"), metrics={}), metrics))
+        generating, idle_s, cpu0 = True, 0.0, cpu
