@@ -32,8 +32,9 @@ is recorded as FAIL with its error, and the run goes on; ``--sections`` runs a s
 - ``mismatch``: |logp_behav - logp_trainer| of a bf16 engine (HF and fast) against the fp32
   trainer, on the model the ``fit`` section trained.
 - ``workers``: a rollout worker process on the same GPU (paced, in-flight updates, the micro
-  model): batches and final weights bitwise those of the in-process run, and both step times
-  (one chip shared by trainer and worker: peers' two-pool speedups do not transfer).
+  model): batches and final weights bitwise those of the in-process run; a free worker's run
+  keeps the version rules; the three step times (one chip shared by trainer and worker: peers'
+  two-pool speedups do not transfer).
 - ``compiled`` (CUDA only: Triton): the compiled training forward (``compile_pointwise``) vs HF's
   (as ``fused`` fp32) and the compiled decoding step's ``logp_behav`` (as ``engines``).
 - ``rollout_hf`` / ``rollout_fast``: rollout tokens/s at the paper's GSM8K shapes (96 prompts x
@@ -471,7 +472,7 @@ def section_workers(ctx: Context) -> None:
             self.batches[trainer.global_step] = batch
             self.starts[trainer.global_step] = time.perf_counter()
 
-    def fit(workers: int, steps: int) -> tuple[Any, Record]:
+    def fit(workers: int, steps: int, mode: str = "paced") -> tuple[Any, Record]:
         rec = Record()
         module = RLModule(
             policy=PolicyConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
@@ -480,12 +481,12 @@ def section_workers(ctx: Context) -> None:
             clock=ClockConfig(enabled=True, max_inflight=8, weight_update="inflight", staleness="pace", max_staleness=1,
                               recompute_kv_on_update=True, costs=ClockCosts(decode_a=1.0, decode_b=0.05, train_c=8.0,
                                                                            train_e=0.01)),
-            rollout=WorkersConfig(workers=workers), engine=EngineConfig(name="fast"),
+            rollout=WorkersConfig(workers=workers, mode=mode), engine=EngineConfig(name="fast"),
             train_forward=TrainForwardConfig(impl="hf"), optim=OptimConfig(lr=3e-2),
             monitor=MonitorConfig(log_kl_init=False), warmup=None, seed=0)
         trainer = pl.Trainer(max_steps=steps, callbacks=[rec], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                             num_sanity_val_steps=0, default_root_dir=str(ctx.tmp / f"workers{workers}"),
+                             num_sanity_val_steps=0, default_root_dir=str(ctx.tmp / f"workers{workers}{mode}"),
                              accelerator="gpu" if ctx.cuda else "cpu", devices=1, precision="32-true")
         trainer.fit(module, datamodule=RLDataModule(task=DigitTask(), prompts_per_step=4, eval_size=4, seed=0))
         return module, rec
@@ -503,10 +504,16 @@ def section_workers(ctx: Context) -> None:
         t = [r.starts[s + 1] - r.starts[s] for s in sorted(r.starts)[2:-1]]
         return statistics.median(t)
 
-    a, b = median_step(rec_ref), median_step(rec)
-    ctx.detail("step_s", {"in_process": a, "worker": b})
-    ctx.add("median step time, in-process / one worker (same GPU: no two-pool speedup expected)",
-            f"{a * 1e3:.1f} ms / {b * 1e3:.1f} ms ({a / b:.2f}x)")
+    free, rec_free = fit(1, steps, mode="free")  # the real clock decides: no reference, the rules must hold
+    ok = sorted(rec_free.batches) == list(range(steps)) and all(
+        int(b.token_version.max()) <= s and bool((b.token_version[..., 1:] >= b.token_version[..., :-1]).all())
+        for s, b in rec_free.batches.items())
+    ctx.add("free worker: every step trained, token versions <= the step and never decreasing", str(ok), "True",
+            PASS if ok else FAIL, float(ok))
+    a, b, c = median_step(rec_ref), median_step(rec), median_step(rec_free)
+    ctx.detail("step_s", {"in_process": a, "worker": b, "free": c})
+    ctx.add("median step time, in-process / one paced worker / one free worker (same GPU: no two-pool speedup "
+            "expected)", f"{a * 1e3:.1f} ms / {b * 1e3:.1f} ms ({a / b:.2f}x) / {c * 1e3:.1f} ms ({a / c:.2f}x)")
 
 
 def _model(ctx: Context, kind: str) -> torch.nn.Module:

@@ -16,6 +16,8 @@ and three arms, interleaved (setting by setting, arm by arm, ``--repeats`` times
 - ``inproc2``: in-process, 2 torch threads (today's path on this 2-core machine);
 - ``inproc1``: in-process, 1 thread (for the thread scaling of each part);
 - ``worker``: one worker, 1 thread in the trainer and 1 in the worker;
+- ``free``: the same in ``free`` mode (the real clock decides: the worker generates until the
+  trainer's next request; its generation time is its CPU time, at 1 thread its busy wall time);
 - ``before2`` (with ``--before DIR``): ``inproc2`` on another checkout, e.g. the commit before the
   workers (``git archive <commit> | tar -x -C DIR``): ``workers: 0`` must be no slower.
 
@@ -50,7 +52,7 @@ SETTINGS = {
     "one_step_off": "{staleness: pace, max_staleness: 1, weight_update: drain, max_inflight: 32}",
     "inflight": "{staleness: pace, max_staleness: 1, weight_update: inflight, max_inflight: 64}",
 }
-ARMS = {"inproc2": (2, 0), "inproc1": (1, 0), "worker": (1, 1), "before2": (2, 0)}
+ARMS = {"inproc2": (2, 0), "inproc1": (1, 0), "worker": (1, 1), "free": (1, 1), "before2": (2, 0)}
 """(torch threads per process, workers); ``before2`` is ``inproc2`` on the checkout ``--before``."""
 
 
@@ -85,7 +87,8 @@ def run(setting: str, arm: str, steps: int, out: Path, before: Path | None) -> d
            "--trainer.enable_progress_bar", "false", "--data.eval_size", "8",
            "--model.policy.tiny_dir", str(out / "tiny-model"), "--model.engine.name", "fast",
            "--model.clock", SETTINGS[setting], "--model.clock.enabled", "true", "--model.clock.costs", COSTS,
-           *(["--model.rollout", f"{{workers: {workers}, threads: 1}}"] if workers else []),
+           *(["--model.rollout", f"{{workers: {workers}, threads: 1, mode: {'free' if arm == 'free' else 'paced'}}}"]
+             if workers else []),
            "--trainer.callbacks+=workers_bench.StepTimer", f"--trainer.callbacks.out={result}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads),
            "PYTHONPATH": os.pathsep.join([str(HERE), str(root), os.environ.get("PYTHONPATH", "")])}
@@ -112,7 +115,11 @@ def summarize(rows: list[dict[int, dict[str, float]]], skip: int) -> dict[str, f
             add("train_s", a["end"] - a["start"] - a.get("worker_wait_s", 0.0))
             add("train_cpu_s", a["cpu_end"] - a["cpu_start"])
             add("staleness_max", a["staleness_max"])
-            if "worker_batch_s" in a:
+            if "worker_idle_s" in a:  # free: no window; the worker's CPU time between two batches
+                add("gen_s", a["worker_cpu_s"])
+                add("gen_cpu_s", a["worker_cpu_s"])
+                add("worker_idle_s", a["worker_idle_s"])
+            elif "worker_batch_s" in a:
                 add("worker_batch_s", a["worker_batch_s"])
                 add("worker_window_s", a["worker_window_s"])
                 add("gen_s", a["worker_batch_s"] + a["worker_window_s"])
@@ -151,13 +158,14 @@ def main() -> None:
     print(f"\n{args.repeats} repeats x {args.steps} steps (first {args.skip} dropped), "
           f"{time.perf_counter() - start:.0f} s wall; load average at the end {os.getloadavg()[0]:.1f}\n")
     print("| setting | arm | step (s) | wait for batch (s) | generation (s) | hidden | train (s) | CPU s: train / "
-          "generation | worker: form batch / window (s) | speedup vs inproc2 | max staleness |")
+          "generation | worker: form batch / window (s), free: idle (s) | speedup vs inproc2 | max staleness |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for setting in args.settings:
         base = summarize(results[(setting, "inproc2")], args.skip)["step_s"] if "inproc2" in args.arms else None
         for arm in args.arms:
             r = summarize(results[(setting, arm)], args.skip)
-            worker = f"{r['worker_batch_s']:.3f} / {r['worker_window_s']:.3f}" if "worker_batch_s" in r else "-"
+            worker = (f"{r['worker_batch_s']:.3f} / {r['worker_window_s']:.3f}" if "worker_batch_s" in r else
+                      f"idle {r['worker_idle_s']:.3f}" if "worker_idle_s" in r else "-")
             speed = f"{base / r['step_s']:.2f}x" if base else "-"
             print(f"| {setting} | {arm} | {r['step_s']:.3f} | {r['wait_s']:.3f} | {r['gen_s']:.3f} | "
                   f"{100 * r['hidden']:.0f}% | {r['train_s']:.3f} | {r['train_cpu_s']:.3f} / {r['gen_cpu_s']:.3f} | "

@@ -27,6 +27,20 @@ The worker is *quiesced* between 4 and the next request: nothing runs there, so 
 and a resume from it is exact; no generation is lost or redone because nothing is in flight
 outside the state (the in-flight groups and their KV cache are part of it, as in-process).
 
+``free`` mode (``model.rollout.mode: free``): the real clock decides. Step s: the trainer writes
+theta_s into weight set s % 2 and asks for step s; the worker publishes version s at once
+(``AsyncClock.form``: no simulated training cost), forms the batch from what it has (the same
+staleness rule and completion order) and sends it with the ``async/`` metrics of the interval
+since the previous batch; then it runs generator events (swap to the newest version, retire,
+admit, decode) until the next request arrives, looking for one between two events; with
+nothing to do (the rule or the drain holds it) it blocks on the next request. Two weight sets
+because the worker may still swap theta_s in while the trainer trains step s; it reads set
+s % 2 only while s is the newest version, and the trainer writes that set again (theta_{s+2})
+only after asking for step s + 1, which the worker sees between events. A state asked for is
+taken between two events, so it is consistent, and the worker then goes on generating. Which
+version samples which token depends on the two processes' speeds: the versions are recorded per
+token as always, the run is not reproducible.
+
 Faults: the worker beats a shared clock every 0.2 s from a thread; the trainer, while it waits,
 checks every 0.5 s that the worker lives and beat within ``heartbeat_s``, else stops the run
 with an error naming the worker, its pid, its exit code or silence, and its log. The worker
@@ -43,7 +57,11 @@ Departures from the in-process queue: ``async/`` metrics are the same, plus
 trainer's wait for the step-end message), ``rollout/worker_batch_s`` and ``rollout/worker_window_s``
 (the worker's time until the batch was formed, and in the training window's events),
 ``rollout/worker_cpu_s`` (its CPU time in the step);
-``rollout/wait_s`` is the trainer's wait for the batch.
+``rollout/wait_s`` is the trainer's wait for the batch. In ``free`` mode the interval is the one
+between two batches: ``rollout/worker_idle_s`` (the worker blocked with nothing to do),
+``rollout/worker_batch_s``, ``rollout/worker_cpu_s``; the simulated times (``async/clock``,
+``async/trainer_wait``, the idle fractions, ``async/sync_clock``, ``async/speedup``) are not
+reported.
 """
 
 from __future__ import annotations
