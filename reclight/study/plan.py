@@ -113,11 +113,16 @@ class Job:
     def label(self) -> str:
         return f"warm-up seed{self.seed}" if self.is_warmup else f"{self.setting}/{self.arm}/seed{self.seed}"
 
+    @property
+    def module(self) -> str:
+        """The entry point: ``reclight.study`` (a warm-up) or ``reclight``."""
+        return "reclight.study" if self.is_warmup else "reclight"
+
     def program(self) -> list[str]:
         """How the study runs it (the same entry points as the printed command)."""
         import sys
 
-        return [sys.executable, "-m", "reclight.study" if self.is_warmup else "reclight", *self.argv]
+        return [sys.executable, "-m", self.module, *self.argv]
 
     def shell(self) -> str:
         """The printed, self-contained command line (run from the study's working folder)."""

@@ -35,6 +35,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,10 @@ def child_env(job: Job) -> dict[str, str]:
     return {**env, **{v: str(job.threads) for v in THREAD_VARS}}
 
 
-def _execute(job: Job) -> Outcome:
-    """Run one job in this process's working folder: lock, skip if done, (clear,) run, check."""
+def _execute(job: Job, forked: Any = None) -> Outcome:
+    """Run one job in this process's working folder: lock, skip if done, (clear,) run, check.
+    ``forked``: a :class:`reclight.study.forked.ForkedCommands` to fork the command from (None: a
+    subprocess)."""
     lock_path = job.folder.with_name(job.folder.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -120,8 +123,16 @@ def _execute(job: Job) -> Outcome:
         with open(log, "w") as out:
             out.write(f"$ {job.shell()}\n{unlocked}")
             out.flush()
-            code = subprocess.run(job.program(), stdout=out, stderr=subprocess.STDOUT, env=child_env(job),
-                                  pass_fds=(fd,)).returncode
+            code = None
+            if forked is not None:
+                try:
+                    code = forked.run(job.module, job.argv, child_env(job), job.threads, str(log), fd, os.getcwd())
+                except Exception as e:  # no forkserver here: the command as a process of its own
+                    out.write(f"# not forked ({type(e).__name__}: {e}); run as a subprocess\n")
+                    out.flush()
+            if code is None:
+                code = subprocess.run(job.program(), stdout=out, stderr=subprocess.STDOUT, env=child_env(job),
+                                      pass_fds=(fd,)).returncode
         seconds = time.perf_counter() - start
         if code == 0 and not job_done(job):  # exited cleanly but wrote less than a full run
             code = -1
@@ -161,17 +172,33 @@ class Backend(Protocol):
 
 
 class LocalPool:
-    """``workers`` jobs at once, each a subprocess waited on by one thread of this process."""
+    """``workers`` jobs at once, each a process waited on by one thread of this process: forked
+    from one preloaded forkserver (``forked``, :mod:`reclight.study.forked`: the imports are paid
+    once per study, not once per command) or a subprocess."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, forked: bool = True) -> None:
         self.limit = self.parallel = workers
         self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._forked = forked
+        self._commands: Any = None
 
     def describe(self) -> str:
-        return f"{self.parallel} at a time"
+        how = "forked from one process that imported the libraries once" if self._forked else "subprocesses"
+        return f"{self.parallel} at a time, {how}"
 
     def submit(self, jobs: list[Job]) -> list[Any]:
-        return [self._pool.submit(_execute, job) for job in jobs]
+        if self._forked and self._commands is None and jobs:
+            from reclight.study.forked import ForkedCommands
+
+            commands = ForkedCommands(child_env(jobs[0]))
+            try:  # here, before any job's thread reads the environment this swaps for a moment
+                commands.start()
+                self._commands = commands
+            except Exception as e:  # noqa: BLE001 - any failure: the commands run as before
+                self._forked = False
+                warnings.warn(f"reclight study: the commands run as subprocesses (the forkserver did not start: "
+                              f"{type(e).__name__}: {e})", stacklevel=2)
+        return [self._pool.submit(_execute, job, self._commands) for job in jobs]
 
     def wait(self, handles: list[Any]) -> list[tuple[int, Outcome]]:
         finished, _ = wait(handles, return_when=FIRST_COMPLETED)
