@@ -507,21 +507,13 @@ class AsyncClock:
             f"{c.max_inflight}, requeue={c.requeue}; B={self.B}, K={self.K}; {len(self.live)} groups in flight, "
             f"{len(self.completed)} completed)")
 
-    # ---- the trainer's call ----------------------------------------------------------------
-
-    def step(self, s: int, on_batch: Callable[[list[GroupRecord]], None] | None = None) -> StepPlan:
-        """Training step ``s`` (0, 1, 2, ... in order), called when the trainer holds theta_s.
-
-        Publishes version s at T_s, runs generator events until B groups pass the staleness
-        rule, charges the training cost, runs every generator event that starts strictly before
-        T_{s+1}, and returns the plan. Every ``generator.swap`` made here takes a version <= s.
-        ``on_batch(groups)``, if given, is called as soon as the batch is formed, before the
-        events of the training window: a rollout worker hands the batch to the trainer there and
-        generates the window's events while the trainer trains (docs/async.md, "Rollout workers")."""
+    def _check_next(self, s: int) -> None:
         if s != self.next_step:
             raise ValueError(f"step={s!r} is not valid; accepted: {self.next_step} (steps are called in order)")
-        self._acc = dict.fromkeys(_ACC_KEYS, 0.0)
-        t_publish = self.train_end
+
+    def _publish_and_form(self, s: int, t_publish: float) -> tuple[list[GroupRecord], list[GroupRecord], int]:
+        """Publish version s at ``t_publish``, then run generator events until B completed groups
+        pass the staleness rule: (the batch, the groups discarded meanwhile, the events run)."""
         self.published = s
         self._log("publish", t=t_publish, version=s)
         self._now = t_publish
@@ -537,6 +529,23 @@ class AsyncClock:
                 raise self._stuck(s, "the generator has nothing to do while the trainer waits")
             events += 1
             batch = self._form_batch(s, discarded)
+        return batch, discarded, events
+
+    # ---- the trainer's call ----------------------------------------------------------------
+
+    def step(self, s: int, on_batch: Callable[[list[GroupRecord]], None] | None = None) -> StepPlan:
+        """Training step ``s`` (0, 1, 2, ... in order), called when the trainer holds theta_s.
+
+        Publishes version s at T_s, runs generator events until B groups pass the staleness
+        rule, charges the training cost, runs every generator event that starts strictly before
+        T_{s+1}, and returns the plan. Every ``generator.swap`` made here takes a version <= s.
+        ``on_batch(groups)``, if given, is called as soon as the batch is formed, before the
+        events of the training window: a rollout worker hands the batch to the trainer there and
+        generates the window's events while the trainer trains (docs/async.md, "Rollout workers")."""
+        self._check_next(s)
+        self._acc = dict.fromkeys(_ACC_KEYS, 0.0)
+        t_publish = self.train_end
+        batch, discarded, events = self._publish_and_form(s, t_publish)
         if on_batch is not None:
             on_batch(batch)
         train_start = self._now
@@ -577,23 +586,9 @@ class AsyncClock:
         since the previous batch was formed (its window events included): the interval a free
         worker can account for when it hands over a batch. The simulated times (``async/clock``
         and the idle fractions) are not reported: they would describe no real run."""
-        if s != self.next_step:
-            raise ValueError(f"step={s!r} is not valid; accepted: {self.next_step} (steps are called in order)")
-        self.published = s
-        t_publish = self._now = self.gen_time
-        self._log("publish", t=t_publish, version=s)
-        discarded: list[GroupRecord] = []
-        batch = self._form_batch(s, discarded)
-        events = 0
-        while batch is None:
-            if events >= self.max_events_per_step:
-                raise self._stuck(s, f"more than {self.max_events_per_step} generator events while the trainer waits "
-                                     "(does every sequence end?)")
-            self._now = self.gen_time
-            if self._generator_event() == "idle":
-                raise self._stuck(s, "the generator has nothing to do while the trainer waits")
-            events += 1
-            batch = self._form_batch(s, discarded)
+        self._check_next(s)
+        t_publish = self.gen_time
+        batch, discarded, _ = self._publish_and_form(s, t_publish)
         tokens = sum(rec.tokens for rec in batch)
         self._log("train", t=self._now, end=self._now, step=s, groups=[rec.n for rec in batch])
         self.totals["trained_samples"] += self.B * self.K
