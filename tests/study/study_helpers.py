@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -74,3 +75,35 @@ def write_run(folder: Path, accs: list[float], *, max_steps: int, every: int, cl
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
+
+
+WALL_CLOCK = ("throughput/rollout_tok_s", "throughput/train_tok_s", "rollout/wait_s")
+"""The metrics.csv columns that measure time, not the run."""
+
+
+def run_metrics(folder: Path) -> list[dict]:
+    """A run folder's logged rows without the wall-clock columns."""
+    with open(folder / "logs" / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in csv.DictReader(f)]
+
+
+def report_lines(out: Path) -> list[str]:
+    """report.md but the line naming the command that produced it."""
+    return [line for line in (out / "report.md").read_text().splitlines() if not line.startswith("Produced by")]
+
+
+def run_micro_study(tmp_path: Path) -> tuple[Path, Any, list[Path], dict]:
+    """The micro study with one seed (a warm-up and 2 runs) through ``reclight study``'s default
+    local pool: (its YAML, its StudyConfig, the run folders, ``{folder: (run_metrics, run.json
+    text)}``)."""
+    from reclight.study.cli import main
+    from reclight.study.config import study_from_dict
+    from reclight.study.plan import run_folder
+
+    study = micro_study(tmp_path, seeds=[0])
+    path = write_study(tmp_path / "micro.yaml", study)
+    cfg = study_from_dict(study)
+    folders = [run_folder(cfg, s, a, 0) for s, a in cfg.cells()]
+    assert main(["--config", str(path)]) == 0
+    return path, cfg, folders, {f: (run_metrics(f), (f / "run.json").read_text()) for f in folders}
+

@@ -1,7 +1,6 @@
 """A study's commands forked from one preloaded process (reclight/study/forked.py): each run is
 bitwise the run of its own subprocess, and the forked command holds its lock and writes its log."""
 
-import csv
 import fcntl
 import os
 import shutil
@@ -11,17 +10,7 @@ import pytest
 
 from reclight.study import runner, scheduler
 from reclight.study.cli import main
-from reclight.study.config import study_from_dict
-from reclight.study.plan import run_folder
-from study_helpers import micro_study, write_study
-
-def _wall_clock(column):
-    return column.startswith("throughput/") or column.endswith("_s")
-
-
-def _metrics(folder):
-    with open(folder / "logs" / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if not _wall_clock(k)} for row in csv.DictReader(f)]
+from study_helpers import report_lines, run_metrics, run_micro_study
 
 
 @pytest.mark.slow
@@ -30,15 +19,10 @@ def test_forked_runs_are_the_subprocess_runs(tmp_path, capsys, monkeypatch):
     commands are forked; then its runs deleted and run again as subprocesses (the warm-up kept):
     every metric but the wall-clock ones, every run.json and the report are identical."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    study = micro_study(tmp_path, seeds=[0])
-    path = write_study(tmp_path / "micro.yaml", study)
-    cfg = study_from_dict(study)
-    folders = [run_folder(cfg, s, a, 0) for s, a in cfg.cells()]
+    path, _, folders, forked = run_micro_study(tmp_path)
     out = tmp_path / "study"
-    assert main(["--config", str(path)]) == 0
     assert "2 at a time, forked from one process that imported the libraries once" in capsys.readouterr().err
-    forked = {f: (_metrics(f), (f / "run.json").read_text()) for f in folders}
-    report = (out / "report.md").read_text().split("\n", 3)[3]  # below the line naming the command
+    report = report_lines(out)
     for f in folders:
         assert "not forked" not in (f / "log.txt").read_text()
         assert len(forked[f][0]) > 4  # the start-of-RL evaluation, 3 steps, 3 evaluations
@@ -48,8 +32,8 @@ def test_forked_runs_are_the_subprocess_runs(tmp_path, capsys, monkeypatch):
     assert main(["--config", str(path)]) == 0
     assert "2 to run, 2 at a time, subprocesses" in capsys.readouterr().err
     for f in folders:
-        assert (_metrics(f), (f / "run.json").read_text()) == forked[f], f
-    assert (out / "report.md").read_text().split("\n", 3)[3] == report
+        assert (run_metrics(f), (f / "run.json").read_text()) == forked[f], f
+    assert report_lines(out) == report
 
 
 def test_a_forked_command_holds_its_lock_and_writes_its_log(tmp_path):

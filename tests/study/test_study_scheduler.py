@@ -9,22 +9,17 @@ seeds (reclight/study/replicate.py).
   its agreement table on synthetic run folders carries hand-computed means and intervals.
 """
 
-import csv
 import json
 import math
 import shutil
 import sys
 
 import pytest
-from study_helpers import micro_study, write_run, write_study
+from study_helpers import micro_study, report_lines, run_metrics, run_micro_study, write_run, write_study
 
 from reclight.study.cli import _run_parser, main
 from reclight.study.config import load_study, study_from_dict
 from reclight.study.plan import run_folder
-
-WALL_CLOCK = ("throughput/rollout_tok_s", "throughput/train_tok_s", "rollout/wait_s")
-"""The metrics.csv columns that measure time, not the run."""
-
 
 def _code(argv) -> int:
     try:
@@ -93,16 +88,6 @@ def test_slurm_options_become_the_sbatch_lines(tmp_path, monkeypatch):
     assert f"#SBATCH --output={tmp_path}/study/submitit/%A_%a/%A_%a_0_log.out" in lines
 
 
-def _metrics(folder):
-    with open(folder / "logs" / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in csv.DictReader(f)]
-
-
-def _report(out):
-    """report.md but the line naming the command that produced it."""
-    return [line for line in (out / "report.md").read_text().splitlines() if not line.startswith("Produced by")]
-
-
 @pytest.mark.extended
 def test_submitit_local_runs_are_the_local_pool_runs(tmp_path, capsys):
     """One micro study, run by the local pool, then its runs deleted and run again through
@@ -110,14 +95,9 @@ def test_submitit_local_runs_are_the_local_pool_runs(tmp_path, capsys):
     metric but the wall-clock ones is identical, and so are the report and its summary.json.
     Then `replicate` on seed 1 runs end to end (a warm-up and 2 runs) and writes its agreement."""
     pytest.importorskip("submitit")
-    study = micro_study(tmp_path, seeds=[0])
-    path = write_study(tmp_path / "micro.yaml", study)
-    cfg = study_from_dict(study)
-    folders = [run_folder(cfg, s, a, 0) for s, a in cfg.cells()]
+    path, cfg, folders, pool = run_micro_study(tmp_path)
     out = tmp_path / "study"
-    assert main(["--config", str(path)]) == 0
-    pool = {f: (_metrics(f), (f / "run.json").read_text()) for f in folders}
-    summary, report = (out / "summary.json").read_text(), _report(out)
+    summary, report = (out / "summary.json").read_text(), report_lines(out)
     for f in folders:
         shutil.rmtree(f)
 
@@ -126,10 +106,10 @@ def test_submitit_local_runs_are_the_local_pool_runs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 commands: 1 already finished (skipped), 2 to run, 2 at a time through submitit's local executor" in err
     for f in folders:
-        assert (_metrics(f), (f / "run.json").read_text()) == pool[f], f
+        assert (run_metrics(f), (f / "run.json").read_text()) == pool[f], f
         assert len(pool[f][0]) > 4  # the start-of-RL evaluation, 3 steps, 3 evaluations
     assert (out / "summary.json").read_text() == summary
-    assert _report(out) == report
+    assert report_lines(out) == report
     assert len(list((out / "submitit").glob("*/*_result.pkl"))) == 2  # one submitit job per run
 
     # the replication of its primary claim on seed 1, through the same executor, in its own folder
