@@ -234,7 +234,7 @@ class WorkerRolloutQueue:
         batch = msg[2]
         batch.gen_seconds = self.last_wait_s = time.perf_counter() - start
         if self.cfg.mode == "free":  # its metrics came with it (the interval since the previous batch)
-            batch.metrics = {**msg[3], "rollout/worker_wait_s": self.last_wait_s}
+            batch.metrics = msg[3]
         else:
             self._open = batch
         return batch
