@@ -91,7 +91,8 @@ def build_engine(
         from reclight.engines.fast import FastLlamaEngine
 
         return FastLlamaEngine(source, tokenizer, sampling, cfg.dtype, stop_strings,
-                               compile_decode=cfg.fast.compile_decode)
+                               compile_decode=cfg.fast.compile_decode, micro_batch_size=cfg.fast.micro_batch_size,
+                               threads=cfg.fast.threads)
     from reclight.engines.hf import HFGenerateEngine
 
     return HFGenerateEngine(source, tokenizer, sampling, cfg.dtype, stop_strings)

@@ -25,8 +25,27 @@ class FastEngineOptions:
     """Run each decoding step through ``torch.compile`` (automatic dynamic shapes): ~23% faster
     rollouts on a 2-core CPU; the first rollout compiles; needs a C++ compiler (CPU) or Triton (GPU)."""
 
+    micro_batch_size: int | None = None
+    """Prompts per decoding piece (null: all of a rollout's prompts in one). Each piece samples
+    from its own generator, seeded by the rollout's seed and the piece's index, so the samples
+    depend on this setting (a different, equally valid stream than null), never on ``threads``."""
+    threads: int = 1
+    """Decoding pieces run side by side on this many threads, each torch op on one intra-op
+    thread (CPU, eager decoding; needs ``micro_batch_size``; capped at the usable cores): the same
+    tokens and log-probs as running them in turn at one intra-op thread
+    (:mod:`reclight.kernels.threads`)."""
+
     def __post_init__(self) -> None:
         check_bool("model.engine.fast.compile_decode", self.compile_decode)
+        check_int("model.engine.fast.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        check_int("model.engine.fast.threads", self.threads, minimum=1)
+        if self.threads > 1 and self.micro_batch_size is None:
+            raise invalid("model.engine.fast.threads", self.threads,
+                          "1 while model.engine.fast.micro_batch_size is null (the pieces are what runs side by "
+                          "side): set micro_batch_size too, e.g. half of data.prompts_per_step")
+        if self.threads > 1 and self.compile_decode:
+            raise invalid("model.engine.fast.threads", self.threads,
+                          "1 with model.engine.fast.compile_decode: true (torch.compile's tracing is not thread-safe)")
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,16 @@ Departures from ``HFGenerateEngine`` / HF ``generate``, listed up front:
 - Decoding stops when every sequence has emitted EOS (like HF); before that, finished sequences
   are dropped from the batch (cache rows gathered) once at most ``compact_below`` (3/4) of the
   batch is still running, so short responses stop costing compute.
+- With ``micro_batch_size`` a rollout's prompts are decoded in pieces of that many, each from
+  its own generator (:func:`piece_seed`), optionally side by side on ``threads`` threads
+  (:mod:`reclight.kernels.threads`); the samples depend on the pieces, never on the threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from reclight.checks import invalid
 from reclight.engines.base import Generation, SamplingConfig
 from reclight.engines.stop import check_stop
 from reclight.kernels.llama import (
@@ -48,6 +54,7 @@ from reclight.kernels.llama import (
     rope_tables,
 )
 from reclight.kernels.masks import position_ids_from_mask, prefill_visible, response_mask_from_ids
+from reclight.kernels.threads import MicroBatchThreads, usable_threads
 from reclight.models.fsdp import full_weights
 from reclight.models.loading import resolve_dtype
 from reclight.models.tokens import eos_ids, pad_id
@@ -61,6 +68,12 @@ def _check_supported(config: Any, sampling: SamplingConfig, stop_strings: tuple[
         problems.append(f"stop_strings={stop_strings!r} (accepted: none)")
     if problems:
         raise ValueError("engine='fast' does not support " + "; ".join(problems) + "; use engine='hf'")
+
+
+def piece_seed(seed: int, index: int) -> int:
+    """The generator seed of piece ``index`` of a rollout seeded ``seed``: 63 bits of
+    SHA-256 of the pair, so pieces and rollouts draw unrelated streams."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
 def inverse_cdf_sample(logp: Tensor, u: Tensor) -> Tensor:  # logp [n, V] fp32, u [n, 1] in [0, 1) -> [n] long
@@ -92,7 +105,7 @@ class FastLlamaEngine:
 
     def __init__(self, policy: torch.nn.Module, tokenizer: Any, sampling: SamplingConfig,
                  dtype: str | None = None, stop_strings: tuple[str, ...] = (), compile_decode: bool = False,
-                 greedy: bool = False) -> None:
+                 greedy: bool = False, micro_batch_size: int | None = None, threads: int = 1) -> None:
         cfg = policy.config
         _check_supported(cfg, sampling, tuple(stop_strings))
         self.sampling = sampling
@@ -116,7 +129,12 @@ class FastLlamaEngine:
         self.compile_decode = bool(compile_decode)
         self.greedy = bool(greedy)
         self._compiled_step: Any = None
-        self._kv: tuple[list[Tensor], list[Tensor]] | None = None  # flat KV buffers (see _cache)
+        self._local = threading.local()  # each thread's flat KV buffers (see _cache)
+        if threads > 1 and (self.device.type != "cpu" or compile_decode):
+            raise invalid("model.engine.fast.threads", threads, "1, or > 1 only on the CPU with eager decoding "
+                          f"(this engine runs on {self.device.type}, compile_decode={bool(compile_decode)})")
+        self.micro_batch_size = micro_batch_size
+        self._pieces = MicroBatchThreads(usable_threads(threads))
         self.version = 0
         self.scores_with_trainer = False
         self.update_weights(policy, 0)
@@ -220,11 +238,12 @@ class FastLlamaEngine:
         slots are harmless: they hold finite values from an earlier rollout and are masked (-inf)
         until written."""
         numel = math.prod(shape)
-        if self._kv is None or self._kv[0][0].numel() < numel:
+        kv = getattr(self._local, "kv", None)  # per thread: pieces decoding side by side own their caches
+        if kv is None or kv[0][0].numel() < numel:
             # Zeros, not empty: a masked slot gets probability 0, and 0 * garbage could be NaN.
-            self._kv = tuple([torch.zeros(numel, dtype=self.cache_dtype, device=self.device)
-                              for _ in range(self.num_layers)] for _ in range(2))
-        return tuple([b[:numel].view(shape) for b in bufs] for bufs in self._kv)  # type: ignore[return-value]
+            kv = self._local.kv = tuple([torch.zeros(numel, dtype=self.cache_dtype, device=self.device)
+                                         for _ in range(self.num_layers)] for _ in range(2))
+        return tuple([b[:numel].view(shape) for b in bufs] for bufs in kv)  # type: ignore[return-value]
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -287,6 +306,9 @@ class FastLlamaEngine:
         mask = response_mask_from_ids(ids_out, self.eos_ids)  # up to the first EOS (a sampled pad is real)
         return ids_out.reshape(B, K, steps), mask.reshape(B, K, steps), logp_out.masked_fill(~mask, 0.0).reshape(B, K, steps)
 
+    def close(self) -> None:
+        self._pieces.close()
+
     @staticmethod
     def _sample(logp: Tensor, gen: torch.Generator, vocab: int) -> Tensor:  # [n, V] fp32 -> [n] long
         """One token per row from ``softmax(logp)`` by inverse-CDF sampling: one uniform per row
@@ -299,7 +321,18 @@ class FastLlamaEngine:
         return inverse_cdf_sample(logp, u)
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, *, seed: int) -> Generation:  # [B, P] each
-        ids, mask, logp = self._generate(prompt_ids, prompt_mask, seed)
+        B, size = prompt_ids.shape[0], self.micro_batch_size
+        if size is None or size >= B:
+            ids, mask, logp = self._generate(prompt_ids, prompt_mask, seed)
+        else:  # pieces of `size` prompts, each from its own generator (engine config), side by side
+            pieces = [(i, slice(s, min(s + size, B))) for i, s in enumerate(range(0, B, size))]
+            outs = self._pieces.map(lambda p: self._generate(prompt_ids[p[1]], prompt_mask[p[1]],
+                                                             piece_seed(seed, p[0])), pieces)
+            T = max(o[0].shape[-1] for o in outs)  # each piece stops when its own rows are done
+            pad = lambda x, value: F.pad(x, (0, T - x.shape[-1]), value=value)  # noqa: E731
+            ids = torch.cat([pad(o[0], self.pad_id) for o in outs])
+            mask = torch.cat([pad(o[1], False) for o in outs])
+            logp = torch.cat([pad(o[2], 0.0) for o in outs])
         ids, mask, logp = ids.clone(), mask.clone(), logp.clone()  # leave inference mode: usable in autograd
         version = torch.full(ids.shape[:2], self.version, dtype=torch.long, device=ids.device)
         return Generation(response_ids=ids, response_mask=mask, logp_behav=logp, version=version)

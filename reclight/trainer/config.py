@@ -91,7 +91,14 @@ class TrainForwardConfig:
     ``eager`` trains faster in bf16 on CPU; no effect on ``fused``."""
     micro_batch_size: int | None = None
     """Prompts (whole groups) per forward/backward; null: the whole batch. The gradient is the
-    full batch's exactly (global token counts)."""
+    full batch's up to float rounding (each micro-batch's loss uses the whole update's counts)."""
+    threads: int = 1
+    """Micro-batches run side by side on this many threads, each torch op on one intra-op thread
+    (CPU, one process, no ``compile``, no dropout; needs ``micro_batch_size``; capped at the
+    usable cores). The gradients are added in micro-batch order, so at one intra-op thread
+    (``OMP_NUM_THREADS=1``) the numbers do not depend on it (:mod:`reclight.kernels.threads`).
+    At the embedded model's sizes this is how a second core helps (``configs/perf/cores.yaml``):
+    a second intra-op thread costs more than it computes."""
     checkpointing: bool = False
     """Gradient checkpointing: keep only each decoder layer's input for the backward and run the
     layer again there (less activation memory, about one more forward of time). ``hf``: the
@@ -106,6 +113,11 @@ class TrainForwardConfig:
                           f"true only with model.train_forward.impl: fused (this run's impl is {self.impl!r})")
         check_choice("model.train_forward.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         check_int("model.train_forward.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
+        check_int("model.train_forward.threads", self.threads, minimum=1)
+        if self.threads > 1 and self.micro_batch_size is None:
+            raise invalid("model.train_forward.threads", self.threads,
+                          "1 while model.train_forward.micro_batch_size is null (the micro-batches are what runs "
+                          "side by side): set micro_batch_size too, e.g. half of data.prompts_per_step")
         check_bool("model.train_forward.checkpointing", self.checkpointing)
 
 

@@ -95,6 +95,7 @@ from reclight.trainer.context import check_response_budget, max_positions
 from reclight.trainer.evaluation import greedy_eval
 from reclight.trainer.guards import NonFiniteGuard, check_reward_failures, is_finite
 from reclight.trainer.metrics import batch_metrics, measured_step, publish_step_metrics
+from reclight.kernels.threads import MicroBatchThreads, resolve_threads
 from reclight.trainer.prompts import PromptSource
 from reclight.trainer.resume import RECORD_KEY, apply_optim_config, check_resume_config, run_record
 from reclight.trainer.samples import SampleLog
@@ -162,6 +163,7 @@ class RLModule(LightningModule):
         self.clock_cfg, self.updates_cfg = clock, updates
         self.forward_cfg, self.optim_cfg, self.warmup_cfg = train_forward, optim, warmup
         self.forward_impl = "hf" if train_forward.impl == "auto" else train_forward.impl  # resolved in configure_model
+        self.micro_threads = MicroBatchThreads(1)  # model.train_forward.threads, resolved in configure_model
         self.guards_cfg, self.monitor_cfg = guards, monitor
         self.policy: torch.nn.Module | None = None
         self.tokenizer: Any = None
@@ -232,6 +234,15 @@ class RLModule(LightningModule):
         if mesh is not None:
             shard_on_mesh(self.policy, mesh)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        attn_dropout = float(getattr(self.policy.config, "attention_dropout", 0.0) or 0.0)
+        dropout = (f"model.policy.lora.dropout={lora.dropout}" if lora.enabled and lora.dropout > 0 else
+                   f"the model's attention_dropout={attn_dropout}" if attn_dropout > 0 else None)
+        self.micro_threads = MicroBatchThreads(resolve_threads(
+            f.threads, device=device, world_size=self.trainer.world_size if self._trainer is not None else 1,
+            strategy=strategy, compiled=f.compile, dropout=dropout))
+        if self.micro_threads.threads > 1:
+            rank_zero_info(f"model.train_forward.threads {f.threads}: {self.micro_threads.threads} "
+                           "(micro-batches side by side, each op on one thread)")
         if device.type == "cpu":
             check_cpp_compiler([name for name, on in (("model.train_forward.compile=true", f.compile),
                                                       ("model.engine.fast.compile_decode=true", self.engine_cfg.compiles))
@@ -280,7 +291,7 @@ class RLModule(LightningModule):
                 stats = supervised_warmup(
                     self.policy, self.tokenizer, p.fitted_task, self.warmup_cfg, seed=self.run_seed,
                     max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
-                    log=None if resumed else self._log_warmup,
+                    log=None if resumed else self._log_warmup, threads=self.micro_threads,
                 )
             self.print(f"LoRA base rebuilt by the warm-up: {stats}" if resumed else f"warm-up: {stats}")
         if lora:
@@ -435,16 +446,28 @@ class RLModule(LightningModule):
                                logp_ref=None if logp_ref is None else logp_ref[r],
                                logp_kept_mass=None if kept is None else kept[r],
                                norm_length=self.sampling.max_new_tokens, **counts)
-        loss_sum = torch.zeros((), device=self.device)
         micro = micro_batches(rows, self.forward_cfg.micro_batch_size)
-        for sl in micro:
+
+        def piece(sl: slice | Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]]:
             logp, ent = self._logprobs(self.policy, batch, sl, return_entropy=True)
             loss, metrics = policy_loss(logp, batch.logp_behav[sl], adv[sl], mask[sl], self.algo,
                                         entropy=ent if self.algo.entropy_coef > 0 else None, **extra(sl))
-            # DDP averages gradients over ranks; x world turns that mean into the union's sum.
-            self.manual_backward(loss * world if world > 1 else loss)
-            loss_sum = loss_sum + loss.detach()
-            logp_out[sl], entropy_out[sl] = logp.detach(), ent.detach()
+            return loss, (loss.detach(), logp.detach(), ent.detach(), metrics)
+
+        if self.micro_threads.threads > 1:  # side by side, the gradients added in micro-batch order
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            outs = self.micro_threads.backward(piece, micro, params)
+        else:
+            outs = []
+            for sl in micro:
+                loss, out = piece(sl)
+                # DDP averages gradients over ranks; x world turns that mean into the union's sum.
+                self.manual_backward(loss * world if world > 1 else loss)
+                outs.append(out)
+        loss_sum = torch.zeros((), device=self.device)
+        for sl, (loss, logp, ent, metrics) in zip(micro, outs):
+            loss_sum = loss_sum + loss
+            logp_out[sl], entropy_out[sl] = logp, ent
         if len(micro) > 1:  # metrics of the whole update (the loss value is the same sum)
             _, metrics = policy_loss(logp_out[rows], batch.logp_behav[rows], adv[rows], mask[rows], self.algo,
                                      entropy=entropy_out[rows] if self.algo.entropy_coef > 0 else None, **extra(rows))
@@ -462,8 +485,9 @@ class RLModule(LightningModule):
     def _logprobs_no_grad(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:  # [B, K, T]
         """``model``'s log-probs of the batch's tokens, in the training forward's micro-batches."""
         out = torch.zeros_like(batch.logp_behav)
-        for sl in micro_batches(slice(0, batch.rewards.shape[0]), self.forward_cfg.micro_batch_size):
-            out[sl] = self._logprobs(model, batch, sl)[0]
+        micro = micro_batches(slice(0, batch.rewards.shape[0]), self.forward_cfg.micro_batch_size)
+        for sl, logp in zip(micro, self.micro_threads.map(lambda sl: self._logprobs(model, batch, sl)[0], micro)):
+            out[sl] = logp
         return out
 
     def _clip_and_step(self, loss: Tensor, step: int, last: bool = True) -> Tensor:
@@ -538,6 +562,7 @@ class RLModule(LightningModule):
         self.log("test/acc", self.test_acc, on_epoch=True)
 
     def teardown(self, stage: str) -> None:
+        self.micro_threads.close()
         if isinstance(self.rollouts, WorkerRolloutQueue):  # the run ends, however it ends: so does its worker
             self.rollouts.close()
 

@@ -25,11 +25,12 @@ import torch
 from torch import Tensor
 
 from reclight.checks import check_float, check_int
-from reclight.updates import fused_adamw_supported
+from reclight.updates import fused_adamw_supported, micro_batches
 from reclight.models.forward import response_logprobs
 from reclight.models.tokens import eos_ids, pad_id, render_prompts, uses_chat_template
 from reclight.tasks.base import Task
 from reclight.trainer.evaluation import greedy_eval
+from reclight.kernels.threads import MicroBatchThreads
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class WarmupConfig:
     """Give up (and start RL anyway) after this many steps."""
     batch_size: int = 128
     """Examples per supervised step."""
+    micro_batch_size: int | None = None
+    """Examples per forward/backward within a step (null: the whole batch); each piece's loss is
+    its share of the step's (the step's answer-token count), so the gradient is the batch's up to
+    float rounding. With ``model.train_forward.threads`` > 1 the pieces run side by side."""
     lr: float = 2e-3
     """AdamW learning rate of the warm-up (its own optimizer, discarded afterwards)."""
     check_every: int = 10
@@ -55,6 +60,7 @@ class WarmupConfig:
         check_float("model.warmup.target_accuracy", self.target_accuracy, ge=0, le=1, accepted="[0, 1]")
         for name in ("max_steps", "batch_size", "check_every", "check_size"):
             check_int(f"model.warmup.{name}", getattr(self, name), minimum=1)
+        check_int("model.warmup.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
         check_float("model.warmup.lr", self.lr, gt=0)
 
 
@@ -102,10 +108,12 @@ def supervised_warmup(
     max_new_tokens: int,
     use_chat_template: bool | None = None,
     log: Callable[[dict[str, float], int], None] | None = None,
+    threads: MicroBatchThreads | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on gold answers of the train split until the greedy accuracy
     on the first ``check_size`` examples of the ``check`` split reaches ``target_accuracy``
-    (checked every ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures."""
+    (checked every ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures.
+    ``threads`` runs the micro-batches of a step (``cfg.micro_batch_size``); None: in turn."""
     train = task.examples("train")
     encoded = _EncodedExamples(tokenizer, train, use_chat_template)
     check = list(task.examples("check"))[: cfg.check_size]
@@ -117,6 +125,7 @@ def supervised_warmup(
     model.train()
     start, acc, step, loss = time.perf_counter(), 0.0, 0, torch.tensor(float("nan"))
     device = next(model.parameters()).device
+    threads = threads or MicroBatchThreads(1)
     while step < cfg.max_steps:
         if step % cfg.check_every == 0:
             acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
@@ -126,12 +135,16 @@ def supervised_warmup(
             if acc >= cfg.target_accuracy:
                 break
         idx = torch.randint(len(train), (cfg.batch_size,), generator=gen).tolist()
-        pid, pmask, aid, amask = encoded.batch(idx)
-        logp, _ = response_logprobs(model, pid.to(device), pmask.to(device), aid[:, None].to(device),
-                                    amask[:, None].to(device))
-        loss = -logp.sum() / amask.sum()
+        pid, pmask, aid, amask = (x.to(device) for x in encoded.batch(idx))
+        tokens = amask.sum()
+
+        def piece_loss(rows: slice) -> tuple[Tensor, Tensor]:
+            logp, _ = response_logprobs(model, pid[rows], pmask[rows], aid[rows, None], amask[rows, None])
+            piece = -logp.sum() / tokens  # its share of the batch's mean answer-token loss
+            return piece, piece.detach()
+
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = sum(threads.backward(piece_loss, micro_batches(slice(0, len(idx)), cfg.micro_batch_size), params))
         opt.step()
         step += 1
     else:  # ran out of steps: one last check so the reported accuracy is current

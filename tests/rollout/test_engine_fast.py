@@ -271,3 +271,52 @@ def test_engine_options_validated_per_engine():
         EngineConfig(name="hf", fast=FastEngineOptions(compile_decode=True))
     with pytest.raises(ValueError, match=r"model.engine.fast.compile_decode='yes' is not valid; accepted: true or false"):
         FastEngineOptions(compile_decode="yes")
+
+
+def test_pieces_are_each_prompt_group_decoded_from_its_own_seed_and_threads_change_no_bit(tmp_path):
+    """``micro_batch_size=2``: prompts 0-1 and 2-3 are decoded as two rollouts of their own, seeded
+    ``piece_seed(seed, 0)`` and ``piece_seed(seed, 1)``: each piece's tokens, masks and log-probs are
+    those of the engine without pieces called on that piece's prompts with that seed (the pieces
+    padded to the longest one's length). Side by side on 2 threads (one intra-op thread each): the
+    same bits. The recorded log-probs still equal the trainer's (1e-5, as above)."""
+    from reclight.engines.fast import piece_seed
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, tok, whole = _setup(tmp_path, temperature=1.0)
+        sampling = whole.sampling
+        ids, mask = encode_prompts(tok, PROMPTS)
+        in_turn = FastLlamaEngine(model, tok, sampling, micro_batch_size=2)
+        threaded = FastLlamaEngine(model, tok, sampling, micro_batch_size=2, threads=2)
+        a, b = in_turn.generate(ids, mask, seed=5), threaded.generate(ids, mask, seed=5)
+        threaded.close()
+        parts = [whole.generate(ids[rows], mask[rows], seed=piece_seed(5, i))
+                 for i, rows in enumerate((slice(0, 2), slice(2, 4)))]
+    finally:
+        torch.set_num_threads(before)
+    for x, y in ((a.response_ids, b.response_ids), (a.response_mask, b.response_mask), (a.logp_behav, b.logp_behav)):
+        assert torch.equal(x, y)
+    T = a.response_ids.shape[-1]
+    for part, rows in zip(parts, (slice(0, 2), slice(2, 4))):
+        t = part.response_ids.shape[-1]
+        assert t <= T and torch.equal(a.response_ids[rows, :, :t], part.response_ids)
+        assert torch.equal(a.response_mask[rows, :, :t], part.response_mask)
+        assert torch.equal(a.logp_behav[rows, :, :t], part.logp_behav)
+        assert not a.response_mask[rows, :, t:].any() and (a.response_ids[rows, :, t:] == whole.pad_id).all()
+    assert piece_seed(5, 0) != piece_seed(5, 1) != piece_seed(6, 0)
+    logp, _ = response_logprobs(model, ids, mask, a.response_ids, a.response_mask, temperature=1.0)
+    assert_close(logp, a.logp_behav, rtol=0, atol=1e-5)
+
+
+def test_engine_threads_are_refused_without_pieces_or_with_compiled_decoding():
+    from reclight.engines.config import FastEngineOptions
+
+    with pytest.raises(ValueError, match=r"model.engine.fast.threads=2 is not valid; accepted: 1 while "
+                                         r"model.engine.fast.micro_batch_size is null"):
+        FastEngineOptions(threads=2)
+    with pytest.raises(ValueError, match=r"model.engine.fast.threads=2 is not valid; accepted: 1 with "
+                                         r"model.engine.fast.compile_decode: true"):
+        FastEngineOptions(threads=2, micro_batch_size=4, compile_decode=True)
+    with pytest.raises(ValueError, match=r"model.engine.fast.micro_batch_size=0 is not valid"):
+        FastEngineOptions(micro_batch_size=0)
