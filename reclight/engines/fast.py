@@ -309,6 +309,13 @@ class FastLlamaEngine:
     def close(self) -> None:
         self._pieces.close()
 
+    def __getstate__(self) -> dict[str, Any]:  # sent to a rollout worker: the KV caches stay behind
+        return {**self.__dict__, "_local": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()  # each thread's caches, rebuilt on first use
+
     @staticmethod
     def _sample(logp: Tensor, gen: torch.Generator, vocab: int) -> Tensor:  # [n, V] fp32 -> [n] long
         """One token per row from ``softmax(logp)`` by inverse-CDF sampling: one uniform per row

@@ -176,7 +176,7 @@ def test_fast_engine_with_a_bf16_kv_cache_samples_close_to_the_fp32_policy(tmp_p
     eng.cache_dtype = torch.bfloat16  # what __init__ picks on a CUDA device
     ids, mask = encode_prompts(tok, exact.PROMPTS)
     gen = eng.generate(ids, mask, seed=0)
-    assert eng._kv[0][0].dtype == torch.bfloat16 and gen.logp_behav.dtype == torch.float32
+    assert eng._local.kv[0][0].dtype == torch.bfloat16 and gen.logp_behav.dtype == torch.float32
     logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask)
     diff = (logp - gen.logp_behav)[gen.response_mask].abs()
     assert gen.response_mask.sum() > 20 and 0 < diff.mean() < 0.02 and diff.max() < 0.1
