@@ -91,6 +91,9 @@ SCHEDULER_VARS = ("SLURM_", "SUBMITIT_")
 def child_env(job: Job) -> dict[str, str]:
     """The environment of a job's process (module docstring: why the scheduler's variables go)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SCHEDULER_VARS)}
+    # Idle OpenMP threads sleep at once (reclight/launch.py says why): `reclight study` has set this
+    # already, `python -m reclight.study` has not, and the runs share the cores.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return {**env, **{v: str(job.threads) for v in THREAD_VARS}}
 
 

@@ -239,3 +239,21 @@ def test_agreement_on_synthetic_runs(tmp_path):
     assert "| clipping faster early | periodic | greater |" in text and "| **no** | **no** |" in text
     assert json.loads((tmp_path / "study" / "replicate-101-102-103" / "agreement.json").read_text())["rows"][1][
         "same_sign"] is False
+
+
+def test_a_commands_environment_sleeps_idle_openmp_threads_and_keeps_the_users_choice(monkeypatch, tmp_path):
+    """Each command's environment: the study's thread count, the scheduler's variables gone, and
+    OMP_WAIT_POLICY=PASSIVE unless the user set one (`python -m reclight.study` does not pass
+    through the `reclight` launcher that sets it; spinning idle threads of two runs steal each
+    other's cores)."""
+    from reclight.study.plan import Job
+    from reclight.study.runner import child_env
+
+    job = Job(0, tmp_path, ("fit",), threads=3)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    env = child_env(job)
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert "SLURM_JOB_ID" not in env
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert child_env(job)["OMP_WAIT_POLICY"] == "ACTIVE"
