@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
+from reclight.kernels.threads import check_pieces_config
 
 ENGINES = ("auto", "hf", "fast", "vllm")
 ENGINE_DTYPES = (None, "float32", "bfloat16", "float16")
@@ -37,12 +38,7 @@ class FastEngineOptions:
 
     def __post_init__(self) -> None:
         check_bool("model.engine.fast.compile_decode", self.compile_decode)
-        check_int("model.engine.fast.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
-        check_int("model.engine.fast.threads", self.threads, minimum=1)
-        if self.threads > 1 and self.micro_batch_size is None:
-            raise invalid("model.engine.fast.threads", self.threads,
-                          "1 while model.engine.fast.micro_batch_size is null (the pieces are what runs side by "
-                          "side): set micro_batch_size too, e.g. half of data.prompts_per_step")
+        check_pieces_config("model.engine.fast", self.micro_batch_size, self.threads, "pieces")
         if self.threads > 1 and self.compile_decode:
             raise invalid("model.engine.fast.threads", self.threads,
                           "1 with model.engine.fast.compile_decode: true (torch.compile's tracing is not thread-safe)")

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from reclight.checks import invalid
+from reclight.checks import check_int, invalid
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -63,6 +63,16 @@ def resolve_threads(threads: int, *, device: torch.device, world_size: int, stra
             if bad:
                 raise invalid("model.train_forward.threads", threads, f"1, or > 1 only with {needs}")
     return usable_threads(threads)
+
+
+def check_pieces_config(group: str, micro_batch_size: int | None, threads: int, pieces: str) -> None:
+    """``{group}.micro_batch_size`` (null or >= 1) and ``{group}.threads`` (>= 1), as the user
+    types them: more than one thread needs pieces to run side by side."""
+    check_int(f"{group}.micro_batch_size", micro_batch_size, minimum=1, allow_none=True)
+    check_int(f"{group}.threads", threads, minimum=1)
+    if threads > 1 and micro_batch_size is None:
+        raise invalid(f"{group}.threads", threads, f"1 while {group}.micro_batch_size is null (the {pieces} are "
+                      "what runs side by side): set micro_batch_size too, e.g. half of data.prompts_per_step")
 
 
 def usable_threads(threads: int) -> int:

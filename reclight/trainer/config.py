@@ -33,6 +33,7 @@ from typing import Any, Literal, Optional
 
 from reclight.algorithms import FIELD_PREFIX, PRESETS, AlgorithmConfig, get_algorithm
 from reclight.checks import check_bool, check_choice, check_float, check_int, invalid
+from reclight.kernels.threads import check_pieces_config
 from reclight.clock import ClockConfig
 from reclight.engines.base import SamplingConfig
 from reclight.engines.config import EngineConfig
@@ -112,12 +113,7 @@ class TrainForwardConfig:
             raise invalid("model.train_forward.compile", self.compile,
                           f"true only with model.train_forward.impl: fused (this run's impl is {self.impl!r})")
         check_choice("model.train_forward.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        check_int("model.train_forward.micro_batch_size", self.micro_batch_size, minimum=1, allow_none=True)
-        check_int("model.train_forward.threads", self.threads, minimum=1)
-        if self.threads > 1 and self.micro_batch_size is None:
-            raise invalid("model.train_forward.threads", self.threads,
-                          "1 while model.train_forward.micro_batch_size is null (the micro-batches are what runs "
-                          "side by side): set micro_batch_size too, e.g. half of data.prompts_per_step")
+        check_pieces_config("model.train_forward", self.micro_batch_size, self.threads, "micro-batches")
         check_bool("model.train_forward.checkpointing", self.checkpointing)
 
 
