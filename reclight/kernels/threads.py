@@ -107,8 +107,8 @@ class MicroBatchThreads:
             return [fn(p) for p in pieces]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="reclight-micro")
-        grad = torch.is_grad_enabled()
-        autocast = [(d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        grad = torch.is_grad_enabled()  # CPU only (resolve_threads, the engine): CPU autocast is the one to carry
+        autocast = [("cpu", torch.get_autocast_dtype("cpu"))] if torch.is_autocast_enabled("cpu") else []
 
         def run(piece: T) -> R:
             with _thread_state(grad, autocast):
@@ -117,11 +117,15 @@ class MicroBatchThreads:
         # Each torch op on one intra-op thread while the pieces run side by side: `threads`
         # Python threads each fanning out to the whole intra-op pool would oversubscribe the cores.
         intra = torch.get_num_threads()
-        torch.set_num_threads(max(1, intra // min(self.threads, len(pieces))))
+        per_piece = max(1, intra // min(self.threads, len(pieces)))
+        change = per_piece != intra  # not at the README's OMP_NUM_THREADS=1: no call on every step
+        if change:
+            torch.set_num_threads(per_piece)
         try:
             return list(self._pool.map(run, pieces))
         finally:
-            torch.set_num_threads(intra)
+            if change:
+                torch.set_num_threads(intra)
 
     def backward(self, loss_fn: Callable[[T], tuple[Tensor, R]], pieces: Sequence[T],
                  params: Sequence[Tensor]) -> list[R]:
