@@ -76,6 +76,17 @@ def piece_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:8], "little") >> 1
 
 
+def min_cache_slots(head_dim: int) -> int:
+    """The fewest KV-cache slots a CPU decoding step should attend over. A step's two attention
+    products per row and head, ``q [1, D] @ k^T [D, S]`` and ``p [1, S] @ v [S, D]``, are
+    ``S * D`` multiply-adds each; below 400 torch's CPU ``bmm`` takes a plain element loop
+    instead of the BLAS (ATen, LinearAlgebra.cpp, ``bmm_out_or_baddbmm_``): at the main job's
+    decoding shapes (1024 rows x heads, S = 11, D = 32) the pair took 908 us against 168 us at
+    S = 13 on a 2-core AVX2 CPU, one thread (``benchmarks/decode_attention.py``). Slots past the rollout's are never written and
+    stay masked (-inf): probability 0, so they change nothing but float rounding."""
+    return -(-400 // head_dim)
+
+
 def inverse_cdf_sample(logp: Tensor, u: Tensor) -> Tensor:  # logp [n, V] fp32, u [n, 1] in [0, 1) -> [n] long
     """The token of each row whose running sum of ``softmax(logp)`` first EXCEEDS ``u * total``
     (``u`` is scaled in place). Tokens of probability 0 are never drawn; exact up to the fp32
@@ -126,6 +137,8 @@ class FastLlamaEngine:
         self._lora = AdapterForm()  # LoRA: merged weights in, adapter-form state out
         self.weights = self._allocate(policy)
         self.compact_below = 0.75
+        # a short rollout's cache padded out of torch's slow small-bmm path (CPU; min_cache_slots)
+        self.min_slots = min_cache_slots(self.head_dim) if self.device.type == "cpu" else 0
         self.compile_decode = bool(compile_decode)
         self.greedy = bool(greedy)
         self._compiled_step: Any = None
@@ -250,7 +263,7 @@ class FastLlamaEngine:
         s = self.sampling
         B, P = prompt_ids.shape
         K, T = s.num_samples, s.max_new_tokens
-        N, S = B * K, P + T
+        N, S = B * K, max(P + T, self.min_slots)
         dev = self.device
         ids, pmask = prompt_ids.to(dev), prompt_mask.to(dev).bool()
         gen = torch.Generator(device=dev).manual_seed(seed)

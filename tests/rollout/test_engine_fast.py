@@ -87,6 +87,32 @@ def test_masks_cover_up_to_eos_then_padding(tmp_path):
     assert logp_f[~rows].lt(0).all() and logp_f[rows, 0].lt(0).all()
 
 
+def test_short_rollouts_attend_over_a_padded_cache_with_the_same_samples(tmp_path):
+    """A cache shorter than ``min_cache_slots`` is padded with masked slots (torch's CPU bmm runs
+    products under 400 multiply-adds per item in a slow element loop): the same tokens and the
+    same log-probs up to rounding as the unpadded cache, which the engine really allocated."""
+    from reclight.engines.fast import min_cache_slots
+
+    assert [min_cache_slots(d) for d in (8, 32, 64, 128)] == [50, 13, 7, 4]
+    assert 12 * 32 < 400 <= 13 * 32  # 13 slots of head size 32 clear the threshold, 12 do not
+    model, tok, padded = _setup(tmp_path, temperature=1.0, max_new_tokens=4)
+    plain = FastLlamaEngine(model, tok, padded.sampling)
+    plain.min_slots = 0
+    shapes = {}
+    for name, eng in (("padded", padded), ("plain", plain)):
+        cache = eng._cache
+        eng._cache = lambda shape, cache=cache, name=name: shapes.setdefault(name, shape) and cache(shape)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    for seed in range(5):
+        a, b = padded.generate(ids, mask, seed=seed), plain.generate(ids, mask, seed=seed)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+        assert_close(a.logp_behav, b.logp_behav, rtol=0, atol=1e-6)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert shapes["plain"][2] == ids.shape[1] + 4 < min_cache_slots(head_dim) == shapes["padded"][2]
+    logp, _ = response_logprobs(model, ids, mask, a.response_ids, a.response_mask)
+    assert_close(logp, a.logp_behav, rtol=0, atol=1e-5)
+
+
 def test_decoding_stops_when_every_sequence_ended(tmp_path):
     model, tok, eng = _setup(tmp_path, temperature=1.0, max_new_tokens=6)
     ids, mask = encode_prompts(tok, PROMPTS)
