@@ -66,6 +66,7 @@ def main() -> None:
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
             walls[seed] = time.perf_counter() - start
+            (out / f"seed{seed}" / "wall_s.txt").write_text(f"{walls[seed]:.2f}\n")  # for --summarize
     seeds = args.seeds if args.summarize is None else sorted(
         int(d.name.removeprefix("seed")) for d in out.glob("seed*") if d.is_dir()
     )
@@ -73,10 +74,13 @@ def main() -> None:
         raise SystemExit(f"--summarize {out}: no seed*/ run folders there (this script writes OUT/seed<S>/; "
                          "a plain `reclight fit` run is under outputs/reclight/version_*/)")
     rows = {s: summarize_run(latest_metrics(out / f"seed{s}"), args.smooth) for s in seeds}
+    for s in seeds:  # a finished run's wall time, from this invocation or the one that ran it
+        if s not in walls and (out / f"seed{s}" / "wall_s.txt").is_file():
+            walls[s] = float((out / f"seed{s}" / "wall_s.txt").read_text())
     print(f"\n| seed | val acc before RL | after (mean of last {args.smooth} evals) | gain | wall |")
     print("|---|---|---|---|---|")
     for s, r in rows.items():
-        wall = f"{walls[s] / 60:.1f} min" if s in walls else "-"
+        wall = f"{walls[s]:.0f} s" if s in walls else "-"
         print(f"| {s} | {100 * r['before']:.1f}% | {100 * r['after']:.1f}% | {100 * r['gain']:+.1f} | {wall} |")
     gains = [r["gain"] for r in rows.values()]
     before = [r["before"] for r in rows.values()]
@@ -84,7 +88,8 @@ def main() -> None:
     sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
     print(f"| mean ± sd | {100 * statistics.fmean(before):.1f} ± {100 * sd(before):.1f}% | "
           f"{100 * statistics.fmean(after):.1f} ± {100 * sd(after):.1f}% | "
-          f"{100 * statistics.fmean(gains):+.1f} ± {100 * sd(gains):.1f} | |")
+          f"{100 * statistics.fmean(gains):+.1f} ± {100 * sd(gains):.1f} | "
+          + (f"{statistics.fmean(walls[s] for s in seeds):.0f} s |" if all(s in walls for s in seeds) else "|"))
     print(f"min gain: {100 * min(gains):+.1f} points")
 
 

@@ -65,14 +65,13 @@ class WarmupConfig:
 
 
 def _pad(rows: list[list[int]], pad: int, left: bool) -> tuple[Tensor, Tensor]:  # [N, T] ids, mask
+    """Padded to the longest row, on the left or the right; one tensor built from Python lists
+    (two indexed tensor writes per row were 4% of a main-job warm-up step)."""
     T = max(map(len, rows))
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        cols = slice(T - len(r), T) if left else slice(0, len(r))
-        ids[i, cols] = torch.tensor(r, dtype=torch.long)
-        mask[i, cols] = True
-    return ids, mask
+    ids = torch.tensor([[pad] * (T - len(r)) + r if left else r + [pad] * (T - len(r)) for r in rows], dtype=torch.long)
+    lengths = torch.tensor([len(r) for r in rows])[:, None]
+    cols = torch.arange(T)
+    return ids, (cols >= T - lengths) if left else (cols < lengths)
 
 
 class _EncodedExamples:
