@@ -29,7 +29,9 @@ class FastEngineOptions:
     micro_batch_size: int | None = None
     """Prompts per decoding piece (null: all of a rollout's prompts in one). Each piece samples
     from its own generator, seeded by the rollout's seed and the piece's index, so the samples
-    depend on this setting (a different, equally valid stream than null), never on ``threads``."""
+    depend on this setting (a different, equally valid stream than null), never on ``threads``.
+    The greedy evaluations (``val``/``test`` and the warm-up's checks) are cut into pieces of as
+    many rows, ``micro_batch_size * model.sampling.num_samples`` prompts, and share ``threads``."""
     threads: int = 1
     """Decoding pieces run side by side on this many threads, each torch op on one intra-op
     thread (CPU, eager decoding; needs ``micro_batch_size``; capped at the usable cores): the same

@@ -146,7 +146,7 @@ class FastLlamaEngine:
         if threads > 1 and (self.device.type != "cpu" or compile_decode):
             raise invalid("model.engine.fast.threads", threads, "1, or > 1 only on the CPU with eager decoding "
                           f"(this engine runs on {self.device.type}, compile_decode={bool(compile_decode)})")
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size, self.threads = micro_batch_size, threads
         self._pieces = MicroBatchThreads(usable_threads(threads))
         self.version = 0
         self.scores_with_trainer = False

@@ -7,7 +7,9 @@ weight copy would cost accelerator memory), else with Hugging Face ``generate``:
 tokens up to float rounding of the logits (tested equal on the test models), without HF's
 per-token Python overhead, which made a 200-problem check of the main job's model ~140 ms
 (docs/benchmarks.md). The engine is kept per model between evaluations (its fused weight copy
-refreshed each time)."""
+refreshed each time). With ``micro_batch_size`` the prompts are decoded in pieces of that many,
+side by side on ``threads`` threads (the engine's pieces, :mod:`reclight.kernels.threads`): the
+tokens depend on the pieces up to float rounding, never on the threads."""
 
 from __future__ import annotations
 
@@ -38,12 +40,15 @@ def greedy_eval(
     max_new_tokens: int,
     use_chat_template: bool | None = None,
     max_abs_reward: float = DEFAULT_MAX_ABS_REWARD,
+    micro_batch_size: int | None = None,
+    threads: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:  # correct [N] bool, rewards [N], lengths [N]
-    """Greedy responses for ``examples`` and their scores."""
+    """Greedy responses for ``examples`` and their scores; ``micro_batch_size`` / ``threads``:
+    the fast engine's pieces (module docstring; ignored by HF ``generate``)."""
     was_training = model.training
     model.eval()
     ids, mask = encode_prompts(tokenizer, [e.prompt for e in examples], use_chat_template)
-    engine = _fast_greedy(model, tokenizer, task, max_new_tokens)
+    engine = _fast_greedy(model, tokenizer, task, max_new_tokens, micro_batch_size, threads)
     if engine is not None:
         resp = engine.generate(ids, mask, seed=0).response_ids  # greedy: the seed draws nothing
         # HF's mask convention: a response that ends in pad tokens without an EOS loses them (the
@@ -72,7 +77,8 @@ class _Greedy(NamedTuple):
 _ENGINES: "weakref.WeakKeyDictionary[Any, FastLlamaEngine]" = weakref.WeakKeyDictionary()
 
 
-def _fast_greedy(model: Any, tokenizer: Any, task: Task, max_new_tokens: int) -> FastLlamaEngine | None:
+def _fast_greedy(model: Any, tokenizer: Any, task: Task, max_new_tokens: int, micro_batch_size: int | None = None,
+                 threads: int = 1) -> FastLlamaEngine | None:
     """The model's greedy fast engine holding its current weights, or None where the engine does
     not apply (module docstring)."""
     if (task.stop_strings or is_sharded(model) or llama_problems(getattr(model, "config", None))
@@ -80,8 +86,12 @@ def _fast_greedy(model: Any, tokenizer: Any, task: Task, max_new_tokens: int) ->
         return None
     sampling = _Greedy(max_new_tokens=max_new_tokens)
     engine = _ENGINES.get(model)
-    if engine is None or engine.tokenizer is not tokenizer:
-        engine = _ENGINES[model] = FastLlamaEngine(model, tokenizer, sampling, greedy=True)
+    if engine is None or engine.tokenizer is not tokenizer or (engine.micro_batch_size, engine.threads) != (
+            micro_batch_size, threads):
+        if engine is not None:
+            engine.close()
+        engine = _ENGINES[model] = FastLlamaEngine(model, tokenizer, sampling, greedy=True,
+                                                   micro_batch_size=micro_batch_size, threads=threads)
     else:
         engine.sampling = sampling
         engine.update_weights(model, 0)

@@ -292,6 +292,7 @@ class RLModule(LightningModule):
                     self.policy, self.tokenizer, p.fitted_task, self.warmup_cfg, seed=self.run_seed,
                     max_new_tokens=self.eval_max_new_tokens, use_chat_template=self.policy_cfg.use_chat_template,
                     log=None if resumed else self._log_warmup, threads=self.micro_threads,
+                    eval_pieces=self._eval_pieces(),
                 )
             self.print(f"LoRA base rebuilt by the warm-up: {stats}" if resumed else f"warm-up: {stats}")
         if lora:
@@ -540,7 +541,14 @@ class RLModule(LightningModule):
         return greedy_eval(self.policy, self.tokenizer, self.prompts.task, examples,
                            max_new_tokens=self.eval_max_new_tokens,
                            use_chat_template=self.policy_cfg.use_chat_template,
-                           max_abs_reward=self.guards_cfg.max_abs_reward)
+                           max_abs_reward=self.guards_cfg.max_abs_reward, **self._eval_pieces())
+
+    def _eval_pieces(self) -> dict[str, Any]:
+        """The greedy evaluations' pieces: a rollout piece's rows (``model.engine.fast``)."""
+        fast = self.engine_cfg.fast
+        if fast.micro_batch_size is None:
+            return {}
+        return {"micro_batch_size": fast.micro_batch_size * self.sampling.num_samples, "threads": fast.threads}
 
     def _evaluate(self, split: str) -> dict[str, float]:
         correct, rewards, lengths = self._greedy(split)

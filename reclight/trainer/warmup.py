@@ -108,11 +108,13 @@ def supervised_warmup(
     use_chat_template: bool | None = None,
     log: Callable[[dict[str, float], int], None] | None = None,
     threads: MicroBatchThreads | None = None,
+    eval_pieces: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on gold answers of the train split until the greedy accuracy
     on the first ``check_size`` examples of the ``check`` split reaches ``target_accuracy``
     (checked every ``check_every`` steps) or ``max_steps`` is spent. Returns the final figures.
-    ``threads`` runs the micro-batches of a step (``cfg.micro_batch_size``); None: in turn."""
+    ``threads`` runs the micro-batches of a step (``cfg.micro_batch_size``); None: in turn.
+    ``eval_pieces``: the checks' ``micro_batch_size`` and ``threads`` (:func:`greedy_eval`)."""
     train = task.examples("train")
     encoded = _EncodedExamples(tokenizer, train, use_chat_template)
     check = list(task.examples("check"))[: cfg.check_size]
@@ -125,10 +127,14 @@ def supervised_warmup(
     start, acc, step, loss = time.perf_counter(), 0.0, 0, torch.tensor(float("nan"))
     device = next(model.parameters()).device
     threads = threads or MicroBatchThreads(1)
+
+    def check_accuracy() -> float:
+        return greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
+                           use_chat_template=use_chat_template, **(eval_pieces or {}))[0].float().mean().item()
+
     while step < cfg.max_steps:
         if step % cfg.check_every == 0:
-            acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
-                              use_chat_template=use_chat_template)[0].float().mean().item()
+            acc = check_accuracy()
             if log is not None:  # no loss before the first batch (it would read "nan")
                 log({"warmup/acc": acc, **({"warmup/loss": loss.item()} if step else {})}, step)
             if acc >= cfg.target_accuracy:
@@ -147,7 +153,6 @@ def supervised_warmup(
         opt.step()
         step += 1
     else:  # ran out of steps: one last check so the reported accuracy is current
-        acc = greedy_eval(model, tokenizer, task, check, max_new_tokens=max_new_tokens,
-                          use_chat_template=use_chat_template)[0].float().mean().item()
+        acc = check_accuracy()
     opt.zero_grad(set_to_none=True)
     return {"warmup/steps": float(step), "warmup/acc": acc, "warmup/seconds": time.perf_counter() - start}
