@@ -52,8 +52,9 @@ def rollouts(repeats: int) -> None:
     from reclight.rollout.scoring import score
     from reclight.tasks.arithmetic import Arithmetic
 
-    shape = TinyModelConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352, max_positions=64)
-    model, tok = load_causal_lm(str(build_tiny(tempfile.mkdtemp(prefix="decode_attention-"), shape, seed=0)))
+    # the embedded model (TinyModelConfig's defaults are configs/arithmetic.yaml's shape)
+    folder = build_tiny(tempfile.mkdtemp(prefix="decode_attention-"), TinyModelConfig(), seed=0)
+    model, tok = load_causal_lm(str(folder))
     task = Arithmetic(digits=2)
     examples = list(task.examples("train"))[:32]
     ids, mask = encode_prompts(tok, [e.prompt for e in examples])

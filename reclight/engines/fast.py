@@ -82,8 +82,9 @@ def min_cache_slots(head_dim: int) -> int:
     ``S * D`` multiply-adds each; below 400 torch's CPU ``bmm`` takes a plain element loop
     instead of the BLAS (ATen, LinearAlgebra.cpp, ``bmm_out_or_baddbmm_``): at the main job's
     decoding shapes (1024 rows x heads, S = 11, D = 32) the pair took 908 us against 168 us at
-    S = 13 on a 2-core AVX2 CPU, one thread (``benchmarks/decode_attention.py``). Slots past the rollout's are never written and
-    stay masked (-inf): probability 0, so they change nothing but float rounding."""
+    S = 13 on a 2-core AVX2 CPU, one thread (``benchmarks/decode_attention.py``). Slots past the
+    rollout's are never written and stay masked (-inf): probability 0, so they change nothing but
+    float rounding."""
     return -(-400 // head_dim)
 
 
