@@ -205,10 +205,10 @@ class FastLlamaEngine:
     def _forward(self, ids: Tensor, cos: Tensor, sin: Tensor, keys: list[Tensor], values: list[Tensor],
                  start: int, bias: Tensor) -> Tensor:
         """Run ``ids`` [N, L] with RoPE tables ``cos``/``sin`` [N, L, 1, D] (their positions), writing
-        their keys/values into the cache [N, Hkv, S, D] at ``start``; every query attends over the
-        WHOLE cache (contiguous, so no copies) with the additive ``bias`` [N, 1, L, S] (-inf on
-        padding, on not-yet-written slots and, in the prefill, on the future). Returns the last
-        position's hidden [N, h]."""
+        their keys/values into the cache [N, Hkv, S, D] at ``start``; every query attends over all
+        S slots it is given (a decoding step gets views of the slots written so far: no copies)
+        with the additive ``bias`` [N, 1, L, S] (-inf on padding, on not-yet-written slots and, in
+        the prefill, on the future). Returns the last position's hidden [N, h]."""
         w, dims, pw, dt = self.weights, self.dims, pointwise_ops(), self.dtype
         N, L = ids.shape
         H, Hkv = dims.num_heads, dims.num_kv_heads
@@ -313,8 +313,14 @@ class FastLlamaEngine:
                 keys = [k[keep] for k in keys]
                 values = [v[keep] for v in values]
             bias[..., P + t] = 0.0
+            # Attend over the slots written so far (and this step's) only, not the whole cache: the
+            # later slots are masked, so they change nothing but rounding and would cost a step at
+            # the start of a long rollout as much as one at its end. Views, no copies; at least
+            # min_slots of them (CPU, min_cache_slots).
+            end = max(P + t + 1, self.min_slots)
             logp_next = decode(tok[:, None], cos_tab[next_pos][:, :, None], sin_tab[next_pos][:, :, None],
-                               keys, values, P + t, bias)
+                               [k[:, :, :end] for k in keys], [v[:, :, :end] for v in values], P + t,
+                               bias[..., :end])
             next_pos = next_pos + 1
         ids_out, logp_out = out_ids[:, :steps], out_logp[:, :steps]
         mask = response_mask_from_ids(ids_out, self.eos_ids)  # up to the first EOS (a sampled pad is real)

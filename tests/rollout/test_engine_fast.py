@@ -113,6 +113,28 @@ def test_short_rollouts_attend_over_a_padded_cache_with_the_same_samples(tmp_pat
     assert_close(logp, a.logp_behav, rtol=0, atol=1e-5)
 
 
+def test_each_decoding_step_attends_over_the_written_slots_only(tmp_path):
+    """Step t of a rollout attends over the prompt's P slots and the t + 1 response slots written
+    so far (at least ``min_slots``), not the whole cache: the same log-probs as the trainer's."""
+    from reclight.models.tiny import TinyModelConfig
+
+    head32 = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=64, max_positions=32)
+    model, tok = load_causal_lm(str(build_tiny(tmp_path, head32, seed=3)))
+    eng = FastLlamaEngine(model, tok, SamplingConfig(num_samples=3, max_new_tokens=16, temperature=1.0))
+    eng.compact_below = 0.0  # finished rows stay in the batch: every row attends at every step
+    lengths = []
+    attend = eng._attend
+    eng._attend = lambda q, k, v, bias: lengths.append((k.shape[2], v.shape[2], bias.shape[-1])) or attend(q, k, v, bias)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    gen = eng.generate(ids, mask, seed=0)
+    P, T, layers = ids.shape[1], gen.response_ids.shape[-1], model.config.num_hidden_layers
+    assert P + 2 < eng.min_slots < P + T  # both the padded start and the sliced end are exercised
+    expected = [P] * layers + [max(P + t + 1, eng.min_slots) for t in range(T - 1) for _ in range(layers)]
+    assert [n for n, _, _ in lengths] == expected and all(a == b == c for a, b, c in lengths)
+    logp, _ = response_logprobs(model, ids, mask, gen.response_ids, gen.response_mask)
+    assert_close(logp, gen.logp_behav, rtol=0, atol=1e-5)
+
+
 def test_decoding_stops_when_every_sequence_ended(tmp_path):
     model, tok, eng = _setup(tmp_path, temperature=1.0, max_new_tokens=6)
     ids, mask = encode_prompts(tok, PROMPTS)
