@@ -355,9 +355,15 @@ RUNNERS = {"floor": run_floor, "trl": run_trl, "reclight": run_reclight}
 
 
 def _worker(framework: str, spec: Spec, conn: Any) -> None:
-    from reclight.rollout.workers import die_with_parent
-
-    die_with_parent(os.getppid())  # a killed coordinator leaves no arm running (it did)
+    src = spec.options.pop("src", None)
+    if src is not None:  # before reclight is first imported: this arm's reclight is that checkout's
+        sys.path.insert(0, str(src))
+    try:
+        from reclight.rollout.workers import die_with_parent
+    except ImportError:  # a checkout older than it (src=DIR)
+        die_with_parent = None
+    if die_with_parent is not None:
+        die_with_parent(os.getppid())  # a killed coordinator leaves no arm running (it did)
     import torch
 
     torch.set_num_threads(spec.threads)
@@ -367,11 +373,9 @@ def _worker(framework: str, spec: Spec, conn: Any) -> None:
     warnings.filterwarnings("ignore")
     gate = Gate(conn, spec.steps)
     runner = RUNNERS[framework]
-    src = spec.options.pop("src", None)
     if src is not None:  # this arm runs another checkout's reclight through that checkout's runner
         import importlib.util
 
-        sys.path.insert(0, str(src))
         import reclight
 
         if not os.path.realpath(reclight.__file__).startswith(os.path.realpath(src)):
