@@ -17,9 +17,7 @@ three ways, each exact up to float rounding:
   prefix as they would in K copies.
 - **Attention written out** (two matmuls and a softmax, scores and softmax in fp32 as HF's eager
   attention), and q/k/v and gate/up as one matmul each (the weights are concatenated every call,
-  so autograd splits their gradients back). The ``1 / sqrt(D)`` of the scores is folded into the
-  concatenated query weights: one pass over an ``h x h`` weight instead of a pass over every
-  score in the forward and another in the backward.
+  so autograd splits their gradients back).
 - **Only what the loss needs.** The last response token predicts nothing, so it is not run.
 
 The element-wise chains between the matmuls (norm + cast, residual add + the next norm, RoPE,
@@ -58,20 +56,14 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
-def _concat_params(policy: torch.nn.Module, q_scale: float = 1.0) -> dict[str, Tensor]:
+def _concat_params(policy: torch.nn.Module) -> dict[str, Tensor]:
     """The fused weights of the policy's own parameters (``torch.cat`` keeps the autograd link).
-
-    ``q_scale`` multiplies the query projection (weight and bias, the first block of ``wqkv`` /
-    ``bqkv``): attention's ``1 / sqrt(D)`` applied to a weight of ``h x h`` instead of to every
-    score, forward and backward (RoPE is linear, so the rotated queries carry it the same).
 
     Under autocast the matmul weights are cast here, once per forward: autocast caches the casts
     of leaf parameters only, so a concatenated weight would be cast again by every call using it."""
     cast = _autocast_dtype(next(policy.parameters()).device.type)
     out = {}
     for name, ts in fused_sources(policy).items():
-        if q_scale != 1.0 and name.split(".")[-1] in ("wqkv", "bqkv"):
-            ts = [ts[0] * q_scale, *ts[1:]]
         t = ts[0] if len(ts) == 1 else torch.cat(ts, dim=0)
         if cast is not None and name.split(".")[-1] in _MATMUL_WEIGHTS:
             t = t.to(cast)
@@ -158,7 +150,7 @@ def shared_prefix_hidden(
     dims = LlamaDims(policy.config)
     H, D, eps = dims.num_heads, dims.head_dim, dims.eps
     dev = prompt_ids.device
-    w = _concat_params(policy, q_scale=D**-0.5)  # the queries come out scaled: scores need no pass of their own
+    w = _concat_params(policy)
     dtype = w["embed"].dtype
     pmask = prompt_mask.bool()
     N, T1 = B * K, T - 1  # the last response token predicts nothing: not run
@@ -183,6 +175,7 @@ def shared_prefix_hidden(
             pmask[:, None, None, None, :].expand(B, 1, 1, T1, P),
             torch.ones(T1, T1, dtype=torch.bool, device=dev).tril().expand(B, 1, 1, T1, T1)), dim=-1))
         xr = F.embedding(response_ids[bi, ki, ti], w["embed"])  # [M, h]
+    scale = D**-0.5
     pw = pointwise_ops(compile_pointwise)
     mm_dtype = _autocast_dtype(prompt_ids.device.type) or dtype
     n_qk = dims.num_heads + dims.num_kv_heads
@@ -199,7 +192,7 @@ def shared_prefix_hidden(
         qkv = pw["rope"](F.linear(h, w[f"{i}.wqkv"], w.get(f"{i}.bqkv")), cos, sin, n_qk, D, mm_dtype)  # [R, C]
         qkv_p, packed = qkv.split((BP, M)) if M else (qkv, None)
         qp, kp, vp = split_heads(qkv_p.view(B, P, -1), dims)
-        probs_p = pw["softmax"](torch.matmul(qp, kp.transpose(-1, -2)), bias_pp, vp.dtype)  # [B, H, P, P]
+        probs_p = pw["softmax"](torch.matmul(qp, kp.transpose(-1, -2)), scale, bias_pp, vp.dtype)  # [B, H, P, P]
         att = torch.matmul(probs_p, vp).transpose(1, 2).reshape(BP, H * D)
         if M:
             # Head-major [B, heads, K, T1, D]: the K samples of a prompt are one batch of a matmul
@@ -210,7 +203,7 @@ def shared_prefix_hidden(
                 kr, vr = kr.repeat_interleave(H // Hkv, dim=1), vr.repeat_interleave(H // Hkv, dim=1)
             s_prompt = torch.matmul(qr.reshape(B, H, K * T1, D), kp.transpose(-1, -2)).view(B, H, K, T1, P)
             s_self = torch.matmul(qr, kr.transpose(-1, -2))  # [B, H, K, T1, T1]
-            probs = pw["softmax2"](s_prompt, s_self, bias_r, vr.dtype)
+            probs = pw["softmax2"](s_prompt, s_self, scale, bias_r, vr.dtype)
             p_prompt, p_self = probs.split((P, T1), dim=-1)
             att_r = (torch.matmul(p_prompt.reshape(B, H, K * T1, P), vp).view(B, H, K, T1, D)
                      + torch.matmul(p_self, vr))

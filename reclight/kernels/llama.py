@@ -13,7 +13,7 @@ Here: which configs the decoder supports (:func:`llama_problems`), its sizes
 (:class:`LlamaDims`), the fused weight layout (:func:`fused_sources`: q|k|v and gate|up
 concatenated), RMSNorm, RoPE, grouped-query helpers, and the element-wise chains between the
 matmuls as named pieces (:func:`pointwise_ops`: norm + cast, residual add + the next norm, RoPE,
-SwiGLU, mask + softmax), eager or compiled by ``torch.compile``: on a CPU, after the
+SwiGLU, scale + mask + softmax), eager or compiled by ``torch.compile``: on a CPU, after the
 matmuls, a pass is bound by the memory traffic of these chains.
 """
 
@@ -147,12 +147,12 @@ def _pw_rope(qkv: Tensor, cos: Tensor, sin: Tensor, n_qk: int, head_dim: int, dt
     return torch.cat((qk.to(dtype), v.to(dtype)), dim=-1)
 
 
-def _pw_softmax(s: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:  # s: scores of scaled queries
-    return torch.softmax(s + bias, dim=-1).to(dtype)
+def _pw_softmax(s: Tensor, scale: float, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.softmax(s * scale + bias, dim=-1).to(dtype)
 
 
-def _pw_softmax2(s1: Tensor, s2: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.softmax(torch.cat((s1, s2), dim=-1) + bias, dim=-1).to(dtype)
+def _pw_softmax2(s1: Tensor, s2: Tensor, scale: float, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.softmax(torch.cat((s1, s2), dim=-1) * scale + bias, dim=-1).to(dtype)
 
 
 _PW_EAGER: dict[str, Any] = {"norm": _pw_norm, "add_norm": _pw_add_norm, "swiglu": _pw_swiglu, "rope": _pw_rope,
@@ -165,8 +165,8 @@ def pointwise_ops(compiled: bool = False) -> dict[str, Any]:
     dynamic shapes, compiled once per process on first use). Each fuses what a kernel-per-op
     eager run does in several passes over memory: ``norm`` (RMSNorm + cast to the matmul dtype),
     ``add_norm`` (residual add + the next norm), ``rope`` (RoPE on the q|k columns of a fused
-    q|k|v, cast), ``swiglu``, ``softmax``/``softmax2`` (additive mask + fp32 softmax of one / two
-    concatenated score blocks of already scaled queries, cast)."""
+    q|k|v, cast), ``swiglu``, ``softmax``/``softmax2`` (scale + additive mask + fp32 softmax of
+    one / two concatenated score blocks, cast)."""
     if not compiled:
         return _PW_EAGER
     if not _PW_COMPILED:
