@@ -49,7 +49,9 @@ def _cli(cwd, tiny, max_steps, *extra):
            "--trainer.devices", "2", "--trainer.strategy.init_args.data_parallel_size", "2",
            "--trainer.enable_checkpointing", "true", "--trainer.max_steps", str(max_steps),
            "--model.policy.tiny_dir", str(tiny), *extra]
-    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a crashing rank prints where it crashed (a rank 0 died once with SIGSEGV
+    # while gathering the full state dict for the checkpoint, in 1 of 13 runs; not reproduced since)
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return sorted(Path(cwd).rglob("*.ckpt"))
