@@ -361,8 +361,8 @@ def _worker(framework: str, spec: Spec, conn: Any) -> None:
     try:
         from reclight.rollout.workers import die_with_parent
     except ImportError:  # a checkout older than it (src=DIR)
-        die_with_parent = None
-    if die_with_parent is not None:
+        pass
+    else:
         die_with_parent(os.getppid())  # a killed coordinator leaves no arm running (it did)
     import torch
 

@@ -37,11 +37,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -59,6 +56,10 @@ def _describe(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return ("tensor", tuple(a.shape), tuple(a.stride()), a.dtype)
     return a
+
+
+def _is_tensor(d: Any) -> bool:  # a _describe'd tensor
+    return isinstance(d, tuple) and bool(d) and d[0] == "tensor"
 
 
 class MatmulRecorder(TorchDispatchMode):
@@ -82,7 +83,7 @@ def _flops(func: Any, ops: list, out: torch.Tensor) -> int:
 
 
 def _operand(d: Any) -> Any:
-    if not (isinstance(d, tuple) and d and d[0] == "tensor"):
+    if not _is_tensor(d):
         return d
     _, shape, stride, dtype = d
     size = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
@@ -106,19 +107,10 @@ def time_calls(calls: Counter, repeats: int) -> tuple[float, int, list[tuple[flo
         f = _flops(func, ops, out)
         total += count * t
         flops += count * f
-        shapes = " x ".join(str(list(a[1])) for a in args if isinstance(a, tuple) and a and a[0] == "tensor")
+        shapes = " x ".join(str(list(a[1])) for a in args if _is_tensor(a))
         rows.append((count * t, count, f"{func.overloadpacket.__name__} {shapes}: {f / t / 1e9:.0f} GFLOP/s alone"))
     rows.sort(reverse=True)
     return total, flops, rows
-
-
-def _bench_module() -> Any:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rl_step_bench.py")
-    spec = importlib.util.spec_from_file_location("rl_step_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["rl_step_bench"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                           intermediate_size=args.intermediate, max_positions=max(64, 8 + args.max_new_tokens))
     folder = build_tiny(tempfile.mkdtemp(prefix="step_floor-"), cfg, seed=args.seed)
     model, tok = load_causal_lm(str(folder))
-    prompts, _ = _bench_module().make_prompts(1, args.prompts_per_step, args.seed)
+    from rl_step_bench import make_prompts  # a sibling script: this folder is on sys.path
+
+    prompts, _ = make_prompts(1, args.prompts_per_step, args.seed)
     ids, mask = encode_prompts(tok, prompts[0])
     B, K, T = args.prompts_per_step, args.num_samples, args.max_new_tokens
     sampling = SamplingConfig(num_samples=K, temperature=1.0, top_p=1.0, max_new_tokens=T)
